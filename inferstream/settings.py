@@ -1,0 +1,176 @@
+"""Every Inferstream setting, read once from ``INFERSTREAM_*`` environment variables.
+
+Nothing else in the code base reads the environment: build a :class:`Settings`
+with :meth:`Settings.from_env` (or directly, in tests) and hand it down.
+Each field documents its variable and default; the README table is generated
+from the same metadata (``python -m inferstream.settings``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
+
+Role = Literal["pipeline", "ml"]
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("low", "normal", "high")  # ascending
+PREFIX = "INFERSTREAM_"
+
+
+def _setting(default: Any, doc: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"doc": doc, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One deployment's configuration. Frozen: build a new one to change it."""
+
+    broker_url: str = _setting(
+        "kafka://127.0.0.1:9092", "Kafka-protocol broker (Apache Kafka, Redpanda, or Tansu locally)."
+    )
+    rabbitmq_url: str = _setting("amqp://guest:guest@127.0.0.1:5672/", "RabbitMQ for work distribution.", secret=True)
+    postgres_dsn: str = _setting(
+        "postgresql://postgres@127.0.0.1:5432/postgres", "PostgreSQL, the system of record.", secret=True
+    )
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis: result cache and notification fan-out.")
+    model_url: str = _setting(
+        "http://127.0.0.1:8000/v1", "Base URL of the OpenAI-compatible model service (vLLM, Ollama, OpenAI, ours)."
+    )
+    model_api_key: str = _setting("", "Bearer key sent to the model service, if it needs one.", secret=True)
+    web_host: str = _setting("127.0.0.1", "Host this worker's HTTP server binds and advertises to its peers.")
+    web_port: int = _setting(6066, "Port of this worker's HTTP server (gateway, health, metrics).")
+    namespace: str = _setting(
+        "inferstream",
+        "Prefix of every topic, queue, consumer group and the PostgreSQL schema; "
+        "deployments and test runs with different namespaces never see each other.",
+    )
+    roles: str = _setting(
+        "pipeline,ml",
+        "Comma-separated roles of this worker: `pipeline` (gateway, tables, agents, bridges; takes log "
+        "partitions) and `ml` (ML workers consuming RabbitMQ; takes no partitions).",
+    )
+    partitions: int = _setting(8, "Partitions of the requests and results topics and the quota changelog.")
+    session_timeout_s: float = _setting(
+        60.0, "Consumer-group session timeout. A group join waits half of it; local runs use 6."
+    )
+    table_store: str = _setting("memory://", "Faust table store: `memory://` or `rocksdb://` (production).")
+    data_dir: str = _setting("/tmp/inferstream", "Faust data directory (RocksDB tables live here).")
+    key_secret: str = _setting(
+        "dev-insecure-key-secret", "Server secret for HMAC-SHA256 key hashing. Set it in production.", secret=True
+    )
+    key_refresh_s: float = _setting(2.0, "How often each worker reloads keys and plans (a revocation's delay).")
+    max_body_bytes: int = _setting(1_048_576, "Largest accepted request body, in bytes (413 above).")
+    default_max_tokens: int = _setting(256, "`max_tokens` assumed for generate when the request omits it.")
+    models: str = _setting(
+        "generate:sim-gpt,embed:all-MiniLM-L6-v2",
+        "Model routes `task:model,...`; the first model of each task is its default. "
+        "Each route gets its own RabbitMQ work queue.",
+    )
+    result_ttl_s: int = _setting(3600, "How long results stay in the Redis cache.")
+    idempotency_ttl_s: int = _setting(86_400, "How long an Idempotency-Key is remembered.")
+    admission_timeout_s: float = _setting(5.0, "How long admission waits for the owner or the log before 503.")
+    # ML workers
+    ml_prefetch: int = _setting(64, "RabbitMQ prefetch per ML worker queue consumer.")
+    ml_concurrency: int = _setting(16, "Concurrent model calls per model endpoint in one ML worker.")
+    ml_batch_size: int = _setting(32, "Largest embedding batch sent in one model call.")
+    ml_batch_wait_ms: int = _setting(10, "How long a batch waits to fill before it is sent.")
+    ml_max_attempts: int = _setting(4, "Model call attempts before a request fails and is dead-lettered.")
+    ml_retry_base_s: float = _setting(0.2, "First retry backoff; doubles per attempt, with full jitter.")
+    ml_retry_max_s: float = _setting(10.0, "Longest single retry backoff.")
+    ml_call_timeout_s: float = _setting(60.0, "Timeout of one model call.")
+    ml_breaker_threshold: int = _setting(5, "Consecutive failures that open an endpoint's circuit breaker.")
+    ml_breaker_reset_s: float = _setting(5.0, "How long an open breaker waits before a half-open probe.")
+    ml_rate_limit_rps: float = _setting(0.0, "Model calls per second per endpoint; 0 means unlimited.")
+    ml_shutdown_grace_s: float = _setting(30.0, "On SIGTERM, how long in-flight work may take to finish.")
+    # Sinks and notifications
+    sink_batch_size: int = _setting(500, "Largest batch of rows the PostgreSQL sink writes at once.")
+    sink_batch_wait_ms: int = _setting(20, "How long the sink waits to fill a batch.")
+    webhook_secret: str = _setting(
+        "dev-insecure-webhook-secret", "HMAC-SHA256 secret signing webhook deliveries.", secret=True
+    )
+    webhook_max_attempts: int = _setting(6, "Webhook delivery attempts before it is marked failed.")
+    sse_heartbeat_s: float = _setting(15.0, "Seconds between SSE heartbeat comments.")
+    sse_poll_s: float = _setting(1.0, "SSE poll interval of the store when Redis pub/sub is unavailable.")
+
+    # ---- derived names -------------------------------------------------
+    @property
+    def role_set(self) -> frozenset[str]:
+        return frozenset(r.strip() for r in self.roles.split(",") if r.strip())
+
+    @property
+    def has_pipeline(self) -> bool:
+        return "pipeline" in self.role_set
+
+    @property
+    def has_ml(self) -> bool:
+        return "ml" in self.role_set
+
+    @property
+    def requests_topic(self) -> str:
+        return f"{self.namespace}.inference.requests"
+
+    @property
+    def results_topic(self) -> str:
+        return f"{self.namespace}.inference.results"
+
+    @property
+    def db_schema(self) -> str:
+        return self.namespace.replace("-", "_").replace(".", "_")
+
+    @property
+    def canonical_url(self) -> str:
+        return f"http://{self.web_host}:{self.web_port}"
+
+    @property
+    def model_routes(self) -> dict[str, list[str]]:
+        """``{"generate": ["sim-gpt", ...], "embed": [...]}`` in declared order."""
+        routes: dict[str, list[str]] = {}
+        for item in self.models.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            task, _, model = item.partition(":")
+            routes.setdefault(task.strip(), []).append(model.strip())
+        return routes
+
+    # ---- construction --------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            kind = type(f.default) if f.default is not MISSING else str
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+        return cls(**values)
+
+    @classmethod
+    def env_names(cls) -> frozenset[str]:
+        return frozenset(PREFIX + f.name.upper() for f in fields(cls))
+
+    def masked(self) -> dict[str, Any]:
+        """The settings with secrets hidden, for logs."""
+        return {
+            f.name: ("***" if f.metadata.get("secret") and getattr(self, f.name) else getattr(self, f.name))
+            for f in fields(self)
+        }
+
+
+def markdown_table() -> str:
+    """The README's settings table."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        rows.append(f"| `{PREFIX}{f.name.upper()}` | `{f.default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.stdout.write(markdown_table() + "\n")
