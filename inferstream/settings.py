@@ -53,11 +53,12 @@ class Settings:
         "partitions) and `ml` (ML workers consuming RabbitMQ; takes no partitions).",
     )
     partitions: int = _setting(8, "Partitions of the requests and results topics and the quota changelog.")
+    replication_factor: int = _setting(1, "Replication factor of the topics this app creates (3 in production).")
     session_timeout_s: float = _setting(
         60.0, "Consumer-group session timeout. A group join waits half of it; local runs use 6."
     )
     table_store: str = _setting("memory://", "Faust table store: `memory://` or `rocksdb://` (production).")
-    data_dir: str = _setting("/tmp/inferstream", "Faust data directory (RocksDB tables live here).")
+    data_dir: str = _setting("/tmp/inferstream", "Prefix of the Faust data directory (`<prefix>-<namespace>-<port>`; RocksDB tables live there).")
     key_secret: str = _setting(
         "dev-insecure-key-secret", "Server secret for HMAC-SHA256 key hashing. Set it in production.", secret=True
     )

@@ -1,0 +1,103 @@
+"""Sink throughput: rows/s of ``Store.upsert_events`` in batches versus one event per call.
+
+Each measured request goes through its whole lifecycle (queued, dispatched,
+running, completed), so every event is a real insert or status change. Both
+modes run in one process against the same PostgreSQL, in a fresh schema that
+is dropped afterwards; the ratio is the figure to quote.
+
+    .venv/bin/python bench/sink.py [--rows 20000] [--batch 500] [--single-rows 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bridges.postgres import Store  # noqa: E402
+from bridges.postgres_rows import Event  # noqa: E402
+from inferstream.ids import new_request_id  # noqa: E402
+from inferstream.settings import Settings  # noqa: E402
+from schemas.migrate import migrate  # noqa: E402
+from schemas.records import InferenceRequest, ResultEvent  # noqa: E402
+
+STAGES = ("queued", "dispatched", "running", "completed")
+
+
+def make_stages(n: int, t0: float) -> list[list[Event]]:
+    """Four lists of n events: every request's queued, then dispatched, running, completed events."""
+    reqs = [
+        InferenceRequest(
+            request_id=new_request_id(t0 + i / 1e4),
+            user_id=f"user{i % 50}",
+            task="generate",
+            model="sim-gpt",
+            input=[f"prompt number {i} with a few words in it"],
+            estimated_tokens=270,
+            created_at=t0 + i / 1e4,
+            quota_day="2027-01-15",
+            params={"max_tokens": 256},
+            metadata={"n": i},
+        )
+        for i in range(n)
+    ]
+    stages: list[list[Event]] = [list(reqs)]
+    for k, status in enumerate(STAGES[1:], start=1):
+        extra = (
+            {"result": {"text": "lorem ipsum " * 20}, "usage": {"total_tokens": 250}, "attempts": 1}
+            if status == "completed"
+            else {}
+        )
+        stages.append([ResultEvent.for_request(r, status, r.created_at + k, **extra) for r in reqs])
+    return stages
+
+
+async def run(store: Store, stages: list[list[Event]], batch: int) -> tuple[float, int]:
+    """Events per second and rows changed, writing each stage in slices of ``batch``."""
+    changed = 0
+    started = time.perf_counter()
+    for events in stages:
+        for i in range(0, len(events), batch):
+            changed += len(await store.upsert_events(events[i : i + batch]))
+    elapsed = time.perf_counter() - started
+    return sum(len(s) for s in stages) / elapsed, changed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", default=Settings().postgres_dsn)
+    parser.add_argument("--rows", type=int, default=20_000, help="requests written in batches")
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--single-rows", type=int, default=2_000, help="requests written one event at a time")
+    args = parser.parse_args()
+
+    schema = f"bench{uuid.uuid4().hex[:8]}"
+    await migrate(args.dsn, schema)
+    store = Store(Settings(namespace=schema, postgres_dsn=args.dsn))
+    try:
+        await run(store, make_stages(200, time.time() - 10_000), 100)  # warm the pool and plans
+        batched, changed_b = await run(store, make_stages(args.rows, time.time()), args.batch)
+        single, changed_s = await run(store, make_stages(args.single_rows, time.time() + 1000), 1)
+    finally:
+        await store.close()
+        conn = await asyncpg.connect(args.dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        finally:
+            await conn.close()
+    assert changed_b == 4 * args.rows and changed_s == 4 * args.single_rows, "every event is a transition"
+    print(f"events per request: {len(STAGES)} ({', '.join(STAGES)}); PostgreSQL at {args.dsn.split('@')[-1]}")
+    print(f"batched  (batch={args.batch}, {args.rows} requests): {batched:10,.0f} rows/s")
+    print(f"one by one ({args.single_rows} requests):          {single:10,.0f} rows/s")
+    print(f"ratio batched / one by one: {batched / single:.1f}x")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

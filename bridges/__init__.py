@@ -1,0 +1,1 @@
+"""Clients of the outside services (RabbitMQ, the model) and the bridges between them and the log."""

@@ -1,0 +1,144 @@
+"""Client of an OpenAI-compatible model service (ours, vLLM, Ollama, TGI, OpenAI): embeddings and completions.
+
+Only the documented OpenAI wire format is used (``POST {base}/embeddings`` and
+``POST {base}/completions``), so swapping the service is a change of
+``INFERSTREAM_MODEL_URL`` and ``INFERSTREAM_MODEL_API_KEY`` alone.
+
+Failures map onto the error tree: timeouts, connection errors, 429 and 5xx
+raise :class:`RetryableModelError` (with the ``Retry-After`` seconds, if sent);
+other 4xx and answers that do not parse raise :class:`FatalModelError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from mode import Service
+
+from inferstream.errors import FatalModelError, RetryableModelError
+from inferstream.settings import Settings
+
+__all__ = ["ModelClient", "parse_retry_after"]
+
+log = logging.getLogger(__name__)
+
+Usage = dict[str, int]
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _usage(body: dict[str, Any]) -> Usage:
+    raw = body.get("usage") or {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: int(v) for k, v in raw.items() if k.endswith("_tokens") and isinstance(v, int | float)}
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        data = orjson.loads(body)
+        message = data["error"]["message"]
+        return str(message)
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return body[:300].decode("utf-8", "replace")
+
+
+class ModelClient(Service):
+    """One aiohttp session to the model service; opened lazily, closed on stop."""
+
+    def __init__(self, settings: Settings, *, base_url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.base_url = (base_url or settings.model_url).rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._lock = asyncio.Lock()
+
+    async def on_stop(self) -> None:
+        await self.close()
+
+    async def _ensure(self) -> aiohttp.ClientSession:
+        async with self._lock:
+            if self._session is None or self._session.closed:
+                headers = {"Content-Type": "application/json"}
+                if self.settings.model_api_key:
+                    headers["Authorization"] = f"Bearer {self.settings.model_api_key}"
+                self._session = aiohttp.ClientSession(
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=self.settings.ml_call_timeout_s),
+                    connector=aiohttp.TCPConnector(limit=0),
+                )
+            return self._session
+
+    async def close(self) -> None:
+        async with self._lock:
+            session, self._session = self._session, None
+            if session is not None:
+                await session.close()
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        session = await self._ensure()
+        url = f"{self.base_url}{path}"
+        try:
+            async with session.post(url, data=orjson.dumps(payload)) as resp:
+                body = await resp.read()
+                status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        except TimeoutError as exc:
+            raise RetryableModelError(f"model call timed out after {self.settings.ml_call_timeout_s}s") from exc
+        except aiohttp.ClientError as exc:
+            raise RetryableModelError(f"model service unreachable: {exc!r}") from exc
+        if status == 429 or status >= 500:
+            raise RetryableModelError(_error_text(body), status=status, retry_after=retry_after)
+        if status >= 400:
+            raise FatalModelError(_error_text(body), status=status)
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise FatalModelError(f"model answered {status} with a body that is not JSON", status=status) from exc
+        if not isinstance(data, dict):
+            raise FatalModelError("model answer is not a JSON object", status=status)
+        return data
+
+    async def embed(self, model: str, texts: list[str]) -> tuple[list[list[float]], Usage]:
+        """One ``/embeddings`` call for all ``texts``; vectors in input order."""
+        data = await self._post("/embeddings", {"model": model, "input": texts})
+        try:
+            items = sorted(data["data"], key=lambda item: item["index"])
+            vectors = [list(item["embedding"]) for item in items]
+        except (KeyError, TypeError) as exc:
+            raise FatalModelError(f"malformed embeddings answer: {exc!r}") from exc
+        if len(vectors) != len(texts):
+            raise FatalModelError(f"asked for {len(texts)} embeddings, got {len(vectors)}")
+        return vectors, _usage(data)
+
+    async def generate(self, model: str, prompt: str, params: dict[str, Any] | None = None) -> tuple[str, Usage]:
+        """One ``/completions`` call; ``params`` (max_tokens, temperature, ...) are passed through."""
+        payload: dict[str, Any] = {**(params or {}), "model": model, "prompt": prompt}
+        data = await self._post("/completions", payload)
+        try:
+            text = data["choices"][0]["text"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise FatalModelError(f"malformed completions answer: {exc!r}") from exc
+        if not isinstance(text, str):
+            raise FatalModelError("completion text is not a string")
+        return text, _usage(data)

@@ -1,0 +1,369 @@
+"""RabbitMQ client: the namespaced topology, confirmed publishes, and consumers that can pause.
+
+Topology (declared idempotently on connect; ``ns`` is ``settings.namespace``)::
+
+    {ns}.work         direct exchange; routing key "{task}.{model}"
+      -> {ns}.work.{task}.{model}   durable, x-max-priority 2, dead-letters to {ns}.dlx
+    {ns}.dlx          fanout exchange -> {ns}.dead-letters (durable)
+    {ns}.results      durable queue of ResultEvent bytes (default exchange)
+
+Every publish is persistent and waits for the broker's confirm. A publish that
+is not confirmed raises :class:`PublishError`; the caller retries the whole
+batch. A retry can duplicate messages whose confirm was lost, which is safe
+because every consumer downstream is idempotent by request id.
+
+A dead letter's body is the original request's bytes (so ``redrive`` can
+re-publish it as is); the failure travels in the headers ``error`` and
+``history`` (JSON strings) and ``attempts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aio_pika
+import aiormq
+import orjson
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustExchange,
+)
+from mode import Service
+
+from inferstream.errors import InferstreamError
+from inferstream.settings import Settings
+from schemas.records import PRIORITY_LEVEL, InferenceRequest, ResultEvent
+
+__all__ = ["AMQP_ERRORS", "Consumer", "PublishError", "RabbitClient", "UnknownRoute"]
+
+log = logging.getLogger(__name__)
+
+MAX_PRIORITY = max(PRIORITY_LEVEL.values())
+# What a lost connection or channel raises from aio-pika/aiormq (ChannelInvalidStateError is a RuntimeError).
+AMQP_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    RuntimeError,
+    asyncio.TimeoutError,
+)
+MessageCallback = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+class PublishError(InferstreamError):
+    """One or more messages were not confirmed (nack, unroutable, timeout, connection down).
+
+    Retry the whole call; ``request_ids`` are the ones known to have failed.
+    """
+
+    def __init__(self, message: str, *, request_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.request_ids = list(request_ids)
+
+
+class UnknownRoute(InferstreamError):
+    """A request names a task and model with no work queue: a configuration error, not retryable."""
+
+    def __init__(self, request_id: str, route: str) -> None:
+        super().__init__(f"no work queue for route {route!r} (request {request_id})")
+        self.request_id = request_id
+        self.route = route
+
+
+def _header_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+class Consumer:
+    """One queue consumed on its own channel (so its prefetch is its own), with pause and resume."""
+
+    def __init__(self, channel: AbstractRobustChannel, queue: AbstractQueue, callback: MessageCallback) -> None:
+        self.channel = channel
+        self.queue = queue
+        self._callback = callback
+        self._tag: str | None = None
+
+    @property
+    def consuming(self) -> bool:
+        return self._tag is not None
+
+    async def resume(self) -> None:
+        if self._tag is None:
+            self._tag = await self.queue.consume(self._callback, no_ack=False)
+
+    async def pause(self) -> None:
+        """Stop deliveries; messages already delivered stay unacked and can still be acked."""
+        tag, self._tag = self._tag, None
+        if tag is not None:
+            await self.queue.cancel(tag)
+
+    async def close(self) -> None:
+        """Close the channel: the broker requeues whatever is still unacked."""
+        try:
+            await self.pause()
+        except AMQP_ERRORS as exc:
+            log.warning("cancelling consumer of %s failed: %r", self.queue.name, exc)
+        if not self.channel.is_closed:
+            await self.channel.close()
+
+
+class RabbitClient(Service):
+    """The one RabbitMQ connection of a worker; connects lazily on first use."""
+
+    def __init__(self, settings: Settings, *, publish_timeout_s: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.publish_timeout_s = publish_timeout_s
+        self._lock = asyncio.Lock()
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._work_exchange: AbstractRobustExchange | None = None
+        self._dlx: AbstractRobustExchange | None = None
+
+    # ---- names ---------------------------------------------------------
+    @property
+    def ns(self) -> str:
+        return self.settings.namespace
+
+    @property
+    def work_exchange_name(self) -> str:
+        return f"{self.ns}.work"
+
+    @property
+    def dlx_name(self) -> str:
+        return f"{self.ns}.dlx"
+
+    @property
+    def dead_letter_queue_name(self) -> str:
+        return f"{self.ns}.dead-letters"
+
+    @property
+    def results_queue_name(self) -> str:
+        return f"{self.ns}.results"
+
+    def work_queue_name(self, task: str, model: str) -> str:
+        return f"{self.ns}.work.{task}.{model}"
+
+    @staticmethod
+    def routing_key(task: str, model: str) -> str:
+        return f"{task}.{model}"
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every ``(task, model)`` with a work queue, from ``settings.models``."""
+        return [(task, model) for task, models in self.settings.model_routes.items() for model in models]
+
+    def all_queue_names(self) -> list[str]:
+        work = [self.work_queue_name(t, m) for t, m in self.routes()]
+        return [*work, self.dead_letter_queue_name, self.results_queue_name]
+
+    # ---- lifecycle -----------------------------------------------------
+    async def on_start(self) -> None:
+        await self.connect()
+
+    async def on_stop(self) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed and self._channel is not None
+
+    async def connect(self) -> AbstractRobustChannel:
+        """Open the connection and declare the topology once; later calls return the channel."""
+        async with self._lock:
+            if self._channel is not None:
+                return self._channel
+            connection = await aio_pika.connect_robust(
+                self.settings.rabbitmq_url, client_properties={"connection_name": f"inferstream:{self.ns}"}
+            )
+            try:
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                await self._declare(channel)
+            except BaseException:
+                await connection.close()
+                raise
+            self._connection, self._channel = connection, channel
+            log.info("RabbitMQ connected, namespace %s, %d work queues", self.ns, len(self.routes()))
+            return channel
+
+    async def _declare(self, channel: AbstractRobustChannel) -> None:
+        # Declared on the robust channel, so they are declared again after a reconnect.
+        self._work_exchange = await channel.declare_exchange(
+            self.work_exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        self._dlx = await channel.declare_exchange(self.dlx_name, aio_pika.ExchangeType.FANOUT, durable=True)
+        dead = await channel.declare_queue(self.dead_letter_queue_name, durable=True)
+        await dead.bind(self._dlx, routing_key="")
+        await channel.declare_queue(self.results_queue_name, durable=True)
+        for task, model in self.routes():
+            queue = await channel.declare_queue(
+                self.work_queue_name(task, model),
+                durable=True,
+                arguments={"x-max-priority": MAX_PRIORITY, "x-dead-letter-exchange": self.dlx_name},
+            )
+            await queue.bind(self._work_exchange, routing_key=self.routing_key(task, model))
+
+    async def close(self) -> None:
+        async with self._lock:
+            connection, self._connection, self._channel = self._connection, None, None
+            self._work_exchange = self._dlx = None
+            if connection is not None and not connection.is_closed:
+                await connection.close()
+
+    async def _connection_ready(self) -> AbstractRobustConnection:
+        await self.connect()
+        assert self._connection is not None
+        return self._connection
+
+    # ---- publishing ----------------------------------------------------
+    async def _publish(
+        self, exchange: aio_pika.abc.AbstractExchange, message: aio_pika.Message, routing_key: str
+    ) -> None:
+        await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=self.publish_timeout_s)
+
+    async def publish_requests(self, reqs: Sequence[InferenceRequest]) -> None:
+        """Publish a batch to the work queues, concurrently, and wait for every confirm.
+
+        Raises :class:`PublishError` if any message was not confirmed: retry the
+        whole batch (duplicates are fine downstream). :class:`UnknownRoute` is
+        raised before anything is sent if a request's route has no queue.
+        """
+        known = set(self.routes())
+        for req in reqs:
+            if (req.task, req.model) not in known:
+                raise UnknownRoute(req.request_id, self.routing_key(req.task, req.model))
+        try:
+            await self.connect()
+        except AMQP_ERRORS as exc:
+            raise PublishError(f"RabbitMQ unreachable: {exc!r}", request_ids=[r.request_id for r in reqs]) from exc
+        exchange = self._work_exchange
+        assert exchange is not None
+        outcomes = await asyncio.gather(
+            *(
+                self._publish(
+                    exchange,
+                    aio_pika.Message(
+                        req.to_bytes(),
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=req.request_id,
+                        priority=PRIORITY_LEVEL.get(req.priority, PRIORITY_LEVEL["normal"]),
+                        content_type="application/json",
+                        headers={"user_id": req.user_id, "task": req.task, "model": req.model},
+                    ),
+                    self.routing_key(req.task, req.model),
+                )
+                for req in reqs
+            ),
+            return_exceptions=True,
+        )
+        self._raise_unconfirmed([r.request_id for r in reqs], outcomes)
+
+    @staticmethod
+    def _raise_unconfirmed(ids: Sequence[str], outcomes: Sequence[object]) -> None:
+        failed = [(rid, out) for rid, out in zip(ids, outcomes, strict=True) if isinstance(out, BaseException)]
+        if not failed:
+            return
+        for _, out in failed:
+            # A bug (not a broker problem) must surface as itself, not as a retryable error.
+            if not isinstance(out, AMQP_ERRORS):
+                raise out
+        first = failed[0][1]
+        raise PublishError(
+            f"{len(failed)} of {len(ids)} messages not confirmed: {first!r}", request_ids=[rid for rid, _ in failed]
+        ) from first  # type: ignore[misc]
+
+    async def _publish_one(self, exchange_name: str | None, body: bytes, routing_key: str, rid: str, **props: Any) -> None:
+        try:
+            await self.connect()
+            channel = self._channel
+            assert channel is not None
+            exchange = channel.default_exchange if exchange_name is None else self._dlx
+            assert exchange is not None
+            message = aio_pika.Message(
+                body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=rid,
+                content_type="application/json", **props,
+            )
+            await self._publish(exchange, message, routing_key)
+        except AMQP_ERRORS as exc:
+            raise PublishError(f"not confirmed: {exc!r}", request_ids=[rid]) from exc
+
+    async def publish_result(self, event: ResultEvent) -> None:
+        """Publish one status change to the results queue; returns once confirmed."""
+        await self._publish_one(
+            None, event.to_bytes(), self.results_queue_name, event.request_id,
+            headers={"user_id": event.user_id, "status": event.status},
+        )
+
+    async def publish_dead_letter(self, req: InferenceRequest, history: list[dict[str, Any]], error: dict[str, Any]) -> None:
+        """Publish a request that failed for good to the dead-letter exchange; returns once confirmed."""
+        await self._publish_one(
+            self.dlx_name, req.to_bytes(), "", req.request_id,
+            headers={
+                "user_id": req.user_id, "task": req.task, "model": req.model,
+                "attempts": len(history),
+                "error": orjson.dumps(error).decode(),
+                "history": orjson.dumps(history).decode(),
+            },
+        )
+
+    # ---- consuming -----------------------------------------------------
+    async def consumer(self, queue_name: str, callback: MessageCallback, *, prefetch: int, start: bool = True) -> Consumer:
+        """A consumer of an existing queue on a channel of its own, manual ack."""
+        connection = await self._connection_ready()
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(queue_name, ensure=True)
+        consumer = Consumer(channel, queue, callback)
+        if start:
+            await consumer.resume()
+        return consumer
+
+    async def get(self, queue_name: str, *, ack: bool = True) -> AbstractIncomingMessage | None:
+        """One message from a queue, or None when it is empty (tests, redrive)."""
+        connection = await self._connection_ready()
+        async with connection.channel() as channel:
+            queue = await channel.get_queue(queue_name, ensure=True)
+            message = await queue.get(fail=False, no_ack=False)
+            if message is not None and ack:
+                await message.ack()
+            return message
+
+    async def message_count(self, queue_name: str) -> int:
+        """Ready (not unacked) messages in a queue."""
+        connection = await self._connection_ready()
+        async with connection.channel() as channel:
+            queue = await channel.declare_queue(queue_name, passive=True)
+            count = queue.declaration_result.message_count
+            return int(count or 0)
+
+    @staticmethod
+    def dead_letter_info(message: AbstractIncomingMessage) -> dict[str, Any]:
+        """Decode a dead letter: the request, the error and the attempt history."""
+        headers = message.headers or {}
+        return {
+            "request": orjson.loads(message.body),
+            "error": orjson.loads(_header_text(headers["error"])) if "error" in headers else None,
+            "history": orjson.loads(_header_text(headers["history"])) if "history" in headers else [],
+            "attempts": headers.get("attempts"),
+        }
+
+    # ---- test and admin helpers ---------------------------------------
+    async def purge_namespace(self) -> None:
+        connection = await self._connection_ready()
+        async with connection.channel() as channel:
+            for name in self.all_queue_names():
+                queue = await channel.get_queue(name, ensure=True)
+                await queue.purge()
+
+    async def delete_namespace(self) -> None:
+        """Delete this namespace's queues and exchanges (tests clean up with it)."""
+        connection = await self._connection_ready()
+        async with connection.channel() as channel:
+            for name in self.all_queue_names():
+                await channel.queue_delete(name)
+            for name in (self.work_exchange_name, self.dlx_name):
+                await channel.exchange_delete(name)

@@ -1,0 +1,144 @@
+"""Results bridge: moves result events from the RabbitMQ results queue into the log, in batches.
+
+Messages are taken with a large prefetch, gathered for up to ``batch_size``
+messages or ``batch_wait_ms``, handed to ``produce`` (which returns only when
+the log acknowledged every record), and only then acked, all at once with
+``multiple=True``. If ``produce`` raises, nothing is acked and the same batch
+is retried with backoff; a bridge that dies leaves them unacked and RabbitMQ
+redelivers them. Duplicates in the log are fine: its consumers are idempotent.
+Bodies pass through untouched; the key is the ``user_id`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+from mode import Service
+from prometheus_client import Counter
+
+from bridges.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
+from inferstream.settings import Settings
+
+__all__ = ["Produce", "ResultsBridge"]
+
+log = logging.getLogger(__name__)
+
+Produce = Callable[[list[tuple[bytes, bytes]]], Awaitable[None]]
+BRIDGED = Counter("inferstream_results_bridged_total", "Result events moved from RabbitMQ to the log.")
+PRODUCE_FAILURES = Counter("inferstream_results_bridge_failures_total", "Failed produce calls of the results bridge.")
+
+
+def message_key(message: AbstractIncomingMessage) -> bytes:
+    """The log key of a result: its ``user_id`` header (or, for a message without one, its body's field)."""
+    value = (message.headers or {}).get("user_id")
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    try:
+        return str(orjson.loads(message.body)["user_id"]).encode()
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        log.error("result message %s has no user_id; keyed by empty bytes", message.message_id)
+        return b""
+
+
+class ResultsBridge(Service):
+    """RabbitMQ ``{ns}.results`` -> ``produce`` -> ack."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        rabbit: RabbitClient,
+        produce: Produce,
+        *,
+        batch_size: int = 500,
+        batch_wait_ms: float = 5.0,
+        prefetch: int = 500,
+        retry_base_s: float = 0.1,
+        retry_max_s: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.rabbit = rabbit
+        self.produce = produce
+        self.batch_size = max(1, batch_size)
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.prefetch = max(prefetch, self.batch_size)
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._consumer: Consumer | None = None
+        self.moved = 0
+
+    async def on_start(self) -> None:
+        self._consumer = await self.rabbit.consumer(
+            self.rabbit.results_queue_name, self._on_message, prefetch=self.prefetch
+        )
+
+    async def on_stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                # Closing the channel hands every unacked message back to the broker.
+                await consumer.close()
+            except AMQP_ERRORS as exc:
+                log.warning("closing the results consumer failed: %r", exc)
+
+    def health(self) -> dict[str, Any]:
+        return {"consuming": self._consumer is not None and self._consumer.consuming, "moved": self.moved}
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        await self._inbox.put(message)
+
+    async def _next_batch(self) -> list[AbstractIncomingMessage]:
+        batch = [await self._inbox.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_s
+        while len(batch) < self.batch_size:
+            if not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._inbox.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    @Service.task
+    async def _bridge(self) -> None:
+        while not self.should_stop:
+            batch = await self._next_batch()
+            records = [(message_key(m), m.body) for m in batch]
+            await self._produce_until_done(records)
+            try:
+                await batch[-1].ack(multiple=True)
+            except AMQP_ERRORS as exc:
+                # The channel dropped: the broker redelivers these; the log side is idempotent.
+                log.warning("could not ack %d bridged results: %r", len(batch), exc)
+            self.moved += len(batch)
+            BRIDGED.inc(len(batch))
+
+    async def _produce_until_done(self, records: list[tuple[bytes, bytes]]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.produce(records)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - produce is an injected boundary; log with traceback and retry
+                attempt += 1
+                PRODUCE_FAILURES.inc()
+                delay = random.uniform(0, min(self.retry_max_s, self.retry_base_s * 2 ** (attempt - 1)))
+                log.exception("producing %d results failed (attempt %d); retrying in %.2fs", len(records), attempt, delay)
+                await asyncio.sleep(delay)

@@ -1,0 +1,119 @@
+"""The PostgreSQL sink: writes one batch of events, retrying until PostgreSQL takes it.
+
+The caller (a Faust agent reading ``stream.take(...)``) hands over one batch at
+a time and acks the log offsets only after ``write`` returns, so a PostgreSQL
+outage stops the consumer instead of growing memory, and nothing is dropped:
+``write`` retries with exponential backoff and full jitter while the database
+is unreachable, until it succeeds or the sink is stopped. The upsert is
+idempotent, so a batch written twice (a timeout after the commit, a replayed
+offset) changes nothing the second time. Errors that another attempt cannot
+fix (a bug, a missing table) are raised, not retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from bridges.postgres import BROKEN_CONNECTION, TRANSIENT, is_transient
+from bridges.postgres_rows import Event
+from inferstream.errors import InferstreamError
+from inferstream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OnApplied = Callable[[list[dict[str, Any]]], Awaitable[None]]
+
+class SinkStopped(InferstreamError):
+    """The sink was stopped while a batch was still unwritten; its offsets must not be acked."""
+
+
+class UpsertStore(Protocol):
+    async def upsert_events(
+        self, items: Sequence[Event], *, report_current: bool = False
+    ) -> list[dict[str, Any]]: ...
+
+    async def reset(self) -> None: ...
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
+    return random.uniform(0.0, min(cap, base * 2 ** min(attempt - 1, 32)))
+
+
+class ResultSink:
+    """Writes batches to PostgreSQL through ``store``; calls ``on_applied`` with the changed rows."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: UpsertStore,
+        on_applied: OnApplied | None = None,
+        *,
+        retry_base_s: float = 0.1,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.on_applied = on_applied
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self._stopped = asyncio.Event()
+        # Counters for metrics and tests.
+        self.batches_written = 0
+        self.events_written = 0
+        self.rows_changed = 0
+        self.failures = 0
+
+    async def stop(self) -> None:
+        """Interrupt a write that is waiting for PostgreSQL: it raises ``SinkStopped``."""
+        self._stopped.set()
+
+    async def write(self, items: Sequence[Event]) -> None:
+        """Upsert ``items``; returns only once they are committed (or raises ``SinkStopped``)."""
+        if not items:
+            return
+        attempt = 0
+        while True:
+            if self._stopped.is_set():
+                raise SinkStopped(f"sink stopped with {len(items)} events unwritten")
+            attempt += 1
+            try:
+                # A failed attempt may still have committed: then report rows already applied.
+                rows = await self.store.upsert_events(items, report_current=attempt > 1)
+                break
+            except TRANSIENT as exc:
+                if not is_transient(exc):
+                    raise
+                self.failures += 1
+                delay = backoff(attempt, self.retry_base_s, self.retry_max_s)
+                log.warning(
+                    "sink: writing %d events to PostgreSQL failed (attempt %d): %s: %s; retrying in %.2fs",
+                    len(items), attempt, type(exc).__name__, exc, delay,
+                )  # fmt: skip
+                if isinstance(exc, BROKEN_CONNECTION):
+                    await self.store.reset()  # the pool itself may be closed or broken
+                await self._sleep(delay)
+        self.batches_written += 1
+        self.events_written += len(items)
+        self.rows_changed += len(rows)
+        if rows and self.on_applied is not None:
+            await self._notify(rows)
+
+    async def _sleep(self, delay: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout=delay)
+        except TimeoutError:
+            pass
+
+    async def _notify(self, rows: list[dict[str, Any]]) -> None:
+        # The rows are committed; a cache or pub/sub failure must not make us write them again.
+        assert self.on_applied is not None
+        try:
+            await self.on_applied(rows)
+        except Exception:  # noqa: BLE001 - the callback is the caller's code; log with traceback, go on
+            log.exception("sink: on_applied failed for %d rows (rows are stored)", len(rows))
+

@@ -1,0 +1,205 @@
+"""Webhook deliveries: POST a terminal request's document to its ``callback_url``, signed, retried, recorded.
+
+Each delivery carries ``X-Inferstream-Signature: sha256=<hex HMAC-SHA256 of the raw body>``
+(key: ``settings.webhook_secret``) and ``X-Inferstream-Timestamp`` (Unix seconds of the
+attempt). Connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff
+and full jitter (a ``Retry-After`` header is honoured, capped) up to
+``settings.webhook_max_attempts``; any other status fails at once. After every attempt the
+delivery state goes to the injected ``record`` callback: ``pending`` while a retry is due,
+then ``delivered`` or ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
+
+import aiohttp
+import orjson
+
+from inferstream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DeliveryState = Literal["delivered", "failed", "pending"]
+RecordDelivery = Callable[[str, DeliveryState, int, str | None], Awaitable[None]]
+"""``record(request_id, state, attempts, last_error)``."""
+
+SIGNATURE_HEADER = "X-Inferstream-Signature"
+TIMESTAMP_HEADER = "X-Inferstream-Timestamp"
+_RETRY_STATUSES = frozenset({408, 429})
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The signature header value for ``body``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: str, body: bytes, header: str | None) -> bool:
+    """True if ``header`` is the signature of ``body`` under ``secret`` (constant-time)."""
+    if not header:
+        return False
+    return hmac.compare_digest(sign(secret, body), header.strip())
+
+
+class _Retry(Exception):
+    """One attempt failed in a way worth another (internal control flow)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class _Rejected(Exception):
+    """The receiver refused the delivery for good (a 4xx other than 408/429, or a bad URL)."""
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare enough that our own backoff will do
+
+
+class WebhookSender:
+    """Background webhook deliveries, at most ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        record: RecordDelivery,
+        session: aiohttp.ClientSession | None = None,
+        concurrency: int = 32,
+        timeout_s: float = 10.0,
+        base_delay_s: float = 1.0,
+        max_delay_s: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self._record = record
+        self._session = session
+        self._own_session = session is None
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._base_delay_s = base_delay_s
+        self._max_delay_s = max_delay_s
+        self._tasks: set[asyncio.Task[DeliveryState]] = set()
+        self._lock = asyncio.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            async with self._lock:
+                if self._session is None:
+                    self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    def submit(
+        self, request_id: str, callback_url: str, doc: Mapping[str, Any]
+    ) -> asyncio.Task[DeliveryState]:
+        """Deliver in the background; the task's result is the final state."""
+        task = asyncio.get_running_loop().create_task(
+            self.deliver(request_id, callback_url, doc), name=f"webhook-{request_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[DeliveryState]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Most likely the record callback (the database) failed; the delivery state is unknown.
+            log.error("webhook delivery %s crashed", task.get_name(), exc_info=exc)
+
+    async def deliver(
+        self, request_id: str, callback_url: str, doc: Mapping[str, Any]
+    ) -> DeliveryState:
+        """Deliver now, retrying as needed, and record the outcome."""
+        body = orjson.dumps(doc)
+        signature = sign(self.settings.webhook_secret, body)
+        max_attempts = max(1, self.settings.webhook_max_attempts)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._semaphore:
+                    await self._attempt(callback_url, body, signature)
+            except _Retry as exc:
+                if attempt >= max_attempts:
+                    log.warning(
+                        "webhook %s to %s failed after %d attempts: %s",
+                        request_id,
+                        callback_url,
+                        attempt,
+                        exc.reason,
+                    )
+                    await self._record(request_id, "failed", attempt, exc.reason)
+                    return "failed"
+                await self._record(request_id, "pending", attempt, exc.reason)
+                await asyncio.sleep(self._delay(attempt, exc.retry_after))
+            except _Rejected as exc:
+                log.warning("webhook %s to %s rejected: %s", request_id, callback_url, exc)
+                await self._record(request_id, "failed", attempt, str(exc))
+                return "failed"
+            else:
+                await self._record(request_id, "delivered", attempt, None)
+                return "delivered"
+
+    async def _attempt(self, url: str, body: bytes, signature: str) -> None:
+        session = await self._client()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "inferstream-webhook/1",
+            SIGNATURE_HEADER: signature,
+            TIMESTAMP_HEADER: str(int(time.time())),
+        }
+        try:
+            async with session.post(url, data=body, headers=headers, timeout=self._timeout) as resp:
+                if resp.status < 300:
+                    return
+                if resp.status >= 500 or resp.status in _RETRY_STATUSES:
+                    raise _Retry(
+                        f"HTTP {resp.status}", _retry_after(resp.headers.get("Retry-After"))
+                    )
+                raise _Rejected(f"HTTP {resp.status}")
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+        except aiohttp.InvalidURL as exc:
+            raise _Rejected(f"invalid callback_url: {exc}") from exc
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        ceiling = min(self._max_delay_s, self._base_delay_s * 2 ** (attempt - 1))
+        delay = random.uniform(0, ceiling)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self._max_delay_s))
+        return delay
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Let in-flight deliveries finish for up to ``timeout_s``, cancel the rest, close the session.
+
+        A cancelled delivery keeps its last recorded state (``pending`` after a failed attempt).
+        """
+        tasks = list(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._own_session and self._session is not None:
+            await self._session.close()
+        self._session = None

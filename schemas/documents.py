@@ -1,0 +1,90 @@
+"""The public JSON document of a request (``GET /v1/requests/{id}``, SSE data), built in one place.
+
+Input is a mapping shaped like a row of the ``requests`` table (see
+``schemas/migrations``): timestamps may be ``datetime`` or epoch seconds,
+JSON columns may be already-decoded objects or JSON text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from schemas.records import STATUS_RANK
+
+# Columns of the requests table, in order; the PostgreSQL store reads and writes these.
+REQUEST_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "user_id",
+    "task",
+    "model",
+    "priority",
+    "status",
+    "status_rank",
+    "input",
+    "params",
+    "metadata",
+    "estimated_tokens",
+    "attempts",
+    "result",
+    "error",
+    "usage",
+    "created_at",
+    "updated_at",
+    "dispatched_at",
+    "started_at",
+    "completed_at",
+    "deadline_at",
+    "callback_url",
+    "quota_day",
+    "history",
+)
+
+
+def iso_ts(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo else value.replace(tzinfo=UTC)
+    else:
+        dt = datetime.fromtimestamp(float(value), UTC)
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, str | bytes):
+        return orjson.loads(value)
+    return value
+
+
+def request_doc(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The contract's document; optional keys appear only when they have a value."""
+    doc: dict[str, Any] = {
+        "request_id": row["request_id"],
+        "status": row["status"],
+        "task": row["task"],
+        "model": row["model"],
+        "priority": row["priority"],
+        "created_at": iso_ts(row["created_at"]),
+        "updated_at": iso_ts(row.get("updated_at") or row["created_at"]),
+        "estimated_tokens": int(row.get("estimated_tokens") or 0),
+        "attempts": int(row.get("attempts") or 0),
+    }
+    if row.get("completed_at") is not None:
+        doc["completed_at"] = iso_ts(row["completed_at"])
+    for key in ("result", "error", "usage"):
+        value = _json(row.get(key))
+        if value is not None:
+            doc[key] = value
+    metadata = _json(row.get("metadata"))
+    if metadata:
+        doc["metadata"] = metadata
+    return doc
+
+
+def event_id(status: str) -> int:
+    """SSE ``id:`` of a status event: its rank, increasing along the lifecycle."""
+    return STATUS_RANK[status]

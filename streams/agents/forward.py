@@ -1,0 +1,57 @@
+"""Agent: requests topic -> RabbitMQ work queues, offsets committed only after the publisher confirms.
+
+A batch is published with confirms and retried with backoff until RabbitMQ takes
+it (the partition waits meanwhile: that is the back-pressure). Faust acks the
+batch's offsets only after this body returns, so a crash re-publishes the batch;
+duplicates are harmless because everything downstream is idempotent by request id.
+Then a ``dispatched`` status event per request goes to the results topic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import faust
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from bridges.rabbitmq import PublishError, RabbitClient
+from inferstream import clock
+from inferstream.settings import Settings
+from schemas.records import InferenceRequest, ResultEvent
+from streams.gateway import metrics
+from streams.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+async def publish_confirmed(rabbit: RabbitClient, batch: Sequence[InferenceRequest]) -> None:
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(PublishError),
+        wait=wait_exponential_jitter(initial=0.1, max=5.0),
+        before_sleep=lambda rs: log.warning(
+            "publishing %d requests to RabbitMQ failed (attempt %d), retrying: %r",
+            len(batch),
+            rs.attempt_number,
+            rs.outcome.exception() if rs.outcome else None,
+        ),
+    ):
+        with attempt:
+            await rabbit.publish_requests(batch)
+
+
+async def send_events(topics: Topics, events: Sequence[ResultEvent]) -> None:
+    """Write status events to the results topic and wait for the broker's acks."""
+    pending = [await topics.results.send(key=e.user_id, value=e) for e in events]
+    for fut in pending:
+        await fut
+
+
+def register_forward(app: faust.App, settings: Settings, topics: Topics, rabbit: RabbitClient) -> None:
+    @app.agent(topics.requests, name="forward-requests", concurrency=1)
+    async def forward_requests(stream: faust.StreamT[InferenceRequest]) -> None:
+        async for batch in stream.take(settings.sink_batch_size, within=settings.sink_batch_wait_ms / 1000):
+            await publish_confirmed(rabbit, batch)
+            metrics.FORWARD_BATCHES.inc(len(batch))
+            now = clock.now()
+            await send_events(topics, [ResultEvent.for_request(r, "dispatched", at=now) for r in batch])

@@ -1,0 +1,47 @@
+"""The one place that builds the Faust app from the settings. No I/O happens here."""
+
+from __future__ import annotations
+
+import faust
+
+from inferstream.settings import Settings
+
+settings = Settings.from_env()
+
+
+def build_app(cfg: Settings) -> faust.App:
+    return faust.App(
+        cfg.namespace,
+        broker=cfg.broker_url,
+        store=cfg.table_store,
+        datadir=f"{cfg.data_dir}-{cfg.namespace}-{cfg.web_port}",
+        autodiscover=False,
+        origin="streams",
+        topic_partitions=cfg.partitions,
+        topic_replication_factor=cfg.replication_factor,
+        broker_session_timeout=cfg.session_timeout_s,
+        broker_heartbeat_interval=max(0.5, min(3.0, cfg.session_timeout_s / 6)),
+        broker_rebalance_timeout=max(cfg.session_timeout_s, 10.0),
+        consumer_auto_offset_reset="earliest",
+        processing_guarantee="at_least_once",
+        key_serializer="json",
+        value_serializer="json",
+        web_enabled=True,
+        web_host=cfg.web_host,
+        web_port=cfg.web_port,
+        web_bind=cfg.web_host,
+        canonical_url=cfg.canonical_url,
+        # Faust's own pages expose raw table contents and internals: never serve them.
+        web_tables_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_router_enabled=False,
+        web_metrics_enabled=False,
+        web_cors_options=None,
+        # Standbys shorten fail-over: the survivor already holds the quota state.
+        table_standby_replicas=1,
+        stream_wait_empty=False,
+    )
+
+
+app = build_app(settings)

@@ -1,0 +1,76 @@
+"""Operator commands on the app: ``faust -A streams migrate | keys | plans``.
+
+They run without starting a worker; each opens the clients it needs and closes them.
+"""
+
+from __future__ import annotations
+
+import click
+import faust
+from faust.cli import AppCommand, option
+
+from bridges.postgres import Store
+from inferstream.settings import Settings
+from schemas.migrate import migrate as apply_migrations
+
+
+def register(app: faust.App, settings: Settings, store: Store) -> None:
+    @app.command()
+    async def migrate(self: AppCommand) -> None:
+        """Apply the SQL migrations to this namespace's schema (idempotent)."""
+        applied = await apply_migrations(settings.postgres_dsn, settings.db_schema)
+        if applied:
+            self.say(f"applied {len(applied)} migration(s) to schema {settings.db_schema}: {', '.join(applied)}")
+        else:
+            self.say(f"schema {settings.db_schema} is up to date")
+
+    @app.command(
+        click.argument("action", type=click.Choice(["create", "revoke"])),
+        click.argument("key", required=False),
+        option("--user", help="User id the new key belongs to (create)."),
+        option("--plan", default="default", show_default=True, help="Plan of the new key (create)."),
+    )
+    async def keys(self: AppCommand, action: str, key: str | None, user: str | None, plan: str) -> None:
+        """Create an API key (printed once, alone on the last line) or revoke one."""
+        try:
+            if action == "create":
+                if not user:
+                    raise click.UsageError("keys create needs --user USER")
+                new_key = await store.create_key(user, plan)
+                self.say(f"created a key for user {user!r} on plan {plan!r}; it is shown only once:")
+                self.say(new_key)
+            else:
+                if not key:
+                    raise click.UsageError("keys revoke needs the KEY")
+                if not await store.revoke_key(key):
+                    raise click.ClickException("no such active key")
+                self.say("revoked; every worker stops accepting it within a few seconds")
+        finally:
+            await store.close()
+
+    @app.command(
+        click.argument("action", type=click.Choice(["set"])),
+        click.argument("name"),
+        option("--requests-per-day", type=int, required=True),
+        option("--tokens-per-day", type=int, required=True),
+        option("--requests-per-minute", type=int, required=True),
+        option("--max-priority", type=click.Choice(["high", "normal", "low"]), default="high", show_default=True),
+    )
+    async def plans(
+        self: AppCommand,
+        action: str,
+        name: str,
+        requests_per_day: int,
+        tokens_per_day: int,
+        requests_per_minute: int,
+        max_priority: str,
+    ) -> None:
+        """Create or change a plan (``plans set NAME ...``); workers pick it up within seconds."""
+        try:
+            await store.set_plan(name, requests_per_day, tokens_per_day, requests_per_minute, max_priority)
+            self.say(
+                f"plan {name}: {requests_per_day} requests/day, {tokens_per_day} tokens/day, "
+                f"{requests_per_minute} requests/minute, max priority {max_priority}"
+            )
+        finally:
+            await store.close()

@@ -1,0 +1,80 @@
+"""What the gateway views work with, gathered in one object built by ``streams.wiring``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from bridges.postgres import Store
+from bridges.redis import CacheUnavailable, NotificationHub, RedisClient
+from inferstream import clock
+from inferstream.errors import Unavailable
+from inferstream.settings import Settings
+from schemas.documents import request_doc
+from schemas.records import InferenceRequest
+from streams.gateway.routing import OwnerRouter
+from streams.topics import Topics
+from tables.idempotency import IdempotencyBook
+from tables.keys import KeyCache
+from tables.quota import QuotaBook
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    app: faust.App
+    topics: Topics
+    quota: QuotaBook
+    idempotency: IdempotencyBook
+    keys: KeyCache
+    router: OwnerRouter
+    store: Store
+    redis: RedisClient
+    hub: NotificationHub
+    now: Callable[[], float] = clock.now
+    model_routes: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model_routes = self.settings.model_routes
+
+    async def write_request(self, req: InferenceRequest) -> None:
+        """Append to the requests topic and wait for the broker's ack; cache the queued doc meanwhile."""
+        pending = await self.topics.requests.send(key=req.user_id, value=req)
+        cache = asyncio.ensure_future(self._cache_queued(req))
+        try:
+            await pending
+        finally:
+            await cache
+
+    async def _cache_queued(self, req: InferenceRequest) -> None:
+        # Read-your-writes for GET right after the 202; never overwrites a later status.
+        row = {**req.asdict(), "status": "queued", "updated_at": req.created_at}
+        try:
+            await self.redis.cache_docs([(req.user_id, request_doc(row))])  # TODO NX
+        except CacheUnavailable as exc:
+            log.debug("queued doc of %s not cached: %r", req.request_id, exc)
+
+    async def load_doc(self, user_id: str, request_id: str) -> dict[str, Any] | None:
+        """The caller's document: Redis first, then PostgreSQL; None if absent or someone else's."""
+        try:
+            cached = await self.redis.get_doc(request_id)
+        except CacheUnavailable:
+            cached = None
+        if cached is not None:
+            owner, doc = cached
+            return doc if owner == user_id else None
+        row = await self.store.get_request(user_id, request_id)
+        return request_doc(row) if row is not None else None
+
+    async def request_cancel(self, request_id: str) -> None:
+        try:
+            await self.redis.mark_cancelled(request_id)
+        except CacheUnavailable as exc:
+            raise Unavailable("cancellation cannot be recorded right now", retry_after=2) from exc

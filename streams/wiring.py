@@ -1,0 +1,162 @@
+"""Attaches topics, tables, agents, services, views and commands to the app, per the worker's roles.
+
+Roles (``INFERSTREAM_ROLES``): ``pipeline`` takes log partitions (gateway views,
+quota tables, the bridge and sink agents, the RabbitMQ->log results bridge);
+``ml`` runs ML workers that consume RabbitMQ only. Clients are built here once
+and handed to the parts; none opens a connection before it is first used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import mode
+
+from bridges.model import ModelClient
+from bridges.postgres import Store
+from bridges.rabbitmq import RabbitClient
+from bridges.redis import CacheUnavailable, NotificationHub, RedisClient
+from bridges.results_bridge import ResultsBridge
+from bridges.sink import ResultSink
+from bridges.webhooks import WebhookSender
+from schemas.documents import request_doc
+from schemas.records import TERMINAL
+from streams import commands, quirks
+from streams.agents.forward import register_forward
+from streams.agents.settle import register_settle
+from streams.agents.sink import register_sinks
+from streams.app import app, settings
+from streams.gateway.context import Gateway
+from streams.gateway.ops import register_ops
+from streams.gateway.routing import OwnerRouter
+from streams.gateway.views import register_gateway
+from streams.topics import define_topics
+from tables.definitions import define_tables
+from tables.idempotency import IdempotencyBook
+from tables.keys import KeyCache
+from tables.quota import QuotaBook
+from workers.worker import MLWorker
+
+log = logging.getLogger(__name__)
+
+store = Store(settings)
+redis = RedisClient(settings)
+rabbit = RabbitClient(settings)
+model = ModelClient(settings)
+keys = KeyCache(settings.key_secret)
+_health: dict[str, Any] = {"postgres": False}
+
+
+class Clients(mode.Service):
+    """Closes the shared clients when the worker stops (they open lazily on first use)."""
+
+    async def on_stop(self) -> None:
+        for close in (rabbit.close, model.close, redis.close, store.close):
+            try:
+                await close()
+            except (OSError, RuntimeError, asyncpg.PostgresError) as exc:
+                log.warning("closing %r: %r", close, exc)
+
+
+app.service(Clients())
+commands.register(app, settings, store)
+
+topics = define_topics(app, settings)
+gateway: Gateway | None = None
+ml_worker: MLWorker | None = None
+
+
+async def _refresh_keys_once() -> None:
+    try:
+        loaded, plans = await asyncio.gather(store.load_keys(), store.load_plans())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+        # Keep the last good cache: a PostgreSQL outage must not lock every client out.
+        _health["postgres"] = False
+        log.warning("key refresh failed, keeping %s cache: %r", "the last" if keys.loaded else "an empty", exc)
+        return
+    keys.replace({h: (k.user_id, k.plan) for h, k in loaded.items()}, plans)
+    _health["postgres"] = True
+
+
+async def _on_applied(rows: Sequence[dict[str, Any]]) -> None:
+    docs = [(r["user_id"], request_doc(r)) for r in rows]
+    try:
+        await redis.cache_and_publish(docs)
+    except CacheUnavailable as exc:
+        log.warning("%d docs not cached/published (Redis): %r", len(docs), exc)
+    for r in rows:
+        if r.get("callback_url") and r["status"] in TERMINAL:
+            webhooks.submit(r["request_id"], r["callback_url"], request_doc(r))
+
+
+async def _record_webhook(request_id: str, state: str, attempts: int, last_error: str | None) -> None:
+    await store.record_webhook_attempt(request_id, state, attempts, last_error)
+
+
+webhooks = WebhookSender(settings, record=_record_webhook)
+
+if settings.has_pipeline:
+    tables = define_tables(app, settings)
+    quota_book = QuotaBook(tables.quota)
+    router = OwnerRouter(app, tables.quota, settings.admission_timeout_s)
+    hub = NotificationHub(settings)
+    gateway = Gateway(
+        settings=settings,
+        app=app,
+        topics=topics,
+        quota=quota_book,
+        idempotency=IdempotencyBook(tables.idempotency, settings.idempotency_ttl_s),
+        keys=keys,
+        router=router,
+        store=store,
+        redis=redis,
+        hub=hub,
+    )
+    register_gateway(app, gateway)
+    quirks.install(app, [settings.requests_topic, settings.results_topic])
+    register_forward(app, settings, topics, rabbit)
+    register_settle(app, topics, quota_book)
+    register_sinks(app, settings, topics, ResultSink(settings, store, _on_applied))
+
+    async def _produce_results(pairs: list[tuple[bytes, bytes]]) -> None:
+        pending = [
+            await topics.results.send(key=k.decode(), value=v, value_serializer="raw") for k, v in pairs
+        ]
+        for fut in pending:
+            await fut
+
+    app.service(ResultsBridge(settings, rabbit, _produce_results))
+
+    @app.task
+    async def refresh_keys() -> None:
+        while True:
+            await _refresh_keys_once()
+            await asyncio.sleep(settings.key_refresh_s)
+
+
+if settings.has_ml:
+    ml_worker = MLWorker(settings, rabbit, model, redis.cancelled)
+    app.service(ml_worker)
+
+
+async def readiness() -> tuple[bool, dict[str, Any]]:
+    checks: dict[str, Any] = {"roles": sorted(settings.role_set)}
+    ready = True
+    if settings.has_pipeline:
+        checks["tables_recovered"] = app.tables.recovery.completed.is_set()
+        checks["rebalancing"] = bool(app.rebalancing)
+        checks["keys_loaded"] = keys.loaded
+        checks["postgres"] = _health["postgres"]
+        checks["redis_pubsub"] = gateway.hub.healthy if gateway else False
+        ready = checks["tables_recovered"] and not checks["rebalancing"] and keys.loaded
+    checks["rabbitmq"] = rabbit.connected
+    if ml_worker is not None:
+        checks["ml"] = ml_worker.health()
+    return ready, checks
+
+
+register_ops(app, readiness)

@@ -1,0 +1,1 @@
+"""Per-user state: the quota and idempotency tables with their single writers, and the key cache."""

@@ -1,0 +1,240 @@
+"""Per-user quota state and its rules: admission, settlement and refunds.
+
+The state of one user lives under the key ``user_id`` in the changelog-backed
+``quota`` table. :class:`QuotaBook` is the table's only writer. Its methods
+are synchronous on purpose: a check and its write happen with no ``await``
+between them, and only the worker that owns the user's partition calls them
+(views through ``table_route``-style forwarding, agents through the
+co-partitioned results topic), so admission is exact without locks.
+
+Rules, per UTC day (``window``):
+
+* admission checks requests per day, requests per minute (fixed minute
+  windows) and tokens (``used + reserved + estimated <= limit``), then reserves
+  the estimate under the request id;
+* a terminal result turns the reservation into the actual
+  ``usage.total_tokens`` (``completed``) or releases it (``failed``,
+  ``cancelled``, ``expired``; tokens the model did report are still charged).
+  The request itself stays counted: it was admitted;
+* settling is idempotent: a request id without a reservation is ignored, so an
+  event seen twice after a crash changes nothing, and counters never go below
+  zero;
+* a reservation made on an earlier day is dropped when that day's window is
+  reset; its usage is not charged to the new day.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from inferstream import clock
+from inferstream.errors import QuotaExceeded
+from schemas.plans import Plan
+
+QuotaState = dict[str, Any]  # JSON-friendly: it is what the changelog carries
+
+
+def empty_state(day: str) -> QuotaState:
+    return {
+        "day": day,
+        "requests_used": 0,
+        "tokens_used": 0,
+        "tokens_reserved": 0,
+        "reservations": {},
+        "minute": 0,
+        "minute_count": 0,
+    }
+
+
+def current(state: QuotaState | None, now: float) -> QuotaState:
+    """The state for the window containing ``now`` (a fresh one after midnight UTC)."""
+    day = clock.utc_day(now)
+    if state is None or state.get("day") != day:
+        return empty_state(day)
+    return state
+
+
+def seconds_to_reset(now: float) -> int:
+    return max(1, math.ceil(clock.day_start(now) + 86_400 - now))
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What admission answered: the figures behind the ``X-RateLimit-*`` headers."""
+
+    requests_limit: int
+    requests_remaining: int
+    tokens_limit: int
+    tokens_remaining: int
+    reset_s: int
+    window_day: str
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit-Requests": str(self.requests_limit),
+            "X-RateLimit-Remaining-Requests": str(self.requests_remaining),
+            "X-RateLimit-Limit-Tokens": str(self.tokens_limit),
+            "X-RateLimit-Remaining-Tokens": str(self.tokens_remaining),
+            "X-RateLimit-Reset": str(self.reset_s),
+        }
+
+
+def _details(state: QuotaState, plan: Plan, estimated: int) -> dict[str, Any]:
+    return {
+        "requests": {"used": state["requests_used"], "limit": plan.requests_per_day},
+        "tokens": {
+            "used": state["tokens_used"],
+            "reserved": state["tokens_reserved"],
+            "limit": plan.tokens_per_day,
+            "estimated": estimated,
+        },
+    }
+
+
+def decide(
+    state: QuotaState | None, plan: Plan, request_id: str, estimated: int, now: float
+) -> tuple[QuotaState, Admission]:
+    """Admit one request or raise :class:`QuotaExceeded`; pure, returns the new state."""
+    st = current(state, now)
+    minute = int(now // 60)
+    minute_count = st["minute_count"] if st["minute"] == minute else 0
+    if st["requests_used"] + 1 > plan.requests_per_day:
+        raise QuotaExceeded(
+            "request_quota_exceeded",
+            f"daily request quota of {plan.requests_per_day} exhausted",
+            retry_after=seconds_to_reset(now),
+            **_details(st, plan, estimated),
+        )
+    if plan.requests_per_minute > 0 and minute_count + 1 > plan.requests_per_minute:
+        raise QuotaExceeded(
+            "rate_limited",
+            f"rate limit of {plan.requests_per_minute} requests per minute reached",
+            retry_after=max(1, math.ceil((minute + 1) * 60 - now)),
+            **_details(st, plan, estimated),
+        )
+    if st["tokens_used"] + st["tokens_reserved"] + estimated > plan.tokens_per_day:
+        raise QuotaExceeded(
+            "token_quota_exceeded",
+            f"daily token quota of {plan.tokens_per_day} cannot cover {estimated} more tokens",
+            retry_after=seconds_to_reset(now),
+            **_details(st, plan, estimated),
+        )
+    reservations = dict(st["reservations"])
+    reservations[request_id] = estimated
+    new = {
+        **st,
+        "requests_used": st["requests_used"] + 1,
+        "tokens_reserved": st["tokens_reserved"] + estimated,
+        "reservations": reservations,
+        "minute": minute,
+        "minute_count": minute_count + 1,
+    }
+    return new, admission_of(new, plan, now)
+
+
+def admission_of(state: QuotaState, plan: Plan, now: float) -> Admission:
+    return Admission(
+        requests_limit=plan.requests_per_day,
+        requests_remaining=max(0, plan.requests_per_day - state["requests_used"]),
+        tokens_limit=plan.tokens_per_day,
+        tokens_remaining=max(0, plan.tokens_per_day - state["tokens_used"] - state["tokens_reserved"]),
+        reset_s=seconds_to_reset(now),
+        window_day=state["day"],
+    )
+
+
+def settle(state: QuotaState | None, request_id: str, status: str, used_tokens: int, now: float) -> QuotaState | None:
+    """Turn a reservation into usage; ``None`` when there is nothing to change (idempotent)."""
+    if state is None:
+        return None
+    st = current(state, now)
+    reserved = st["reservations"].get(request_id)
+    if reserved is None:
+        return None
+    reservations = dict(st["reservations"])
+    del reservations[request_id]
+    charged = max(0, used_tokens) if status == "completed" else max(0, min(used_tokens, reserved))
+    return {
+        **st,
+        "tokens_reserved": max(0, st["tokens_reserved"] - reserved),
+        "tokens_used": st["tokens_used"] + charged,
+        "reservations": reservations,
+    }
+
+
+def release(state: QuotaState | None, request_id: str, now: float) -> QuotaState | None:
+    """Undo an admission whose request never reached the log (the request is not charged)."""
+    if state is None:
+        return None
+    st = current(state, now)
+    reserved = st["reservations"].get(request_id)
+    if reserved is None:
+        return None
+    reservations = dict(st["reservations"])
+    del reservations[request_id]
+    return {
+        **st,
+        "requests_used": max(0, st["requests_used"] - 1),
+        "minute_count": max(0, st["minute_count"] - 1),
+        "tokens_reserved": max(0, st["tokens_reserved"] - reserved),
+        "reservations": reservations,
+    }
+
+
+def quota_doc(user_id: str, plan: Plan, state: QuotaState | None, now: float) -> dict[str, Any]:
+    """``GET /v1/quota``."""
+    st = current(state, now)
+    start = clock.day_start(now)
+    return {
+        "user_id": user_id,
+        "plan": plan.name,
+        "window": {"start": clock.iso(start), "reset_at": clock.iso(start + 86_400)},
+        "requests": {
+            "used": st["requests_used"],
+            "limit": plan.requests_per_day,
+            "remaining": max(0, plan.requests_per_day - st["requests_used"]),
+        },
+        "tokens": {
+            "used": st["tokens_used"],
+            "reserved": st["tokens_reserved"],
+            "limit": plan.tokens_per_day,
+            "remaining": max(0, plan.tokens_per_day - st["tokens_used"] - st["tokens_reserved"]),
+        },
+    }
+
+
+class QuotaBook:
+    """The ``quota`` table's single writer. Every method is synchronous: no await between read and write."""
+
+    def __init__(self, table: MutableMapping[str, QuotaState], now: Callable[[], float] = clock.now) -> None:
+        self.table = table
+        self.now = now
+
+    def admit(self, user_id: str, plan: Plan, request_id: str, estimated: int) -> Admission:
+        new, admission = decide(self.table.get(user_id), plan, request_id, estimated, self.now())
+        self.table[user_id] = new
+        return admission
+
+    def settle(self, user_id: str, request_id: str, status: str, used_tokens: int) -> bool:
+        new = settle(self.table.get(user_id), request_id, status, used_tokens, self.now())
+        if new is None:
+            return False
+        self.table[user_id] = new
+        return True
+
+    def release(self, user_id: str, request_id: str) -> bool:
+        new = release(self.table.get(user_id), request_id, self.now())
+        if new is None:
+            return False
+        self.table[user_id] = new
+        return True
+
+    def snapshot(self, user_id: str, plan: Plan) -> Admission:
+        now = self.now()
+        return admission_of(current(self.table.get(user_id), now), plan, now)
+
+    def doc(self, user_id: str, plan: Plan) -> dict[str, Any]:
+        return quota_doc(user_id, plan, self.table.get(user_id), self.now())

@@ -1,0 +1,143 @@
+"""RabbitClient and ResultsBridge against the real RabbitMQ: topology, confirmed publishes, priorities, bridge acks."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from bridges.rabbitmq import PublishError, RabbitClient, UnknownRoute
+from bridges.results_bridge import ResultsBridge
+from inferstream.settings import Settings
+from schemas.records import InferenceRequest, ResultEvent
+
+pytestmark = pytest.mark.integration
+
+
+def make_req(priority: str = "normal", task: str = "generate", model: str = "sim-gpt", **extra: Any) -> InferenceRequest:
+    return InferenceRequest(
+        request_id=uuid.uuid4().hex, user_id=f"u-{uuid.uuid4().hex[:6]}", task=task, model=model,
+        input=["hello"], estimated_tokens=5, created_at=time.time(), quota_day="2030-01-01",
+        priority=priority, **extra,
+    )
+
+
+async def until(cond: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def settings() -> AsyncIterator[Settings]:
+    yield Settings(namespace=f"t{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+async def rabbit(settings: Settings) -> AsyncIterator[RabbitClient]:
+    client = RabbitClient(settings)
+    yield client
+    await client.delete_namespace()
+    await client.close()
+
+
+async def test_topology_is_idempotent_and_priorities_order_a_backlog(rabbit: RabbitClient, settings: Settings) -> None:
+    await rabbit.connect()
+    other = RabbitClient(settings)  # declaring the same topology again must not fail
+    await other.connect()
+    await other.close()
+    reqs = [make_req(p) for p in ("low", "normal", "high", "low", "high", "normal")]
+    await rabbit.publish_requests(reqs)
+    queue = rabbit.work_queue_name("generate", "sim-gpt")
+    assert queue == f"{settings.namespace}.work.generate.sim-gpt"
+    assert await rabbit.message_count(queue) == 6
+    got = []
+    while (msg := await rabbit.get(queue)) is not None:
+        got.append(msg)
+    assert [InferenceRequest.from_bytes(m.body).priority for m in got] == ["high", "high", "normal", "normal", "low", "low"]
+    first = got[0]
+    assert first.message_id == reqs[2].request_id and first.priority == 2
+    assert first.headers["user_id"] == reqs[2].user_id and first.headers["task"] == "generate"
+    assert first.delivery_mode == 2  # persistent
+
+
+async def test_unknown_route_and_unreachable_broker(rabbit: RabbitClient, settings: Settings) -> None:
+    with pytest.raises(UnknownRoute):
+        await rabbit.publish_requests([make_req(model="no-such-model")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = RabbitClient(Settings(namespace=settings.namespace, rabbitmq_url=f"amqp://guest:guest@127.0.0.1:{port}/"))
+    with pytest.raises(PublishError) as info:
+        await down.publish_requests([make_req()])
+    assert len(info.value.request_ids) == 1
+
+
+async def test_results_and_dead_letters(rabbit: RabbitClient) -> None:
+    req = make_req(task="embed", model="all-MiniLM-L6-v2")
+    await rabbit.publish_result(ResultEvent.for_request(req, "running", at=1.0))
+    msg = await rabbit.get(rabbit.results_queue_name)
+    assert msg is not None and ResultEvent.from_bytes(msg.body).status == "running"
+    assert msg.headers["user_id"] == req.user_id
+    history = [{"attempt": 1, "type": "model_http_503", "message": "busy"}]
+    await rabbit.publish_dead_letter(req, history, {"type": "model_http_503", "message": "busy"})
+    dead = await rabbit.get(rabbit.dead_letter_queue_name)
+    assert dead is not None
+    info = RabbitClient.dead_letter_info(dead)
+    assert info["request"]["request_id"] == req.request_id
+    assert info["history"] == history and info["error"]["type"] == "model_http_503" and info["attempts"] == 1
+
+
+async def test_results_bridge_moves_batches_and_never_acks_a_failed_produce(
+    rabbit: RabbitClient, settings: Settings
+) -> None:
+    got: list[tuple[bytes, bytes]] = []
+    failing = {"on": True, "calls": 0}
+
+    async def produce(records: list[tuple[bytes, bytes]]) -> None:
+        failing["calls"] += 1
+        if failing["on"]:
+            raise ConnectionError("log unavailable")
+        got.extend(records)
+
+    events = [ResultEvent.for_request(make_req(), "completed", at=float(i)) for i in range(50)]
+    bridge = ResultsBridge(settings, rabbit, produce, retry_base_s=0.01, retry_max_s=0.05)
+    await bridge.start()
+    try:
+        for e in events:
+            await rabbit.publish_result(e)
+        await until(lambda: _true(failing["calls"] >= 3))  # retried, and nothing acked meanwhile
+        assert got == []
+        await until(lambda: _count_is(rabbit, rabbit.results_queue_name, 0))  # all held unacked by the bridge
+    finally:
+        await bridge.stop()
+    # Unacked messages went back to the queue when the bridge's channel closed.
+    await until(lambda: _count_is(rabbit, rabbit.results_queue_name, 50))
+
+    failing["on"] = False
+    bridge = ResultsBridge(settings, rabbit, produce)
+    await bridge.start()
+    try:
+        await until(lambda: _true(len(got) >= 50))
+    finally:
+        await bridge.stop()
+    assert sorted(v for _, v in got) == sorted(e.to_bytes() for e in events)  # bodies untouched
+    assert {k for k, _ in got} == {e.user_id.encode() for e in events}
+    assert dict(got)[events[0].user_id.encode()] == events[0].to_bytes()
+    await until(lambda: _count_is(rabbit, rabbit.results_queue_name, 0))
+    assert bridge.moved == 50
+
+
+async def _count_is(rabbit: RabbitClient, queue: str, n: int) -> bool:
+    return await rabbit.message_count(queue) == n
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -1,0 +1,397 @@
+"""The ML worker against real RabbitMQ and the real model server: retries, dead letters, breaker, priorities,
+batching, deadlines, cancellation and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import aio_pika
+import aiohttp
+import pytest
+
+from bridges.model import ModelClient
+from bridges.rabbitmq import PublishError, RabbitClient
+from inferstream.settings import Settings
+from schemas.records import InferenceRequest, ResultEvent
+from tests.support.modelserver import (
+    HOST,
+    free_port,
+    running_modelserver,
+    start_modelserver,
+    stop_modelserver,
+    wait_healthy,
+)
+from workers.worker import IsCancelled, MLWorker, no_cancellations
+
+pytestmark = pytest.mark.integration
+MODELS = "generate:sim-gpt,embed:all-MiniLM-L6-v2,embed:no-such-model"
+
+
+def make_req(priority: str = "normal", task: str = "generate", model: str = "sim-gpt", **extra: Any) -> InferenceRequest:
+    return InferenceRequest(
+        request_id=uuid.uuid4().hex, user_id="u1", task=task, model=model,
+        input=extra.pop("input", ["hello there"]), estimated_tokens=10, created_at=time.time(),
+        quota_day="2030-01-01", priority=priority, **extra,
+    )
+
+
+async def until(cond: Callable[[], Awaitable[bool] | bool], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        value = cond()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+class Admin:
+    """The model server's fault knobs and counters."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as s, s.request(method, f"{self.url}{path}", json=body) as resp:
+            resp.raise_for_status()
+            data: dict[str, Any] = await resp.json()
+            return data
+
+    async def faults(self, **changes: Any) -> None:
+        await self._call("POST", "/admin/faults", changes)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call("GET", "/admin/stats")
+
+    async def reset(self) -> None:
+        await self.faults(error_rate=0.0, error_status=503, latency_ms=0, fail_next=0)
+        await self._call("POST", "/admin/stats/reset")
+
+
+class Results:
+    """Drains the namespace's results queue as the worker publishes to it."""
+
+    def __init__(self, rabbit: RabbitClient) -> None:
+        self.rabbit = rabbit
+        self.events: list[ResultEvent] = []
+
+    async def _drain(self) -> None:
+        while (msg := await self.rabbit.get(self.rabbit.results_queue_name)) is not None:
+            self.events.append(ResultEvent.from_bytes(msg.body))
+
+    def terminal(self) -> dict[str, ResultEvent]:
+        return {e.request_id: e for e in self.events if e.is_terminal}
+
+    async def wait_terminal(self, ids: Sequence[str], within: float = 20.0) -> dict[str, ResultEvent]:
+        async def done() -> bool:
+            await self._drain()
+            return set(ids) <= set(self.terminal())
+
+        await until(done, within)
+        terminals = [e.request_id for e in self.events if e.is_terminal]
+        assert len(terminals) == len(set(terminals)), "exactly one terminal event per request"
+        return self.terminal()
+
+
+@pytest.fixture(scope="module")
+async def gen_server() -> AsyncIterator[str]:
+    async with running_modelserver("--no-embeddings") as url:
+        yield url
+
+
+@pytest.fixture
+async def admin(gen_server: str) -> AsyncIterator[Admin]:
+    a = Admin(gen_server)
+    await a.reset()
+    yield a
+    await a.reset()
+
+
+def make_settings(model_url: str, **overrides: Any) -> Settings:
+    base = Settings(
+        namespace=f"t{uuid.uuid4().hex[:8]}", model_url=model_url, models=MODELS,
+        ml_retry_base_s=0.01, ml_retry_max_s=0.05, ml_max_attempts=4, ml_breaker_threshold=100,
+        ml_breaker_reset_s=0.3, ml_call_timeout_s=5.0, ml_shutdown_grace_s=5.0, ml_batch_wait_ms=20,
+    )
+    return replace(base, **overrides)
+
+
+class Harness:
+    """One namespace: a RabbitClient, a results reader, and workers started on demand."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rabbit = RabbitClient(settings)
+        self.results = Results(self.rabbit)
+        self.workers: list[tuple[MLWorker, ModelClient]] = []
+
+    async def worker(self, is_cancelled: IsCancelled = no_cancellations, **overrides: Any) -> MLWorker:
+        settings = replace(self.settings, **overrides)
+        model = ModelClient(settings)
+        worker = MLWorker(settings, RabbitClient(settings), model, is_cancelled)
+        self.workers.append((worker, model))
+        await worker.start()
+        return worker
+
+    async def close(self) -> None:
+        for worker, model in self.workers:
+            await worker.stop()
+            await model.close()
+            await worker.rabbit.close()
+        await self.rabbit.delete_namespace()
+        await self.rabbit.close()
+
+
+@pytest.fixture
+async def harness_factory() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    made: list[Harness] = []
+
+    async def make(model_url: str, **overrides: Any) -> Harness:
+        h = Harness(make_settings(model_url, **overrides))
+        await h.rabbit.connect()
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        await h.close()
+
+
+async def test_burst_of_503s_and_429s_is_retried_and_completes(admin: Admin, harness_factory: Any) -> None:
+    h = await harness_factory(f"{admin.url}/v1")
+    await h.worker()
+    done = {}
+    for status in (503, 429):
+        await admin.faults(fail_next=2, error_status=status)
+        req = make_req(params={"max_tokens": 8})
+        await h.rabbit.publish_requests([req])
+        done.update(await h.results.wait_terminal([req.request_id]))
+        event = done[req.request_id]
+        assert event.status == "completed" and event.attempts == 3
+        assert [a["status"] for a in event.history or []] == [status, status]
+        assert event.result and event.result["text"]
+        assert event.usage and event.usage["completion_tokens"] <= 8
+    statuses = [e.status for e in h.results.events]
+    assert statuses.count("running") == 2
+    assert (await admin.stats())["generate_calls"] == 6
+
+
+async def test_always_failing_model_fails_and_dead_letters_with_history(admin: Admin, harness_factory: Any) -> None:
+    h = await harness_factory(f"{admin.url}/v1", ml_max_attempts=3)
+    await admin.faults(error_rate=1.0, error_status=500)
+    await h.worker()
+    req = make_req()
+    await h.rabbit.publish_requests([req])
+    event = (await h.results.wait_terminal([req.request_id]))[req.request_id]
+    assert event.status == "failed" and event.attempts == 3
+    assert event.error and event.error["type"] == "model_http_500"
+    dead = await h.rabbit.get(h.rabbit.dead_letter_queue_name)
+    assert dead is not None
+    info = RabbitClient.dead_letter_info(dead)
+    assert info["request"]["request_id"] == req.request_id
+    assert [a["attempt"] for a in info["history"]] == [1, 2, 3] and info["error"] == event.error
+    assert (await admin.stats())["generate_calls"] == 3
+    assert await h.rabbit.message_count(h.rabbit.work_queue_name("generate", "sim-gpt")) == 0  # acked
+
+
+async def test_a_400_fails_at_once_without_retry(admin: Admin, harness_factory: Any) -> None:
+    h = await harness_factory(f"{admin.url}/v1")
+    await h.worker()
+    req = make_req(task="embed", model="no-such-model")
+    await h.rabbit.publish_requests([req])
+    event = (await h.results.wait_terminal([req.request_id]))[req.request_id]
+    assert event.status == "failed" and event.attempts == 1
+    assert event.error and event.error["type"] == "model_http_400"
+    assert await h.rabbit.get(h.rabbit.dead_letter_queue_name) is not None
+
+
+async def test_undecodable_message_is_rejected_to_dead_letters(admin: Admin, harness_factory: Any) -> None:
+    h = await harness_factory(f"{admin.url}/v1")
+    await h.worker()
+    channel = await h.rabbit.connect()
+    queue = h.rabbit.work_queue_name("generate", "sim-gpt")
+    await channel.default_exchange.publish(aio_pika.Message(b"not json"), routing_key=queue)
+
+    async def dead_lettered() -> bool:
+        return await h.rabbit.message_count(h.rabbit.dead_letter_queue_name) == 1
+
+    await until(dead_lettered)
+    assert await h.rabbit.message_count(queue) == 0
+
+
+async def test_model_down_opens_breaker_stops_consuming_then_recovers(harness_factory: Any) -> None:
+    port = free_port()  # nothing listens here until the server starts below
+    h = await harness_factory(
+        f"http://{HOST}:{port}/v1", ml_max_attempts=1000, ml_breaker_threshold=3, ml_prefetch=2
+    )
+    worker = await h.worker()
+    reqs = [make_req() for _ in range(8)]
+    await h.rabbit.publish_requests(reqs)
+    endpoint = worker.endpoints["generate"]
+
+    await until(lambda: endpoint.breaker.state != "closed" and not worker.health()["endpoints"][endpoint.name]["consuming"])
+    queue = h.rabbit.work_queue_name("generate", "sim-gpt")
+    assert await h.rabbit.message_count(queue) >= 6  # held back in RabbitMQ, not bounced around
+    assert worker.health()["in_flight"] <= 2
+    assert not h.results.terminal()
+
+    proc = start_modelserver(port, "--no-embeddings")
+    try:
+        await wait_healthy(f"http://{HOST}:{port}", time.monotonic() + 60, proc)
+        done = await h.results.wait_terminal([r.request_id for r in reqs], within=30)
+        assert {e.status for e in done.values()} == {"completed"}
+        await until(lambda: endpoint.breaker.state == "closed" and worker.health()["consuming"])
+    finally:
+        stop_modelserver(proc)
+
+
+async def test_priority_order_under_a_backlog(admin: Admin, harness_factory: Any) -> None:
+    h = await harness_factory(f"{admin.url}/v1", ml_prefetch=1, ml_concurrency=1)
+    order = ["low", "normal", "high", "low", "high", "normal", "low"]
+    reqs = [make_req(p) for p in order]
+    await h.rabbit.publish_requests(reqs)  # backlog before any worker runs
+    await h.worker()
+    await h.results.wait_terminal([r.request_id for r in reqs])
+    by_id = {r.request_id: r.priority for r in reqs}
+    running = [by_id[e.request_id] for e in h.results.events if e.status == "running"]
+    assert running == sorted(order, key=["high", "normal", "low"].index)
+
+
+async def test_expired_and_cancelled_requests_never_reach_the_model(admin: Admin, harness_factory: Any) -> None:
+    h = await harness_factory(f"{admin.url}/v1")
+    expired = make_req(deadline_at=time.time() - 1)
+    cancelled = make_req()
+    cancelled_ids = {cancelled.request_id}
+
+    async def is_cancelled(ids: Sequence[str]) -> set[str]:
+        return cancelled_ids & set(ids)
+
+    await h.rabbit.publish_requests([expired, cancelled])
+    await h.worker(is_cancelled)
+    done = await h.results.wait_terminal([expired.request_id, cancelled.request_id])
+    assert done[expired.request_id].status == "expired" and done[cancelled.request_id].status == "cancelled"
+    assert (await admin.stats())["generate_calls"] == 0
+    assert not [e for e in h.results.events if e.status == "running"]
+
+
+async def test_cancel_while_running_aborts_the_call(admin: Admin, harness_factory: Any) -> None:
+    h = await harness_factory(f"{admin.url}/v1")
+    await admin.faults(latency_ms=10_000)
+    cancelled_ids: set[str] = set()
+
+    async def is_cancelled(ids: Sequence[str]) -> set[str]:
+        return cancelled_ids & set(ids)
+
+    await h.worker(is_cancelled)
+    req = make_req()
+    await h.rabbit.publish_requests([req])
+    await until(lambda: _called(admin))
+    started = time.monotonic()
+    cancelled_ids.add(req.request_id)
+    event = (await h.results.wait_terminal([req.request_id]))[req.request_id]
+    assert event.status == "cancelled" and event.attempts == 1
+    assert time.monotonic() - started < 3  # aborted, not waited out
+
+
+async def _called(admin: Admin) -> bool:
+    return int((await admin.stats())["generate_calls"]) >= 1
+
+
+async def test_shutdown_requeues_unfinished_work_and_finishes_quick_work(admin: Admin, harness_factory: Any) -> None:
+    h = await harness_factory(f"{admin.url}/v1")
+    await admin.faults(latency_ms=10_000)
+    worker = await h.worker(ml_shutdown_grace_s=0.2)
+    reqs = [make_req() for _ in range(3)]
+    await h.rabbit.publish_requests(reqs)
+    await until(lambda: worker.health()["in_flight"] == 3)
+    await worker.stop()
+    queue = h.rabbit.work_queue_name("generate", "sim-gpt")
+
+    async def requeued() -> bool:
+        return await h.rabbit.message_count(queue) == 3
+
+    await until(requeued)
+
+    await admin.faults(latency_ms=300)
+    worker = await h.worker(ml_shutdown_grace_s=10)
+    await until(lambda: worker.health()["in_flight"] == 3)
+    await worker.stop()  # waits for the calls in flight instead of dropping them
+    done = await h.results.wait_terminal([r.request_id for r in reqs], within=5)
+    assert {e.status for e in done.values()} == {"completed"}
+    assert await h.rabbit.message_count(queue) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_embeddings_batching_really_batches(harness_factory: Any) -> None:
+    async with running_modelserver() as url:
+        admin = Admin(url)
+        h = await harness_factory(f"{url}/v1", ml_batch_size=16, ml_batch_wait_ms=50, ml_prefetch=64)
+        reqs = [make_req(task="embed", model="all-MiniLM-L6-v2", input=[f"sentence number {i}"]) for i in range(40)]
+        reqs.append(make_req(task="embed", model="all-MiniLM-L6-v2", input=["two texts", "in one request"]))
+        await h.rabbit.publish_requests(reqs)
+        await h.worker()
+        done = await h.results.wait_terminal([r.request_id for r in reqs], within=60)
+        stats = await admin.stats()
+        assert stats["embedding_inputs"] == 42
+        assert stats["embedding_calls"] <= 6, stats  # 42 texts in batches of up to 16, not 41 calls
+        assert max(int(k) for k in stats["batch_sizes"]) > 1
+        for r in reqs:
+            event = done[r.request_id]
+            assert event.status == "completed"
+            vectors = (event.result or {})["embeddings"]
+            assert len(vectors) == len(r.input) and all(len(v) == 384 for v in vectors)
+        total = sum((done[r.request_id].usage or {}).get("prompt_tokens", 0) for r in reqs)
+        assert total > 0
+
+
+async def _close_broker_connections(name: str) -> int:
+    """Have RabbitMQ drop this namespace's connections (as a broker restart would), not anyone else's."""
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "list_connections", "pid", "client_properties", "--formatter", "json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await proc.communicate()
+    pids = [
+        c["pid"] for c in json.loads(out)
+        if any(p[0] == "connection_name" and p[2] == name for p in c["client_properties"])
+    ]
+    for pid in pids:
+        closer = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "close_connection", pid, "test: simulated broker restart",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        await closer.wait()
+    return len(pids)
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to drop connections")
+async def test_worker_survives_dropped_broker_connections(admin: Admin, harness_factory: Any) -> None:
+    h = await harness_factory(f"{admin.url}/v1")
+    worker = await h.worker()
+    first = make_req()
+    await h.rabbit.publish_requests([first])
+    await h.results.wait_terminal([first.request_id])
+    assert await _close_broker_connections(f"inferstream:{h.settings.namespace}") >= 2
+
+    second = [make_req() for _ in range(5)]
+    deadline = time.monotonic() + 20
+    while True:  # the caller's retry loop: a publish during the outage raises PublishError
+        try:
+            await h.rabbit.publish_requests(second)
+            break
+        except PublishError:
+            assert time.monotonic() < deadline, "RabbitMQ connection never came back"
+            await asyncio.sleep(0.1)
+    done = await h.results.wait_terminal([r.request_id for r in second], within=30)
+    assert {e.status for e in done.values()} == {"completed"}
+    assert worker.health()["consuming"]

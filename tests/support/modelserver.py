@@ -1,0 +1,132 @@
+"""Start the reference model server as a real subprocess and wait until it serves.
+
+Typical use::
+
+    port = free_port()
+    proc = start_modelserver(port, "--no-embeddings", "--latency-ms", "50")
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}", time.monotonic() + 60, proc)
+        ...
+    finally:
+        stop_modelserver(proc)
+
+or ``async with running_modelserver("--no-embeddings") as url: ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+# Where each started server writes its output, so a failed start can show it.
+_LOGS: dict[int, Path] = {}
+
+
+class ModelServerError(RuntimeError):
+    """The model server died or did not become healthy in time."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def start_modelserver(
+    port: int, *args: str, host: str = HOST, log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Launch ``python -m modelserver --host host --port port *args``; output goes to a log file."""
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="modelserver-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelserver", "--host", host, "--port", str(port), *args],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    _LOGS[proc.pid] = log_path
+    return proc
+
+
+def server_log(proc: subprocess.Popen[bytes], tail: int = 4000) -> str:
+    """The last ``tail`` characters the server wrote."""
+    path = _LOGS.get(proc.pid)
+    if path is None or not path.exists():
+        return ""
+    return path.read_text(errors="replace")[-tail:]
+
+
+async def wait_healthy(
+    url: str, deadline: float, proc: subprocess.Popen[bytes] | None = None
+) -> dict[str, Any]:
+    """Poll ``url/healthz`` until it answers 200; ``deadline`` is a ``time.monotonic()`` value.
+
+    Returns the health body. Raises :class:`ModelServerError` if ``proc`` exits
+    first or the deadline passes.
+    """
+    timeout = aiohttp.ClientTimeout(total=2)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise ModelServerError(
+                    f"model server exited with {proc.returncode}:\n{server_log(proc)}"
+                )
+            try:
+                async with session.get(f"{url.rstrip('/')}/healthz") as resp:
+                    if resp.status == 200:
+                        body: dict[str, Any] = await resp.json()
+                        return body
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            if time.monotonic() >= deadline:
+                log = server_log(proc) if proc is not None else ""
+                raise ModelServerError(f"model server at {url} not healthy in time:\n{log}")
+            await asyncio.sleep(0.1)
+
+
+def stop_modelserver(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL after ``timeout``; removes the log file. Returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    path = _LOGS.pop(proc.pid, None)
+    if path is not None:
+        path.unlink(missing_ok=True)
+    return proc.returncode
+
+
+@asynccontextmanager
+async def running_modelserver(*args: str, startup_timeout: float = 90.0) -> AsyncIterator[str]:
+    """A healthy model server on a free port for the block; yields its base URL (no ``/v1``)."""
+    port = free_port()
+    proc = start_modelserver(port, *args)
+    try:
+        await wait_healthy(f"http://{HOST}:{port}", time.monotonic() + startup_timeout, proc)
+        yield f"http://{HOST}:{port}"
+    finally:
+        stop_modelserver(proc)

@@ -1,0 +1,98 @@
+"""Collapsing a batch of events to one row per request, before the one-statement upsert."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridges.postgres_rows import collapse, merge, row_of
+from schemas.records import InferenceRequest, ResultEvent
+
+T0 = 1_800_000_000.0
+
+
+def request(request_id: str = "req_a", **extra: Any) -> InferenceRequest:
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "user_id": "alice",
+        "task": "generate",
+        "model": "sim-gpt",
+        "input": ["hello"],
+        "estimated_tokens": 260,
+        "created_at": T0,
+        "quota_day": "2027-01-15",
+        "priority": "high",
+        "params": {"max_tokens": 256},
+        "metadata": {"ticket": 7},
+        "callback_url": None,
+    }
+    fields.update(extra)
+    return InferenceRequest(**fields)
+
+
+def event(req: InferenceRequest, status: str, dt: float, **extra: Any) -> ResultEvent:
+    return ResultEvent.for_request(req, status, T0 + dt, **extra)
+
+
+def test_request_alone_is_a_queued_row() -> None:
+    (row,) = collapse([request()])
+    assert row["status"] == "queued" and row["status_rank"] == 1
+    assert row["input"] == ["hello"] and row["metadata"] == {"ticket": 7}
+    assert row["updated_at"] == T0 and row["history"] == [{"status": "queued", "at": T0}]
+    assert "callback_url" not in row and "webhook_state" not in row  # None values are left out
+
+
+def test_whole_lifecycle_in_one_batch_keeps_every_field() -> None:
+    req = request()
+    done = event(req, "completed", 3, result={"text": "hi"}, usage={"total_tokens": 9}, attempts=1)
+    (row,) = collapse([req, event(req, "dispatched", 1), event(req, "running", 2), done])
+    assert row["status"] == "completed"
+    assert row["input"] == ["hello"] and row["params"] == {"max_tokens": 256}
+    assert (row["dispatched_at"], row["started_at"], row["completed_at"]) == (T0 + 1, T0 + 2, T0 + 3)
+    assert row["updated_at"] == T0 + 3 and row["attempts"] == 1
+    assert row["result"] == {"text": "hi"} and row["usage"] == {"total_tokens": 9}
+    assert [h["status"] for h in row["history"]] == ["queued", "dispatched", "running", "completed"]
+
+
+def test_order_within_the_batch_does_not_matter() -> None:
+    req = request()
+    items = [req, event(req, "dispatched", 1), event(req, "completed", 3, result={"text": "x"})]
+    assert collapse(items) == collapse(list(reversed(items)))
+
+
+def test_duplicates_collapse_to_one_row() -> None:
+    req = request()
+    done = event(req, "completed", 3, result={"text": "x"})
+    assert collapse([req, req, done, done]) == collapse([req, done])
+
+
+def test_first_terminal_wins_a_tie() -> None:
+    req = request()
+    done = event(req, "completed", 3, result={"text": "x"})
+    failed = event(req, "failed", 4, error={"type": "model_error", "message": "boom"})
+    (row,) = collapse([done, failed])
+    assert row["status"] == "completed" and "error" not in row
+    assert [h["status"] for h in row["history"]] == ["completed"]
+
+
+def test_result_event_defaults_are_not_values() -> None:
+    bare = ResultEvent(request_id="req_a", user_id="alice", status="running", at=T0)
+    row = row_of(bare)
+    assert row is not None
+    assert row["task"] is None and row["created_at"] is None and row["estimated_tokens"] is None
+    merged = merge(row, row_of(request()) or {})
+    assert merged["status"] == "running" and merged["task"] == "generate" and merged["created_at"] == T0
+
+
+def test_webhook_pending_only_for_terminal_rows_with_a_callback() -> None:
+    with_cb = request("req_b", callback_url="https://example.test/hook")
+    rows = collapse([with_cb, event(with_cb, "completed", 1), request("req_c", callback_url="https://x.test")])
+    assert [(r["request_id"], r.get("webhook_state")) for r in rows] == [
+        ("req_b", "pending"),
+        ("req_c", None),
+    ]
+
+
+def test_unknown_status_is_ignored_and_rows_sorted_by_id() -> None:
+    weird = ResultEvent(request_id="req_z", user_id="alice", status="exploded", at=T0)
+    rows = collapse([request("req_b"), weird, request("req_a")])
+    assert [r["request_id"] for r in rows] == ["req_a", "req_b"]

@@ -1,0 +1,39 @@
+"""``python -m workers``: one standalone ML worker from ``Settings.from_env()`` (no cancellation lookup)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from bridges.model import ModelClient
+from bridges.rabbitmq import RabbitClient
+from inferstream.settings import Settings
+from workers.worker import MLWorker
+
+
+async def run(settings: Settings) -> None:
+    rabbit = RabbitClient(settings)
+    model = ModelClient(settings)
+    worker = MLWorker(settings, rabbit, model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    try:
+        await stop.wait()
+    finally:
+        # The worker drains first; the clients it used close after it.
+        await worker.stop()
+        await model.close()
+        await rabbit.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(run(Settings.from_env()))
+
+
+if __name__ == "__main__":
+    main()

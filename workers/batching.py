@@ -1,0 +1,127 @@
+"""Dynamic batching: requests' texts gathered for up to N texts or T ms, one model call, results split back.
+
+A request is never split across calls: if it alone exceeds ``max_items`` it
+goes out on its own. A batch's ``usage`` is shared out between its requests in
+proportion to their own token counts (largest remainder, so the parts add up
+to the model's figure exactly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from inferstream.tokens import count_tokens
+
+log = logging.getLogger(__name__)
+
+Vectors = list[list[float]]
+Usage = dict[str, int]
+BatchCall = Callable[[list[str]], Awaitable[tuple[Vectors, Usage]]]
+
+
+@dataclass
+class _Item:
+    texts: list[str]
+    future: asyncio.Future[tuple[Vectors, Usage]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def split_usage(usage: Usage, weights: Sequence[int]) -> list[Usage]:
+    """Share each figure of ``usage`` out by ``weights``; the parts sum to the whole."""
+    n = len(weights)
+    if n == 1:
+        return [dict(usage)]
+    total_weight = sum(weights)
+    shares: list[Usage] = [{} for _ in range(n)]
+    for key, value in usage.items():
+        if total_weight <= 0:
+            exact = [value / n] * n
+        else:
+            exact = [value * w / total_weight for w in weights]
+        floors = [int(x) for x in exact]
+        leftover = value - sum(floors)
+        for i in sorted(range(n), key=lambda i: exact[i] - floors[i], reverse=True)[:leftover]:
+            floors[i] += 1
+        for i in range(n):
+            shares[i][key] = floors[i]
+    return shares
+
+
+class Batcher:
+    """Gathers texts for one model; ``submit()`` resolves with this request's vectors and usage share."""
+
+    def __init__(self, call: BatchCall, *, max_items: int, max_wait_s: float, name: str = "") -> None:
+        self._call = call
+        self.max_items = max(1, max_items)
+        self.max_wait_s = max_wait_s
+        self.name = name
+        self._pending: list[_Item] = []
+        self._pending_texts = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, texts: list[str]) -> tuple[Vectors, Usage]:
+        if self._pending and self._pending_texts + len(texts) > self.max_items:
+            self._flush()
+        item = _Item(list(texts))
+        self._pending.append(item)
+        self._pending_texts += len(texts)
+        if self._pending_texts >= self.max_items:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._flush)
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # Not sent yet: take it out so the batch does not carry a dead request.
+            if item in self._pending:
+                self._pending.remove(item)
+                self._pending_texts -= len(item.texts)
+            raise
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items, self._pending, self._pending_texts = self._pending, [], 0
+        if not items:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(items))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, items: list[_Item]) -> None:
+        texts = [t for item in items for t in item.texts]
+        try:
+            vectors, usage = await self._call(texts)
+        except asyncio.CancelledError:
+            for item in items:
+                item.future.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to every waiter, who decides; nothing is swallowed
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        weights = [count_tokens(item.texts) for item in items] if len(items) > 1 else [1]
+        offset = 0
+        for item, share in zip(items, split_usage(usage, weights), strict=True):
+            part = vectors[offset : offset + len(item.texts)]
+            offset += len(item.texts)
+            if not item.future.done():
+                item.future.set_result((part, share))
+
+    async def close(self) -> None:
+        """Cancel batches in flight (their waiters see CancelledError)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)

@@ -1,0 +1,118 @@
+"""One model endpoint (model base URL + task): its breaker, rate limit, concurrency limit and batchers.
+
+Every model call goes through :meth:`Endpoint.call`, in this order: a
+concurrency slot, the breaker (waits while open), a rate-limit token, the call.
+Taking the slot first means callers queued behind a breaker that just opened
+do not rush the dead model when it is half-open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from bridges.model import ModelClient
+from inferstream.errors import FatalModelError, RetryableModelError
+from inferstream.settings import Settings
+from workers import metrics
+from workers.batching import Batcher, Usage, Vectors
+from workers.breaker import STATE_VALUE, BreakerState, CircuitBreaker
+from workers.ratelimit import TokenBucket
+
+T = TypeVar("T")
+BATCHED_TASKS = frozenset({"embed"})
+
+
+class Endpoint:
+    """The call path of one task against the model service."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: ModelClient,
+        task: str,
+        *,
+        on_breaker_change: Callable[[str, BreakerState, BreakerState], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.task = task
+        self.name = f"{task}@{model.base_url}"
+        self.label = task
+
+        def changed(name: str, old: BreakerState, new: BreakerState) -> None:
+            metrics.BREAKER_STATE.labels(self.label).set(STATE_VALUE[new])
+            if on_breaker_change is not None:
+                on_breaker_change(name, old, new)
+
+        self.breaker = CircuitBreaker(
+            self.name, settings.ml_breaker_threshold, settings.ml_breaker_reset_s, on_change=changed
+        )
+        metrics.BREAKER_STATE.labels(self.label).set(0)
+        self.limiter = TokenBucket(settings.ml_rate_limit_rps)
+        self.slots = asyncio.Semaphore(max(1, settings.ml_concurrency))
+        self._batchers: dict[str, Batcher] = {}
+
+    @property
+    def batched(self) -> bool:
+        return self.task in BATCHED_TASKS
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        async with self.slots:
+            probe = await self.breaker.acquire()
+            outcome = "cancelled"
+            try:
+                await self.limiter.acquire()
+                started = time.perf_counter()
+                result = await fn()
+                outcome = "ok"
+            except RetryableModelError:
+                outcome = "retryable"
+                self.breaker.on_failure(probe)
+                raise
+            except FatalModelError:
+                # The endpoint answered: healthy as far as the breaker is concerned.
+                outcome = "fatal"
+                self.breaker.on_success(probe)
+                raise
+            finally:
+                metrics.MODEL_CALLS.labels(self.label, outcome).inc()
+                if outcome == "cancelled":
+                    self.breaker.release(probe)
+            self.breaker.on_success(probe)
+            metrics.MODEL_CALL_SECONDS.labels(self.label).observe(time.perf_counter() - started)
+            return result
+
+    def _batcher(self, model: str) -> Batcher:
+        batcher = self._batchers.get(model)
+        if batcher is None:
+
+            async def run(texts: list[str]) -> tuple[Vectors, Usage]:
+                metrics.BATCH_SIZE.labels(model).observe(len(texts))
+                return await self.call(lambda: self.model.embed(model, texts))
+
+            batcher = self._batchers[model] = Batcher(
+                run, max_items=self.settings.ml_batch_size, max_wait_s=self.settings.ml_batch_wait_ms / 1000, name=model
+            )
+        return batcher
+
+    async def infer(self, model: str, texts: list[str], params: dict[str, Any] | None) -> tuple[dict[str, Any], Usage]:
+        """One attempt for one request: its ``result`` and ``usage``.
+
+        Generation joins several input strings with a newline into one prompt.
+        ``max_tokens`` defaults to ``settings.default_max_tokens``, the figure
+        admission reserved, so usage never exceeds the estimate by default.
+        """
+        if self.batched:
+            vectors, usage = await self._batcher(model).submit(texts)
+            return {"embeddings": vectors}, usage
+        prompt = "\n".join(texts)
+        merged = {"max_tokens": self.settings.default_max_tokens, **(params or {})}
+        text, usage = await self.call(lambda: self.model.generate(model, prompt, merged))
+        return {"text": text}, usage
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()

@@ -1,0 +1,319 @@
+"""The ML worker: consumes the work queues, runs each request against the model, publishes its result.
+
+Per message: decode (undecodable -> rejected to the dead-letter exchange);
+expired or already cancelled -> that terminal status, no model call; else a
+best-effort ``running`` event, then attempts with backoff until an answer, a
+fatal error, or ``ml_max_attempts``. The message is acked only after the
+terminal event (and, for ``failed``, the dead letter) is confirmed published;
+a worker that dies before that leaves it unacked, so RabbitMQ redelivers it.
+
+While an endpoint's breaker is open its queues are not consumed; messages
+already held wait for the breaker instead of bouncing through the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+from mode import Service
+
+from bridges.model import ModelClient
+from bridges.rabbitmq import AMQP_ERRORS, Consumer, PublishError, RabbitClient
+from inferstream import clock
+from inferstream.errors import ModelError
+from inferstream.settings import Settings
+from schemas.records import InferenceRequest, ResultEvent
+from workers import metrics
+from workers.breaker import BreakerState
+from workers.endpoint import Endpoint
+from workers.retry import Backoff, attempt_record, error_info
+
+__all__ = ["IsCancelled", "MLWorker", "no_cancellations"]
+
+log = logging.getLogger(__name__)
+
+IsCancelled = Callable[[Sequence[str]], Awaitable[set[str]]]
+CANCEL_POLL_S = 0.5
+SUPERVISE_S = 0.2
+
+
+async def no_cancellations(request_ids: Sequence[str]) -> set[str]:
+    """The default ``is_cancelled``: nothing is ever cancelled."""
+    return set()
+
+
+@dataclass(eq=False)
+class _Job:
+    req: InferenceRequest
+    message: AbstractIncomingMessage
+    endpoint: Endpoint
+    handler: asyncio.Task[Any] | None = None
+    work: asyncio.Task[tuple[ResultEvent, bool]] | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class MLWorker(Service):
+    """Consumes every work queue of ``settings.models``; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        rabbit: RabbitClient,
+        model: ModelClient,
+        is_cancelled: IsCancelled = no_cancellations,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.rabbit = rabbit
+        self.model = model
+        self.is_cancelled = is_cancelled
+        self.backoff = Backoff.from_settings(settings)
+        self.endpoints: dict[str, Endpoint] = {}
+        self._consumers: dict[str, list[Consumer]] = {}
+        self._jobs: set[_Job] = set()
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- lifecycle -----------------------------------------------------
+    async def on_start(self) -> None:
+        await self.rabbit.connect()
+        for task, model in self.rabbit.routes():
+            endpoint = self.endpoints.get(task)
+            if endpoint is None:
+                endpoint = self.endpoints[task] = Endpoint(
+                    self.settings, self.model, task, on_breaker_change=self._breaker_changed
+                )
+            consumer = await self.rabbit.consumer(
+                self.rabbit.work_queue_name(task, model),
+                functools.partial(self._on_message, endpoint),
+                prefetch=self.settings.ml_prefetch,
+            )
+            self._consumers.setdefault(task, []).append(consumer)
+        log.info("ML worker consuming %d queues", sum(len(c) for c in self._consumers.values()))
+
+    async def on_stop(self) -> None:
+        """Stop taking messages, let in-flight work finish for the grace period, requeue the rest."""
+        self._stopping = True
+        await self._reconcile()
+        grace = self.settings.ml_shutdown_grace_s
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            pass
+        if self._jobs:
+            log.warning("shutdown grace of %.1fs over: requeueing %d messages", grace, len(self._jobs))
+            handlers = [j.handler for j in self._jobs if j.handler is not None]
+            for handler in handlers:
+                handler.cancel()
+            await asyncio.wait(handlers, timeout=5.0)
+        for consumers in self._consumers.values():
+            for consumer in consumers:
+                try:
+                    await consumer.close()
+                except AMQP_ERRORS as exc:
+                    log.warning("closing consumer channel failed: %r", exc)
+        for endpoint in self.endpoints.values():
+            await endpoint.close()
+
+    def health(self) -> dict[str, Any]:
+        """Breaker states, in-flight counts and whether the queues are consumed (``/readyz`` detail)."""
+        endpoints = {}
+        for task, endpoint in self.endpoints.items():
+            consumers = self._consumers.get(task, [])
+            endpoints[endpoint.name] = {
+                "task": task,
+                "breaker": endpoint.breaker.state,
+                "consecutive_failures": endpoint.breaker.consecutive_failures,
+                "in_flight": sum(1 for j in self._jobs if j.endpoint is endpoint),
+                "consuming": bool(consumers) and all(c.consuming for c in consumers),
+                "queues": [c.queue.name for c in consumers],
+            }
+        return {
+            "consuming": bool(endpoints) and all(e["consuming"] for e in endpoints.values()),
+            "in_flight": len(self._jobs),
+            "stopping": self._stopping,
+            "endpoints": endpoints,
+        }
+
+    # ---- consumption control ------------------------------------------
+    def _breaker_changed(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        self._wake.set()
+
+    def _want_consuming(self, endpoint: Endpoint) -> bool:
+        if self._stopping:
+            return False
+        state = endpoint.breaker.state
+        # Half-open with nothing in hand: take messages again so one of them can probe.
+        busy = any(j.endpoint is endpoint for j in self._jobs)
+        return state == "closed" or (state == "half_open" and not busy)
+
+    async def _reconcile(self) -> None:
+        for task, endpoint in self.endpoints.items():
+            want = self._want_consuming(endpoint)
+            for consumer in self._consumers.get(task, []):
+                try:
+                    if want and not consumer.consuming:
+                        await consumer.resume()
+                        log.info("resumed consuming %s", consumer.queue.name)
+                    elif not want and consumer.consuming:
+                        await consumer.pause()
+                        log.info("stopped consuming %s (breaker %s)", consumer.queue.name, endpoint.breaker.state)
+                except AMQP_ERRORS as exc:
+                    log.warning("could not change consumption of %s: %r", consumer.queue.name, exc)
+
+    @Service.task
+    async def _supervise(self) -> None:
+        while not self.should_stop and not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), SUPERVISE_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if not self._stopping:
+                await self._reconcile()
+
+    @Service.task
+    async def _poll_cancellations(self) -> None:
+        while not self.should_stop:
+            await self.sleep(CANCEL_POLL_S)
+            running = [j for j in self._jobs if j.work is not None and not j.work.done() and not j.cancel_requested]
+            if not running:
+                continue
+            cancelled = await self._cancelled_ids([j.req.request_id for j in running])
+            for job in running:
+                if job.req.request_id in cancelled and job.work is not None:
+                    job.cancel_requested = True
+                    job.work.cancel()
+
+    async def _cancelled_ids(self, ids: Sequence[str]) -> set[str]:
+        try:
+            return set(await self.is_cancelled(ids))
+        except Exception:  # noqa: BLE001 - an injected lookup (Redis) that fails must not stop the worker
+            log.exception("cancellation lookup failed; treating %d requests as not cancelled", len(ids))
+            return set()
+
+    # ---- one message ---------------------------------------------------
+    async def _on_message(self, endpoint: Endpoint, message: AbstractIncomingMessage) -> None:
+        if self._stopping:
+            await self._settle(message, requeue=True)
+            return
+        try:
+            req = InferenceRequest.from_bytes(message.body)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("undecodable work message %s rejected to dead letters: %r", message.message_id, exc)
+            await self._settle(message, reject=True)
+            return
+        job = _Job(req, message, endpoint, handler=asyncio.current_task())
+        self._jobs.add(job)
+        self._idle.clear()
+        metrics.IN_FLIGHT.labels(endpoint.label).inc()
+        try:
+            await self._handle(job)
+        except asyncio.CancelledError:
+            # Only shutdown cancels a handler: give the message back so it is redelivered.
+            await self._settle(message, requeue=True)
+            raise
+        finally:
+            self._jobs.discard(job)
+            if not self._jobs:
+                self._idle.set()
+            metrics.IN_FLIGHT.labels(endpoint.label).dec()
+            self._wake.set()
+
+    async def _handle(self, job: _Job) -> None:
+        req, now = job.req, clock.now()
+        dead = False
+        if req.deadline_at is not None and now >= req.deadline_at:
+            event = ResultEvent.for_request(req, "expired", at=now)
+        elif req.request_id in await self._cancelled_ids([req.request_id]):
+            event = ResultEvent.for_request(req, "cancelled", at=now)
+        else:
+            await self._publish_running(req)
+            job.work = asyncio.get_running_loop().create_task(self._attempts(job))
+            try:
+                event, dead = await job.work
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not job.cancel_requested or (current is not None and current.cancelling()):
+                    raise
+                log.info("request %s cancelled while running", req.request_id)
+                event = ResultEvent.for_request(
+                    req, "cancelled", at=clock.now(), attempts=job.attempts, history=job.history or None
+                )
+        await self._publish_terminal(job, event, dead)
+        metrics.TERMINAL.labels(job.endpoint.label, event.status).inc()
+        await self._settle(job.message)
+
+    async def _attempts(self, job: _Job) -> tuple[ResultEvent, bool]:
+        """Attempts until an answer or a final failure: (terminal event, whether to dead-letter)."""
+        req, endpoint = job.req, job.endpoint
+        while True:
+            if req.deadline_at is not None and clock.now() >= req.deadline_at:
+                return self._event(job, "expired"), False
+            job.attempts += 1
+            try:
+                result, usage = await endpoint.infer(req.model, list(req.input), req.params)
+            except ModelError as err:
+                retry = self.backoff.should_retry(err, job.attempts)
+                delay = self.backoff.delay(job.attempts, err.retry_after) if retry else None
+                job.history.append(attempt_record(job.attempts, clock.now(), err, delay))
+                if delay is None:
+                    log.warning("request %s failed after %d attempts: %s", req.request_id, job.attempts, err.message)
+                    return self._event(job, "failed", error=error_info(err)), True
+                metrics.RETRIES.labels(endpoint.label).inc()
+                await asyncio.sleep(delay)
+                continue
+            return self._event(job, "completed", result=result, usage=usage or None), False
+
+    def _event(self, job: _Job, status: str, **extra: Any) -> ResultEvent:
+        return ResultEvent.for_request(
+            job.req, status, at=clock.now(), attempts=job.attempts, history=job.history or None, **extra
+        )
+
+    # ---- publishing and acks ------------------------------------------
+    async def _publish_running(self, req: InferenceRequest) -> None:
+        try:
+            await self.rabbit.publish_result(ResultEvent.for_request(req, "running", at=clock.now()))
+        except PublishError as exc:
+            log.warning("running event of %s not published (carrying on): %r", req.request_id, exc)
+
+    async def _publish_terminal(self, job: _Job, event: ResultEvent, dead: bool) -> None:
+        """Publish until confirmed: the message is not acked before, so a crash here redelivers it."""
+        delay = 0.05
+        dead_sent = not dead
+        while True:
+            try:
+                if not dead_sent:
+                    await self.rabbit.publish_dead_letter(job.req, job.history, event.error or {})
+                    dead_sent = True
+                await self.rabbit.publish_result(event)
+                return
+            except PublishError as exc:
+                log.warning("terminal event of %s not confirmed, retrying in %.2fs: %r", event.request_id, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    async def _settle(message: AbstractIncomingMessage, *, requeue: bool = False, reject: bool = False) -> None:
+        try:
+            if reject:
+                await message.reject(requeue=False)
+            elif requeue:
+                await message.nack(requeue=True)
+            else:
+                await message.ack()
+        except AMQP_ERRORS as exc:
+            # The channel is gone: the broker already requeued the message; downstream is idempotent.
+            log.warning("could not settle message %s: %r", message.message_id, exc)
+
