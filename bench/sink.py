@@ -75,7 +75,9 @@ async def main() -> None:
     parser.add_argument("--dsn", default=Settings().postgres_dsn)
     parser.add_argument("--rows", type=int, default=20_000, help="requests written in batches")
     parser.add_argument("--batch", type=int, default=500)
-    parser.add_argument("--single-rows", type=int, default=2_000, help="requests written one event at a time")
+    parser.add_argument(
+        "--single-rows", type=int, default=2_000, help="requests written one event at a time"
+    )
     args = parser.parse_args()
 
     schema = f"bench{uuid.uuid4().hex[:8]}"
@@ -92,8 +94,12 @@ async def main() -> None:
             await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         finally:
             await conn.close()
-    assert changed_b == 4 * args.rows and changed_s == 4 * args.single_rows, "every event is a transition"
-    print(f"events per request: {len(STAGES)} ({', '.join(STAGES)}); PostgreSQL at {args.dsn.split('@')[-1]}")
+    assert changed_b == 4 * args.rows and changed_s == 4 * args.single_rows, (
+        "every event is a transition"
+    )
+    print(
+        f"events per request: {len(STAGES)} ({', '.join(STAGES)}); PostgreSQL at {args.dsn.split('@')[-1]}"
+    )
     print(f"batched  (batch={args.batch}, {args.rows} requests): {batched:10,.0f} rows/s")
     print(f"one by one ({args.single_rows} requests):          {single:10,.0f} rows/s")
     print(f"ratio batched / one by one: {batched / single:.1f}x")

@@ -48,10 +48,19 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 def _usage(body: dict[str, Any]) -> Usage:
+    """The contract's three figures, whatever subset the server sent (embeddings omit completions)."""
     raw = body.get("usage") or {}
     if not isinstance(raw, dict):
-        return {}
-    return {k: int(v) for k, v in raw.items() if k.endswith("_tokens") and isinstance(v, int | float)}
+        raw = {}
+    figures = {k: int(v) for k, v in raw.items() if k.endswith("_tokens") and isinstance(v, int | float)}
+    prompt = figures.get("prompt_tokens", 0)
+    completion = figures.get("completion_tokens", 0)
+    return {
+        **figures,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": figures.get("total_tokens", prompt + completion),
+    }
 
 
 def _error_text(body: bytes) -> str:

@@ -87,7 +87,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         "jsonb", schema="pg_catalog", encoder=_jsonb_encode, decoder=_jsonb_decode, format="binary"
     )
     await conn.set_type_codec(
-        "json", schema="pg_catalog", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads
+        "json",
+        schema="pg_catalog",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
     )
 
 
@@ -174,7 +177,9 @@ class Store:
             )
         except asyncpg.ForeignKeyViolationError:
             known = sorted(await self.load_plans())
-            raise InvalidRequest(f"unknown plan {plan!r}; known plans: {', '.join(known)}") from None
+            raise InvalidRequest(
+                f"unknown plan {plan!r}; known plans: {', '.join(known)}"
+            ) from None
         return key
 
     async def revoke_key(self, key: str) -> bool:
@@ -188,7 +193,9 @@ class Store:
 
     async def load_keys(self) -> dict[str, KeyRecord]:
         """Active keys by hash."""
-        rows = await self._fetch("SELECT key_hash, user_id, plan FROM api_keys WHERE revoked_at IS NULL")
+        rows = await self._fetch(
+            "SELECT key_hash, user_id, plan FROM api_keys WHERE revoked_at IS NULL"
+        )
         return {r["key_hash"]: KeyRecord(user_id=r["user_id"], plan=r["plan"]) for r in rows}
 
     async def set_plan(
@@ -200,7 +207,9 @@ class Store:
         max_priority: str = "high",
     ) -> Plan:
         if max_priority not in PRIORITIES:
-            raise InvalidRequest(f"max_priority must be one of {', '.join(PRIORITIES)}, not {max_priority!r}")
+            raise InvalidRequest(
+                f"max_priority must be one of {', '.join(PRIORITIES)}, not {max_priority!r}"
+            )
         if min(requests_per_day, tokens_per_day, requests_per_minute) < 0:
             raise InvalidRequest("plan limits must not be negative")
         pool = await self.connect()
@@ -240,7 +249,9 @@ class Store:
     async def get_request(self, user_id: str, request_id: str) -> dict[str, Any] | None:
         """The row, or None when it does not exist or belongs to another user."""
         return await self._fetchrow(
-            f"SELECT {_ROW} FROM requests WHERE request_id = $1 AND user_id = $2", request_id, user_id
+            f"SELECT {_ROW} FROM requests WHERE request_id = $1 AND user_id = $2",
+            request_id,
+            user_id,
         )
 
     async def list_requests(
@@ -281,7 +292,9 @@ class Store:
             [dict(h) for h in history or ()],
         )
 
-    async def list_dead_letters(self, limit: int = 100, *, pending_only: bool = False) -> list[dict[str, Any]]:
+    async def list_dead_letters(
+        self, limit: int = 100, *, pending_only: bool = False
+    ) -> list[dict[str, Any]]:
         """Newest first; ``pending_only`` leaves out those already redriven."""
         where = "WHERE redriven_at IS NULL" if pending_only else ""
         rows = await self._fetch(
@@ -306,7 +319,9 @@ class Store:
             if not status.endswith(" 1"):
                 return False
             await conn.execute(
-                "UPDATE requests SET history = history || $2 WHERE request_id = $1", request_id, entry
+                "UPDATE requests SET history = history || $2 WHERE request_id = $1",
+                request_id,
+                entry,
             )
         return True
 

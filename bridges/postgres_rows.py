@@ -30,7 +30,14 @@ FILL_FIELDS: tuple[str, ...] = (
     "input", "params", "metadata", "deadline_at", "callback_url", "dispatched_at", "started_at",
 )  # fmt: skip
 # Only the event that moves the status forward may set these.
-ADVANCE_FIELDS: tuple[str, ...] = ("status", "status_rank", "result", "error", "usage", "completed_at")
+ADVANCE_FIELDS: tuple[str, ...] = (
+    "status",
+    "status_rank",
+    "result",
+    "error",
+    "usage",
+    "completed_at",
+)
 TIMESTAMPS: frozenset[str] = frozenset(
     {"created_at", "updated_at", "dispatched_at", "started_at", "completed_at", "deadline_at"}
 )
@@ -95,7 +102,9 @@ def row_of(item: Event) -> Row | None:
 
 def merge(first: Row, second: Row) -> Row:
     """Two partial rows of one request; ``first`` came earlier in the log and wins ties."""
-    winner, other = (second, first) if second["status_rank"] > first["status_rank"] else (first, second)
+    winner, other = (
+        (second, first) if second["status_rank"] > first["status_rank"] else (first, second)
+    )
     merged = dict(winner)
     for name in FILL_FIELDS:
         if merged.get(name) is None:
@@ -103,7 +112,10 @@ def merge(first: Row, second: Row) -> Row:
     merged["attempts"] = max(first.get("attempts") or 0, second.get("attempts") or 0)
     seen = {entry["status"] for entry in winner["history"]}
     extra = [
-        e for e in other["history"] if e["status"] not in seen and not (e["status"] in TERMINAL and winner["status"] in TERMINAL)
+        e
+        for e in other["history"]
+        if e["status"] not in seen
+        and not (e["status"] in TERMINAL and winner["status"] in TERMINAL)
     ]
     merged["history"] = sorted([*winner["history"], *extra], key=lambda e: e["at"])
     return merged
@@ -159,7 +171,9 @@ def _set_clause() -> str:
         "status_rank = GREATEST(requests.status_rank, EXCLUDED.status_rank)",
     ]
     for c in ("result", "error", "usage", "completed_at"):
-        sets.append(f"{c} = CASE WHEN {_ADV} THEN COALESCE(EXCLUDED.{c}, requests.{c}) ELSE requests.{c} END")
+        sets.append(
+            f"{c} = CASE WHEN {_ADV} THEN COALESCE(EXCLUDED.{c}, requests.{c}) ELSE requests.{c} END"
+        )
     sets += [
         f"attempts = CASE WHEN {_ADV} THEN GREATEST(requests.attempts, EXCLUDED.attempts) ELSE requests.attempts END",
         f"updated_at = CASE WHEN {_ADV} THEN EXCLUDED.updated_at ELSE requests.updated_at END",

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 OnApplied = Callable[[list[dict[str, Any]]], Awaitable[None]]
 
+
 class SinkStopped(InferstreamError):
     """The sink was stopped while a batch was still unwritten; its offsets must not be acked."""
 
@@ -116,4 +117,3 @@ class ResultSink:
             await self.on_applied(rows)
         except Exception:  # noqa: BLE001 - the callback is the caller's code; log with traceback, go on
             log.exception("sink: on_applied failed for %d rows (rows are stored)", len(rows))
-

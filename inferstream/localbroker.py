@@ -14,8 +14,8 @@ stopping the broker loses the log. Production runs Apache Kafka or Redpanda.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -126,15 +127,26 @@ def is_ready(host: str, port: int, timeout: float = 1.0) -> bool:
     return True
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: if the test run that started the broker is
-    # killed, the kernel sends the broker SIGTERM instead of leaving it behind.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _death_signal_hook() -> Callable[[], None] | None:
+    """A pre-exec hook asking the kernel to SIGTERM the child when its parent dies.
+
+    libc is loaded here, in the parent: a dlopen between fork and exec could
+    deadlock on a lock another thread held at fork time.
+    """
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux/glibc: the broker just outlives a crash
+        return None
+    return functools.partial(prctl, _PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalBroker:
-    """One Tansu process. ``with LocalBroker() as broker:`` starts it, waits, and stops it."""
+    """One Tansu process. ``with LocalBroker() as broker:`` starts it, waits, and stops it.
+
+    With ``die_with_parent`` (the default) the kernel stops the broker when the
+    *thread* that started it exits, so a killed test run leaves no broker
+    behind; start it from the main thread, not from ``asyncio.to_thread``.
+    """
 
     def __init__(
         self,
@@ -189,7 +201,7 @@ class LocalBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C meant for the caller does not hit it first
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=_death_signal_hook() if self.die_with_parent else None,
             )
         return self.url
 

@@ -20,7 +20,9 @@ class Plan:
 
     def cap_priority(self, priority: str) -> Priority:
         """A priority above the plan's maximum is capped, not rejected."""
-        wanted = PRIORITIES.index(priority) if priority in PRIORITIES else PRIORITIES.index("normal")
+        wanted = (
+            PRIORITIES.index(priority) if priority in PRIORITIES else PRIORITIES.index("normal")
+        )
         return PRIORITIES[min(wanted, PRIORITIES.index(self.max_priority))]
 
 
@@ -34,5 +36,9 @@ class KeyRecord:
 
 
 DEFAULT_PLAN = Plan(
-    name="default", requests_per_day=100, tokens_per_day=10_000, requests_per_minute=60, max_priority="high"
+    name="default",
+    requests_per_day=100,
+    tokens_per_day=10_000,
+    requests_per_minute=60,
+    max_priority="high",
 )

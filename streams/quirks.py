@@ -5,11 +5,13 @@ picks the changelog partition with the *producer's* partitioner, and the
 assignor's ``key_store`` does the same. Both call aiokafka's synchronous
 ``AIOKafkaProducer._partition``, which reads the producer's cached cluster
 metadata; the producer only fetches metadata for topics it has already sent
-to, so the first table write or owner lookup after a start fails with
-``TypeError: 'NoneType' object is not iterable``. Faust acks the event whose
-processing raised, so that first settlement would be lost. We fetch the
-metadata of every table changelog (and our topics) on each assignment,
-before recovery completes and before agents or views use them.
+to, so a table write or owner lookup fails with
+``TypeError: 'NoneType' object is not iterable`` until the producer has sent
+to that topic, and again whenever a metadata refresh drops a topic it was not
+tracking. Faust acks the event whose processing raised, so a settlement
+would be lost. On each assignment, before recovery completes and before
+agents or views use them, we make the producer track (and fetch) every table
+changelog and our topics.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def known_to_producer(app: faust.App, topic: str) -> bool:
 async def prime_producer_metadata(app: faust.App, topics: Iterable[str]) -> None:
     producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
     for topic in topics:
+        # add_topic makes the client keep tracking it: partitions_for alone
+        # returns early when an earlier all-topics fetch happened to include
+        # the topic, and the next refresh (tracked topics only) drops it again.
+        await producer.client.add_topic(topic)
         partitions = await producer.partitions_for(topic)
         log.debug("producer knows %d partitions of %s", len(partitions), topic)
 

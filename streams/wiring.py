@@ -52,10 +52,17 @@ _health: dict[str, Any] = {"postgres": False}
 
 
 class Clients(mode.Service):
-    """Closes the shared clients when the worker stops (they open lazily on first use)."""
+    """Starts the notification hub and closes the shared clients (which open lazily) on stop."""
+
+    async def on_start(self) -> None:
+        if gateway is not None:
+            await gateway.hub.start()
 
     async def on_stop(self) -> None:
-        for close in (rabbit.close, model.close, redis.close, store.close):
+        closers = [webhooks.close, rabbit.close, model.close, redis.close, store.close]
+        if gateway is not None:
+            closers = [gateway.hub.stop, gateway.router.close, *closers]
+        for close in closers:
             try:
                 await close()
             except (OSError, RuntimeError, asyncpg.PostgresError) as exc:
@@ -94,7 +101,9 @@ async def _on_applied(rows: Sequence[dict[str, Any]]) -> None:
 
 
 async def _record_webhook(request_id: str, state: str, attempts: int, last_error: str | None) -> None:
-    await store.record_webhook_attempt(request_id, state, attempts, last_error)
+    await store.record_webhook_attempt(
+        request_id, delivered=state == "delivered", error=last_error, final=state == "failed"
+    )
 
 
 webhooks = WebhookSender(settings, record=_record_webhook)

@@ -54,10 +54,10 @@ class Gateway:
             await cache
 
     async def _cache_queued(self, req: InferenceRequest) -> None:
-        # Read-your-writes for GET right after the 202; never overwrites a later status.
+        # Read-your-writes for GET right after the 202 (the cache never goes back to an earlier status).
         row = {**req.asdict(), "status": "queued", "updated_at": req.created_at}
         try:
-            await self.redis.cache_docs([(req.user_id, request_doc(row))])  # TODO NX
+            await self.redis.cache_docs([(req.user_id, request_doc(row))])
         except CacheUnavailable as exc:
             log.debug("queued doc of %s not cached: %r", req.request_id, exc)
 

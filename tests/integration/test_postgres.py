@@ -155,7 +155,12 @@ async def test_terminal_status_never_goes_back(store: Store) -> None:
     assert await store.upsert_events([failed]) == []
     row = await store.get_request("alice", req.request_id)
     assert row is not None
-    assert (row["status"], row["result"], row["error"], row["attempts"]) == ("completed", {"text": "ok"}, None, 1)
+    assert (row["status"], row["result"], row["error"], row["attempts"]) == (
+        "completed",
+        {"text": "ok"},
+        None,
+        1,
+    )
     assert row["started_at"] is not None  # a late event may still fill in its own timestamp
     assert [h["status"] for h in row["history"]] == ["queued", "running", "completed"]
 
@@ -174,7 +179,9 @@ async def test_lifecycle_batch_by_batch_returns_each_transition(store: Store) ->
     req = request()
     seen = []
     for item in (req, ev(req, "dispatched", 1), ev(req, "running", 2), ev(req, "cancelled", 3)):
-        seen += [(r["status"], r["updated_at"].timestamp()) for r in await store.upsert_events([item])]
+        seen += [
+            (r["status"], r["updated_at"].timestamp()) for r in await store.upsert_events([item])
+        ]
     assert [s for s, _ in seen] == ["queued", "dispatched", "running", "cancelled"]
     assert [t for _, t in seen] == pytest.approx([T0 + d for d in range(4)])
 
@@ -193,7 +200,9 @@ async def test_list_newest_first_with_status_filter_and_cursor(store: Store) -> 
     assert len(page3) == 1
 
     done = await store.list_requests(user, status="completed", limit=2)
-    more = await store.list_requests(user, status="completed", limit=10, after=done[-1]["request_id"])
+    more = await store.list_requests(
+        user, status="completed", limit=10, after=done[-1]["request_id"]
+    )
     assert [r["request_id"] for r in done + more] == [r.request_id for r in reversed(reqs[::2])]
     assert {r["status"] for r in done + more} == {"completed"}
     assert await store.list_requests(user, status="running") == []
@@ -209,13 +218,19 @@ async def test_get_is_none_for_another_users_request(store: Store) -> None:
 
 async def test_dead_letters_and_redrive(store: Store) -> None:
     req = request()
-    await store.upsert_events([req, ev(req, "failed", 2, error={"type": "model_http_500", "message": "x"})])
-    await store.record_dead_letter(req, {"type": "model_http_500", "message": "x"}, [{"attempt": 1}])
+    await store.upsert_events(
+        [req, ev(req, "failed", 2, error={"type": "model_http_500", "message": "x"})]
+    )
+    await store.record_dead_letter(
+        req, {"type": "model_http_500", "message": "x"}, [{"attempt": 1}]
+    )
     (dead,) = [d for d in await store.list_dead_letters(100) if d["request_id"] == req.request_id]
     assert InferenceRequest.from_data(dead["payload"]) == req and dead["redrive_count"] == 0
     assert await store.mark_redriven(req.request_id) is True
     assert await store.mark_redriven("req_unknown") is False
-    assert req.request_id not in [d["request_id"] for d in await store.list_dead_letters(100, pending_only=True)]
+    assert req.request_id not in [
+        d["request_id"] for d in await store.list_dead_letters(100, pending_only=True)
+    ]
     after = await store.get_dead_letter(req.request_id)
     assert after is not None and after["redrive_count"] == 1 and after["redriven_at"] is not None
     row = await store.get_request("alice", req.request_id)
@@ -231,7 +246,11 @@ async def test_webhook_delivery_state(store: Store) -> None:
     await store.record_webhook_attempt(req.request_id, delivered=True)
     pool = await store.connect()
     row = await pool.fetchrow("SELECT * FROM requests WHERE request_id = $1", req.request_id)
-    assert (row["webhook_state"], row["webhook_attempts"], row["webhook_last_error"]) == ("delivered", 2, None)
+    assert (row["webhook_state"], row["webhook_attempts"], row["webhook_last_error"]) == (
+        "delivered",
+        2,
+        None,
+    )
     assert req.request_id not in [r["request_id"] for r in await store.pending_webhooks(1000)]
 
 

@@ -70,7 +70,9 @@ def lifecycle(n: int, user: str = "alice") -> tuple[list[InferenceRequest], list
         for i in range(n)
     ]
     done = [
-        ResultEvent.for_request(r, "completed", r.created_at + 1, result={"embeddings": [[0.5]]}, attempts=1)
+        ResultEvent.for_request(
+            r, "completed", r.created_at + 1, result={"embeddings": [[0.5]]}, attempts=1
+        )
         for r in reqs
     ]
     return reqs, done
@@ -87,7 +89,9 @@ class Collector:
 async def assert_all_completed(settings: Settings, reqs: Sequence[InferenceRequest]) -> None:
     conn = await asyncpg.connect(DSN, server_settings={"search_path": settings.db_schema})
     try:
-        await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=json.dumps, decoder=json.loads)
+        await conn.set_type_codec(
+            "jsonb", schema="pg_catalog", encoder=json.dumps, decoder=json.loads
+        )
         rows = await conn.fetch(
             "SELECT request_id, status, input, history FROM requests WHERE request_id = ANY($1)",
             [r.request_id for r in reqs],
@@ -142,7 +146,9 @@ async def test_killed_connections_and_a_closed_pool_are_replaced(settings: Setti
 
 
 async def test_a_missing_table_is_raised_not_retried(settings: Settings) -> None:
-    store = Store(Settings(namespace=f"t{uuid.uuid4().hex[:8]}", postgres_dsn=DSN))  # never migrated
+    store = Store(
+        Settings(namespace=f"t{uuid.uuid4().hex[:8]}", postgres_dsn=DSN)
+    )  # never migrated
     sink = ResultSink(settings, store, retry_base_s=0.01, retry_max_s=0.05)
     try:
         with pytest.raises(asyncpg.UndefinedTableError):
@@ -177,7 +183,9 @@ async def wait_postgres_up(within: float) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not os.path.isdir("/etc/postgresql"), reason="needs a local pg_ctlcluster PostgreSQL")
+@pytest.mark.skipif(
+    not os.path.isdir("/etc/postgresql"), reason="needs a local pg_ctlcluster PostgreSQL"
+)
 async def test_postgres_restart_mid_load_loses_nothing(settings: Settings) -> None:
     store = Store(settings, max_size=2)
     collector = Collector()

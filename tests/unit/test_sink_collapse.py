@@ -47,7 +47,11 @@ def test_whole_lifecycle_in_one_batch_keeps_every_field() -> None:
     (row,) = collapse([req, event(req, "dispatched", 1), event(req, "running", 2), done])
     assert row["status"] == "completed"
     assert row["input"] == ["hello"] and row["params"] == {"max_tokens": 256}
-    assert (row["dispatched_at"], row["started_at"], row["completed_at"]) == (T0 + 1, T0 + 2, T0 + 3)
+    assert (row["dispatched_at"], row["started_at"], row["completed_at"]) == (
+        T0 + 1,
+        T0 + 2,
+        T0 + 3,
+    )
     assert row["updated_at"] == T0 + 3 and row["attempts"] == 1
     assert row["result"] == {"text": "hi"} and row["usage"] == {"total_tokens": 9}
     assert [h["status"] for h in row["history"]] == ["queued", "dispatched", "running", "completed"]
@@ -80,12 +84,18 @@ def test_result_event_defaults_are_not_values() -> None:
     assert row is not None
     assert row["task"] is None and row["created_at"] is None and row["estimated_tokens"] is None
     merged = merge(row, row_of(request()) or {})
-    assert merged["status"] == "running" and merged["task"] == "generate" and merged["created_at"] == T0
+    assert (
+        merged["status"] == "running"
+        and merged["task"] == "generate"
+        and merged["created_at"] == T0
+    )
 
 
 def test_webhook_pending_only_for_terminal_rows_with_a_callback() -> None:
     with_cb = request("req_b", callback_url="https://example.test/hook")
-    rows = collapse([with_cb, event(with_cb, "completed", 1), request("req_c", callback_url="https://x.test")])
+    rows = collapse(
+        [with_cb, event(with_cb, "completed", 1), request("req_c", callback_url="https://x.test")]
+    )
     assert [(r["request_id"], r.get("webhook_state")) for r in rows] == [
         ("req_b", "pending"),
         ("req_c", None),

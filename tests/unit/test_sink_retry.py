@@ -15,7 +15,10 @@ from bridges.sink import ResultSink, SinkStopped, backoff, is_transient
 from inferstream.settings import Settings
 from schemas.records import ResultEvent
 
-EVENTS = [ResultEvent(request_id=f"req_{i}", user_id="alice", status="completed", at=1.0) for i in range(3)]
+EVENTS = [
+    ResultEvent(request_id=f"req_{i}", user_id="alice", status="completed", at=1.0)
+    for i in range(3)
+]
 
 
 class FlakyStore:
@@ -69,7 +72,9 @@ def test_transient_errors(exc: BaseException, transient: bool) -> None:
     assert is_transient(exc) is transient
 
 
-async def test_retries_until_the_store_answers_and_loses_nothing(caplog: pytest.LogCaptureFixture) -> None:
+async def test_retries_until_the_store_answers_and_loses_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     store = FlakyStore(3, ConnectionRefusedError(111, "Connection refused"))
     applied: list[list[dict[str, Any]]] = []
 
@@ -81,7 +86,11 @@ async def test_retries_until_the_store_answers_and_loses_nothing(caplog: pytest.
         await s.write(EVENTS)
     assert store.written == EVENTS and s.failures == 3
     assert store.report_current == [False, True, True, True]
-    assert len(applied) == 1 and [r["request_id"] for r in applied[0]] == ["req_0", "req_1", "req_2"]
+    assert len(applied) == 1 and [r["request_id"] for r in applied[0]] == [
+        "req_0",
+        "req_1",
+        "req_2",
+    ]
     failures = [r for r in caplog.records if "failed (attempt" in r.getMessage()]
     assert len(failures) == 3 and "Connection refused" in failures[0].getMessage()
 
