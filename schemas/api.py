@@ -37,7 +37,7 @@ class Submission:
 
 
 def _fail(message: str, field: str | None = None) -> InvalidRequest:
-    return InvalidRequest(message, **({"field": field} if field else {}))
+    return InvalidRequest(message, field=field) if field else InvalidRequest(message)
 
 
 def parse_submission(body: bytes, model_routes: dict[str, list[str]]) -> Submission:

@@ -1,5 +1,9 @@
 """Work-arounds for faust-streaming 0.15.3 behaviour, each in one named place.
 
+``tables_recovered``: the legacy ``faust.web`` server starts before table
+recovery, so a view can run while the quota table is still being rebuilt;
+admission checks this and answers 503 until recovery completes.
+
 ``prime_producer_metadata``: a table created with ``use_partitioner=True``
 picks the changelog partition with the *producer's* partitioner, and the
 assignor's ``key_store`` does the same. Both call aiokafka's synchronous
@@ -18,11 +22,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import faust
+from mode import ServiceT
 
 log = logging.getLogger(__name__)
+
+
+def run_with_app(app: faust.App, service: ServiceT) -> None:
+    """Start ``service`` with the app. ``App.service`` takes instances at run time; it is typed for classes."""
+    app.service(cast(Any, service))
+
+
+def tables_recovered(app: faust.App) -> bool:
+    """True once table recovery finished. Faust starts its aiohttp web server *before* recovery
+    (the legacy web stack is a boot dependency), so views must check this themselves."""
+    return bool(cast(Any, app.tables).recovery.completed.is_set())
 
 
 def known_to_producer(app: faust.App, topic: str) -> bool:
@@ -44,7 +60,7 @@ async def prime_producer_metadata(app: faust.App, topics: Iterable[str]) -> None
 def install(app: faust.App, extra_topics: Iterable[str] = ()) -> None:
     extra = list(extra_topics)
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _prime(sender: Any, *args: Any, **kwargs: Any) -> None:
         names = [t.changelog_topic.get_topic_name() for t in app.tables.values()] + extra
         await prime_producer_metadata(app, names)

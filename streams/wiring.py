@@ -69,7 +69,7 @@ class Clients(mode.Service):
                 log.warning("closing %r: %r", close, exc)
 
 
-app.service(Clients())
+quirks.run_with_app(app, Clients())
 commands.register(app, settings, store)
 
 topics = define_topics(app, settings)
@@ -80,7 +80,7 @@ ml_worker: MLWorker | None = None
 async def _refresh_keys_once() -> None:
     try:
         loaded, plans = await asyncio.gather(store.load_keys(), store.load_plans())
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # Keep the last good cache: a PostgreSQL outage must not lock every client out.
         _health["postgres"] = False
         log.warning("key refresh failed, keeping %s cache: %r", "the last" if keys.loaded else "an empty", exc)
@@ -138,7 +138,7 @@ if settings.has_pipeline:
         for fut in pending:
             await fut
 
-    app.service(ResultsBridge(settings, rabbit, _produce_results))
+    quirks.run_with_app(app, ResultsBridge(settings, rabbit, _produce_results))
 
     @app.task
     async def refresh_keys() -> None:
@@ -149,14 +149,14 @@ if settings.has_pipeline:
 
 if settings.has_ml:
     ml_worker = MLWorker(settings, rabbit, model, redis.cancelled)
-    app.service(ml_worker)
+    quirks.run_with_app(app, ml_worker)
 
 
 async def readiness() -> tuple[bool, dict[str, Any]]:
     checks: dict[str, Any] = {"roles": sorted(settings.role_set)}
     ready = True
     if settings.has_pipeline:
-        checks["tables_recovered"] = app.tables.recovery.completed.is_set()
+        checks["tables_recovered"] = quirks.tables_recovered(app)
         checks["rebalancing"] = bool(app.rebalancing)
         checks["keys_loaded"] = keys.loaded
         checks["postgres"] = _health["postgres"]

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import faust
+from faust.types import TableT
 
 from inferstream.settings import Settings
 
 
 @dataclass(frozen=True)
 class StateTables:
-    quota: faust.Table
-    idempotency: faust.Table
+    quota: TableT
+    idempotency: TableT
 
 
 def define_tables(app: faust.App, settings: Settings) -> StateTables:

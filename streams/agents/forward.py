@@ -19,6 +19,7 @@ from bridges.rabbitmq import PublishError, RabbitClient
 from inferstream import clock
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
+from streams.agents.guard import until_done
 from streams.gateway import metrics
 from streams.topics import Topics
 
@@ -48,10 +49,28 @@ async def send_events(topics: Topics, events: Sequence[ResultEvent]) -> None:
 
 
 def register_forward(app: faust.App, settings: Settings, topics: Topics, rabbit: RabbitClient) -> None:
+    routes = set(rabbit.routes())
+
+    async def forward(batch: Sequence[InferenceRequest]) -> None:
+        routable = [r for r in batch if (r.task, r.model) in routes]
+        if routable:
+            await publish_confirmed(rabbit, routable)
+            metrics.FORWARD_BATCHES.inc(len(routable))
+        now = clock.now()
+        events = [ResultEvent.for_request(r, "dispatched", at=now) for r in routable]
+        # Admitted by a gateway configured with a model this worker has no queue for:
+        # a configuration mismatch; fail the request (refunded) rather than drop it.
+        events += [
+            ResultEvent.for_request(
+                r, "failed", at=now,
+                error={"type": "unroutable", "message": f"no work queue for {r.task}/{r.model}"},
+            )
+            for r in batch
+            if (r.task, r.model) not in routes
+        ]
+        await send_events(topics, events)
+
     @app.agent(topics.requests, name="forward-requests", concurrency=1)
     async def forward_requests(stream: faust.StreamT[InferenceRequest]) -> None:
         async for batch in stream.take(settings.sink_batch_size, within=settings.sink_batch_wait_ms / 1000):
-            await publish_confirmed(rabbit, batch)
-            metrics.FORWARD_BATCHES.inc(len(batch))
-            now = clock.now()
-            await send_events(topics, [ResultEvent.for_request(r, "dispatched", at=now) for r in batch])
+            await until_done("forward-requests", lambda: forward(batch))  # noqa: B023 - awaited at once

@@ -2,7 +2,7 @@
 
 Each batch is upserted in one round trip (idempotent, rank-guarded) and the
 sink retries while PostgreSQL is down; Faust acks the batch's offsets only
-after ``ResultSink.write`` returns, so nothing is lost and memory stays bounded.
+after the write returns, so nothing is lost and memory stays bounded.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import faust
 
 from bridges.sink import ResultSink
 from inferstream.settings import Settings
+from streams.agents.guard import until_done
 from streams.topics import Topics
 
 
@@ -20,9 +21,9 @@ def register_sinks(app: faust.App, settings: Settings, topics: Topics, sink: Res
     @app.agent(topics.requests, name="sink-requests", concurrency=1)
     async def sink_requests(stream: faust.StreamT) -> None:
         async for batch in stream.take(settings.sink_batch_size, within=within):
-            await sink.write(batch)
+            await until_done("sink-requests", lambda: sink.write(batch))  # noqa: B023 - awaited at once
 
     @app.agent(topics.results, name="sink-results", concurrency=1)
     async def sink_results(stream: faust.StreamT) -> None:
         async for batch in stream.take(settings.sink_batch_size, within=within):
-            await sink.write(batch)
+            await until_done("sink-results", lambda: sink.write(batch))  # noqa: B023 - awaited at once

@@ -90,7 +90,7 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
     # ---- awaits from here on ------------------------------------------------
     try:
         await asyncio.wait_for(gw.write_request(req), gw.settings.admission_timeout_s)
-    except (KafkaError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, KafkaError) as exc:
         # Not in the log, so never processed: give the allowance back.
         log.warning("request %s not written to the log, released: %r", request_id, exc)
         gw.quota.release(user, request_id)

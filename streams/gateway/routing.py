@@ -11,16 +11,16 @@ table's changelog topic.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import aiohttp
 import faust
 from aiohttp import web
+from faust.types import TableT
 from yarl import URL
 
 from inferstream.errors import Unavailable
-from streams.quirks import known_to_producer
+from streams.quirks import known_to_producer, tables_recovered
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ _HOP_BY_HOP = frozenset(
 class OwnerRouter:
     """Finds the owner of a user's partition and forwards whole HTTP exchanges to it."""
 
-    def __init__(self, app: faust.App, table: faust.Table, timeout_s: float) -> None:
+    def __init__(self, app: faust.App, table: TableT, timeout_s: float) -> None:
         self.app = app
         self.table = table
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -59,7 +59,7 @@ class OwnerRouter:
     def owner(self, user_id: str) -> URL | None:
         """The owner's URL, or None when this worker owns ``user_id`` and may decide now."""
         app = self.app
-        if app.rebalancing or not app.tables.recovery.completed.is_set():
+        if app.rebalancing or not tables_recovered(app):
             raise Unavailable("partitions are being rebalanced or recovered", retry_after=1)
         if not known_to_producer(app, self.table.changelog_topic.get_topic_name()):
             raise Unavailable("partition metadata is loading", retry_after=1)
@@ -81,14 +81,14 @@ class OwnerRouter:
             # Ownership moved while the request was in flight; do not bounce it around.
             raise Unavailable("the owner of this user's partition changed", retry_after=1)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers[FORWARDED_HEADER] = self.app.conf.canonical_url
+        headers[FORWARDED_HEADER] = str(self.app.conf.canonical_url)
         url = request.url.with_scheme(owner.scheme or "http").with_host(owner.host or "").with_port(owner.port)
         try:
             async with self._client().request(request.method, url, headers=headers, data=body) as resp:
                 payload = await resp.read()
                 out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
                 return web.Response(body=payload, status=resp.status, headers=out_headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("forwarding to owner %s failed: %r", owner, exc)
             raise Unavailable("the owner of this user's partition is unreachable", retry_after=1) from exc
 
