@@ -306,10 +306,12 @@ class Store:
     async def get_dead_letter(self, request_id: str) -> dict[str, Any] | None:
         return await self._fetchrow("SELECT * FROM dead_letters WHERE request_id = $1", request_id)
 
-    async def mark_redriven(self, request_id: str) -> bool:
+    async def mark_redriven(self, request_id: str, new_request_id: str | None = None) -> bool:
         """Record a re-submission on the dead letter and in the request row's history."""
         pool = await self.connect()
-        entry = [{"status": "redriven", "at": clock.now()}]
+        entry: list[dict[str, Any]] = [{"status": "redriven", "at": clock.now()}]
+        if new_request_id is not None:
+            entry[0]["request_id"] = new_request_id
         async with pool.acquire() as conn, conn.transaction():
             status = await conn.execute(
                 "UPDATE dead_letters SET redriven_at = now(), redrive_count = redrive_count + 1"

@@ -73,7 +73,8 @@ def parse_submission(body: bytes, model_routes: dict[str, list[str]]) -> Submiss
     if not any(t.strip() for t in texts):
         raise _fail("'input' is empty", "input")
 
-    params = data.get("params") or {}
+    params = data.get("params")
+    params = {} if params is None else params
     if not isinstance(params, dict):
         raise _fail("'params' must be an object", "params")
     max_tokens = params.get("max_tokens")
@@ -100,7 +101,8 @@ def parse_submission(body: bytes, model_routes: dict[str, list[str]]) -> Submiss
     ):
         raise _fail(f"'deadline_s' must be an integer from 1 to {MAX_DEADLINE_S}", "deadline_s")
 
-    metadata = data.get("metadata") or {}
+    metadata = data.get("metadata")
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise _fail("'metadata' must be an object", "metadata")
 

@@ -2,8 +2,10 @@
 
 Roles (``INFERSTREAM_ROLES``): ``pipeline`` takes log partitions (gateway views,
 quota tables, the bridge and sink agents, the RabbitMQ->log results bridge);
-``ml`` runs ML workers that consume RabbitMQ only. Clients are built here once
-and handed to the parts; none opens a connection before it is first used.
+``ml`` runs ML workers that consume RabbitMQ only (an ML-only worker starts no
+Kafka client at all, so it never joins the pipeline's consumer group). Clients
+are built here once and handed to the parts; none opens a connection before it
+is first used.
 """
 
 from __future__ import annotations
@@ -151,6 +153,14 @@ if settings.has_ml:
     ml_worker = MLWorker(settings, rabbit, model, redis.cancelled)
     quirks.run_with_app(app, ml_worker)
 
+if not settings.has_pipeline:
+    # An ML-only worker needs no log. With the Kafka consumer on, it would join
+    # the pipeline's consumer group (for Faust's leader topic alone), force a
+    # stop-the-world rebalance of the pipeline workers whenever it starts or
+    # stops, and could become the group's leader. Without Kafka it starts only
+    # the web server (ops routes) and the services, and never waits for tables.
+    app.boot_strategy = app.BootStrategy(app, enable_kafka=False)
+
 
 async def readiness() -> tuple[bool, dict[str, Any]]:
     checks: dict[str, Any] = {"roles": sorted(settings.role_set)}
@@ -165,6 +175,8 @@ async def readiness() -> tuple[bool, dict[str, Any]]:
     checks["rabbitmq"] = rabbit.connected
     if ml_worker is not None:
         checks["ml"] = ml_worker.health()
+        # An open breaker pauses consumption on purpose: detail, not unreadiness.
+        ready = ready and checks["ml"]["ready"]
     return ready, checks
 
 

@@ -81,6 +81,7 @@ class MLWorker(Service):
         self._consumers: dict[str, list[Consumer]] = {}
         self._jobs: set[_Job] = set()
         self._stopping = False
+        self._consuming_set_up = False
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -100,6 +101,7 @@ class MLWorker(Service):
                 prefetch=self.settings.ml_prefetch,
             )
             self._consumers.setdefault(task, []).append(consumer)
+        self._consuming_set_up = True
         log.info("ML worker consuming %d queues", sum(len(c) for c in self._consumers.values()))
 
     async def on_stop(self) -> None:
@@ -140,6 +142,8 @@ class MLWorker(Service):
                 "queues": [c.queue.name for c in consumers],
             }
         return {
+            # Every queue has its consumer and the worker is not shutting down (breakers aside).
+            "ready": self._consuming_set_up and not self._stopping and self.rabbit.connected,
             "consuming": bool(endpoints) and all(e["consuming"] for e in endpoints.values()),
             "in_flight": len(self._jobs),
             "stopping": self._stopping,

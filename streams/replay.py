@@ -1,0 +1,253 @@
+"""``faust -A streams replay``: re-project a range of the log into PostgreSQL, idempotently.
+
+A throwaway aiokafka consumer without a group (nothing is committed, no worker
+is disturbed) is assigned every partition of the topic, seeks each to the
+start (an offset, or the first record at or after a time), and reads up to the
+end offset captured when it started, or up to ``--until`` (exclusive: records
+before that offset or time). Events are decoded as the live sink decodes them
+and written through the same :class:`ResultSink` and ``Store.upsert_events``,
+so the rank rule holds: a replay can fill gaps and move rows forward, never back.
+Rows that changed are refreshed in Redis (cache and notification, best effort).
+Webhooks are not sent: rows that replay makes terminal keep ``webhook_state='pending'``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+import faust
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.cli import AppCommand, option
+
+from bridges.postgres import Store
+from bridges.postgres_rows import Event
+from bridges.redis import CacheUnavailable, RedisClient
+from bridges.sink import ResultSink
+from inferstream.settings import Settings
+from schemas.documents import request_doc
+from schemas.records import InferenceRequest, ResultEvent
+
+log = logging.getLogger(__name__)
+
+Position = int | datetime
+"""A log position: an offset (the same in every partition) or a point in time."""
+Decode = Callable[[bytes], Event]
+_IDLE_POLLS = 5
+
+
+def parse_position(value: str) -> Position:
+    """``123`` is an offset; anything else must be an ISO 8601 time (UTC when it has no zone)."""
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither an offset nor an ISO 8601 time") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def resolve_topic(settings: Settings, name: str) -> tuple[str, Decode]:
+    """``requests``, ``results`` or the full name of either, with the decoder of its records."""
+    if name in ("requests", settings.requests_topic):
+        return settings.requests_topic, InferenceRequest.from_bytes
+    if name in ("results", settings.results_topic):
+        return settings.results_topic, ResultEvent.from_bytes
+    raise click.BadParameter(
+        f"unknown topic {name!r}: use requests, results, {settings.requests_topic} or {settings.results_topic}"
+    )
+
+
+def bootstrap_servers(broker_url: str) -> str:
+    """``kafka://h1:9092;h2:9092`` -> ``h1:9092,h2:9092`` (aiokafka's form)."""
+    hosts = [h.strip().removeprefix("kafka://") for h in broker_url.replace(";", ",").split(",")]
+    return ",".join(h for h in hosts if h)
+
+
+@dataclass
+class PartitionRange:
+    partition: int
+    start: int
+    stop: int  # exclusive
+    first: int | None = None
+    last: int | None = None
+    read: int = 0
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+@dataclass
+class ReplaySummary:
+    topic: str
+    partitions: list[PartitionRange] = field(default_factory=list)
+    read: int = 0
+    undecodable: int = 0
+    rows_changed: int = 0
+    batches: int = 0
+    elapsed_s: float = 0.0
+
+    def lines(self) -> list[str]:
+        rate = self.read / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        out = [
+            f"replayed {self.topic}: {self.read} messages read, {self.undecodable} undecodable, "
+            f"{self.rows_changed} rows changed, {self.batches} batches, "
+            f"{self.elapsed_s:.2f}s ({rate:.0f} messages/s)"
+        ]
+        for p in self.partitions:
+            span = "nothing" if p.first is None else f"offsets {p.first}..{p.last}"
+            out.append(f"  partition {p.partition}: {span} ({p.read} messages; range {p.start}..{p.stop})")
+        return out
+
+
+async def _start_offsets(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], pos: Position, ends: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    begins = await consumer.beginning_offsets(list(tps))
+    if isinstance(pos, int):
+        return {tp: min(max(pos, begins[tp]), ends[tp]) for tp in tps}
+    found = await consumer.offsets_for_times({tp: int(pos.timestamp() * 1000) for tp in tps})
+    # None: no record at or after that time, so the range starts at the end.
+    return {tp: ends[tp] if found.get(tp) is None else found[tp].offset for tp in tps}  # type: ignore[union-attr]
+
+
+async def replay_range(
+    settings: Settings,
+    sink: ResultSink,
+    topic: str,
+    decode: Decode,
+    start: Position,
+    until: Position | None = None,
+    *,
+    batch_size: int = 1000,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> ReplaySummary:
+    """Read ``[start, until)`` of every partition of ``topic`` through ``sink``; see the module docstring."""
+    began = time.monotonic()
+    summary = ReplaySummary(topic=topic)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers(settings.broker_url),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=batch_size,
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()  # loads the metadata partitions_for_topic reads
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise click.ClickException(f"topic {topic} does not exist (or has no partitions)")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        starts = await _start_offsets(consumer, tps, start, ends)
+        stops = ends if until is None else await _start_offsets(consumer, tps, until, ends)
+        ranges = {tp: PartitionRange(tp.partition, starts[tp], max(starts[tp], stops[tp])) for tp in tps}
+        summary.partitions = list(ranges.values())
+        if on_plan is not None:
+            on_plan(sum(r.pending for r in ranges.values()))
+        active = {tp for tp, r in ranges.items() if r.pending}
+        for tp in tps:
+            if tp in active:
+                consumer.seek(tp, ranges[tp].start)
+            else:
+                consumer.pause(tp)
+        idle = 0
+        while active:
+            fetched = await consumer.getmany(*active, timeout_ms=1000, max_records=batch_size)
+            batch: list[Event] = []
+            for tp, records in fetched.items():
+                rng = ranges[tp]
+                for rec in records:
+                    if rec.offset >= rng.stop:
+                        break
+                    rng.first = rec.offset if rng.first is None else rng.first
+                    rng.last = rec.offset
+                    rng.read += 1
+                    summary.read += 1
+                    if rec.value is None:
+                        summary.undecodable += 1
+                        continue
+                    try:
+                        batch.append(decode(rec.value))
+                    except (orjson.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
+                        summary.undecodable += 1
+                        log.warning("replay: %s offset %d undecodable: %r", tp, rec.offset, exc)
+                if progress is not None:
+                    progress(sum(1 for r in records if r.offset < rng.stop))
+            await sink.write(batch)
+            summary.batches += bool(batch)
+            # Done with a partition once its position reaches the stop (gaps and markers included).
+            for tp in list(active):
+                if await consumer.position(tp) >= ranges[tp].stop:
+                    active.discard(tp)
+                    consumer.pause(tp)
+            idle = 0 if fetched else idle + 1
+            if idle >= _IDLE_POLLS:
+                raise click.ClickException(
+                    f"no records for {_IDLE_POLLS}s before the end of partitions "
+                    f"{sorted(tp.partition for tp in active)}; is the broker healthy?"
+                )
+    finally:
+        await consumer.stop()
+    summary.rows_changed = sink.rows_changed
+    summary.elapsed_s = time.monotonic() - began
+    return summary
+
+
+def refresher(redis: RedisClient) -> Callable[[list[dict[str, Any]]], Any]:
+    """The sink's ``on_applied`` for a replay: refresh the cache and notify listeners, best effort."""
+
+    async def refresh(rows: list[dict[str, Any]]) -> None:
+        try:
+            await redis.cache_and_publish([(r["user_id"], request_doc(r)) for r in rows])
+        except CacheUnavailable as exc:
+            log.warning("replay: %d rows stored but not refreshed in Redis: %s", len(rows), exc)
+
+    return refresh
+
+
+def register_replay(app: faust.App, settings: Settings, store: Store, redis: RedisClient) -> None:
+    @app.command(
+        option("--topic", "topic_name", required=True, help="requests, results, or a full topic name."),
+        option("--from", "start", required=True, help="Offset (every partition) or ISO 8601 time."),
+        option("--until", "until", default=None, help="Stop before this offset or time (default: the end now)."),
+        option("--batch-size", type=int, default=1000, show_default=True, help="Events per PostgreSQL write."),
+    )
+    async def replay(
+        self: AppCommand, topic_name: str, start: str, until: str | None, batch_size: int
+    ) -> None:
+        """Re-project a range of the log into PostgreSQL (idempotent; no worker needed)."""
+        topic, decode = resolve_topic(settings, topic_name)
+        sink = ResultSink(settings, store, refresher(redis))
+        bar: Any = None
+
+        def plan(total: int) -> None:
+            nonlocal bar
+            bar = click.progressbar(length=max(total, 1), label=f"replaying {total} messages", file=click.get_text_stream("stderr"))
+            bar.__enter__()
+
+        try:
+            summary = await replay_range(
+                settings, sink, topic, decode, parse_position(start),
+                None if until is None else parse_position(until),
+                batch_size=max(1, batch_size), progress=lambda n: bar.update(n) if bar else None, on_plan=plan,
+            )  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+            await redis.close()
+            await store.close()
+        for line in summary.lines():
+            self.say(line)
+

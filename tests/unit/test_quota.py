@@ -1,0 +1,301 @@
+"""Quota rules without services: admission, rate limit, rollover, settlement, refunds, owner lookup."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from inferstream.errors import QuotaExceeded, Unavailable
+from schemas.plans import DEFAULT_PLAN, Plan
+from tables.quota import QuotaBook, QuotaState, decide, empty_state, quota_doc, release, settle
+
+# 2025-03-14 12:00:30 UTC: mid-day, 30 s into a minute.
+NOON = datetime(2025, 3, 14, 12, 0, 30, tzinfo=UTC).timestamp()
+MIDNIGHT = datetime(2025, 3, 15, tzinfo=UTC).timestamp()
+PLAN = Plan("p", requests_per_day=5, tokens_per_day=1_000, requests_per_minute=100)
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def book(now: float = NOON) -> tuple[QuotaBook, dict[str, QuotaState], Clock]:
+    table: dict[str, QuotaState] = {}
+    clock = Clock(now)
+    return QuotaBook(table, now=clock), table, clock
+
+
+def rejection(fn: Any, *args: Any) -> QuotaExceeded:
+    with pytest.raises(QuotaExceeded) as info:
+        fn(*args)
+    return info.value
+
+
+def test_default_plan_is_100_requests_and_10000_tokens() -> None:
+    assert (DEFAULT_PLAN.requests_per_day, DEFAULT_PLAN.tokens_per_day) == (100, 10_000)
+
+
+def test_admits_exactly_the_daily_requests_then_429_with_details() -> None:
+    qb, table, _ = book()
+    admissions = [qb.admit("u", PLAN, f"r{i}", 10) for i in range(5)]
+    assert [a.requests_remaining for a in admissions] == [4, 3, 2, 1, 0]
+    assert admissions[-1].tokens_remaining == 1_000 - 50
+    exc = rejection(qb.admit, "u", PLAN, "r5", 10)
+    assert exc.status == 429 and exc.type == "request_quota_exceeded"
+    body = exc.body()["error"]
+    assert body["requests"] == {"used": 5, "limit": 5}
+    assert body["tokens"] == {"used": 0, "reserved": 50, "limit": 1_000, "estimated": 10}
+    # Retry-After is the time to the window's reset at midnight UTC.
+    assert exc.retry_after == math.ceil(MIDNIGHT - NOON)
+    # A rejection writes nothing.
+    assert table["u"]["requests_used"] == 5 and "r5" not in table["u"]["reservations"]
+
+
+def test_headers_carry_the_rate_limit_figures() -> None:
+    qb, _, _ = book()
+    headers = qb.admit("u", PLAN, "r1", 100).headers()
+    assert headers == {
+        "X-RateLimit-Limit-Requests": "5",
+        "X-RateLimit-Remaining-Requests": "4",
+        "X-RateLimit-Limit-Tokens": "1000",
+        "X-RateLimit-Remaining-Tokens": "900",
+        "X-RateLimit-Reset": str(math.ceil(MIDNIGHT - NOON)),
+    }
+
+
+def test_tokens_used_plus_reserved_plus_estimate_must_fit() -> None:
+    qb, _, _ = book()
+    plan = Plan("t", requests_per_day=100, tokens_per_day=300, requests_per_minute=0)
+    qb.admit("u", plan, "a", 100)
+    qb.settle("u", "a", "completed", 120)  # used 120
+    qb.admit("u", plan, "b", 100)  # reserved 100: 220
+    qb.admit("u", plan, "c", 80)  # exactly the limit: 300 <= 300
+    exc = rejection(qb.admit, "u", plan, "d", 1)
+    assert exc.type == "token_quota_exceeded"
+    assert exc.body()["error"]["tokens"] == {"used": 120, "reserved": 180, "limit": 300, "estimated": 1}
+    assert exc.retry_after == math.ceil(MIDNIGHT - NOON)
+    # A request that would not fit alone is rejected while a smaller one still fits after a refund.
+    qb.settle("u", "c", "failed", 0)
+    assert rejection(qb.admit, "u", plan, "e", 81).type == "token_quota_exceeded"
+    qb.admit("u", plan, "f", 80)
+
+
+def test_requests_per_minute_with_retry_after_to_the_next_minute() -> None:
+    qb, _, clock = book()
+    plan = Plan("m", requests_per_day=100, tokens_per_day=10_000, requests_per_minute=5)
+    for i in range(5):
+        qb.admit("u", plan, f"r{i}", 1)
+    exc = rejection(qb.admit, "u", plan, "r5", 1)
+    assert exc.type == "rate_limited"
+    assert exc.retry_after == 30  # NOON is 30 s into its minute
+    assert exc.body()["error"]["requests"] == {"used": 5, "limit": 100}
+    clock.t += 29.5
+    assert rejection(qb.admit, "u", plan, "r5", 1).retry_after == 1
+    clock.t += 0.5  # the next minute starts: a fresh window
+    for i in range(5):
+        qb.admit("u", plan, f"s{i}", 1)
+    assert rejection(qb.admit, "u", plan, "s5", 1).type == "rate_limited"
+
+
+def test_zero_requests_per_minute_means_no_rate_limit() -> None:
+    qb, _, _ = book()
+    plan = Plan("z", requests_per_day=50, tokens_per_day=10_000, requests_per_minute=0)
+    for i in range(50):
+        qb.admit("u", plan, f"r{i}", 1)
+    assert rejection(qb.admit, "u", plan, "x", 1).type == "request_quota_exceeded"
+
+
+def test_daily_quota_is_checked_before_the_minute_limit() -> None:
+    qb, _, _ = book()
+    plan = Plan("d", requests_per_day=2, tokens_per_day=10_000, requests_per_minute=2)
+    qb.admit("u", plan, "a", 1)
+    qb.admit("u", plan, "b", 1)
+    assert rejection(qb.admit, "u", plan, "c", 1).type == "request_quota_exceeded"
+
+
+def test_window_rolls_over_at_utc_midnight() -> None:
+    qb, table, clock = book(MIDNIGHT - 0.25)
+    for i in range(5):
+        qb.admit("u", PLAN, f"r{i}", 100)
+    exc = rejection(qb.admit, "u", PLAN, "late", 1)
+    assert exc.type == "request_quota_exceeded" and exc.retry_after == 1
+    assert qb.doc("u", PLAN)["window"] == {
+        "start": "2025-03-14T00:00:00.000Z",
+        "reset_at": "2025-03-15T00:00:00.000Z",
+    }
+    clock.t = MIDNIGHT  # the first instant of the new day
+    admission = qb.admit("u", PLAN, "early", 7)
+    assert admission.window_day == "2025-03-15" and admission.requests_remaining == 4
+    assert admission.reset_s == 86_400
+    assert table["u"]["reservations"] == {"early": 7} and table["u"]["tokens_reserved"] == 7
+    doc = qb.doc("u", PLAN)
+    assert doc["window"]["start"] == "2025-03-15T00:00:00.000Z"
+    assert doc["requests"] == {"used": 1, "limit": 5, "remaining": 4}
+    # Yesterday's reservation went with yesterday's window: its result charges nothing today.
+    assert not qb.settle("u", "r0", "completed", 90)
+    assert qb.doc("u", PLAN)["tokens"] == {"used": 0, "reserved": 7, "limit": 1_000, "remaining": 993}
+
+
+def test_reading_after_midnight_shows_a_fresh_window_without_writing() -> None:
+    qb, table, clock = book(MIDNIGHT - 10)
+    qb.admit("u", PLAN, "r", 100)
+    clock.t = MIDNIGHT + 10
+    doc = qb.doc("u", PLAN)
+    assert doc["requests"]["used"] == 0 and doc["tokens"]["reserved"] == 0
+    assert qb.snapshot("u", PLAN).requests_remaining == 5
+    assert table["u"]["day"] == "2025-03-14"  # reads never write
+
+
+def test_completed_charges_actual_usage_and_frees_the_reservation() -> None:
+    qb, _, _ = book()
+    qb.admit("u", PLAN, "a", 300)
+    qb.admit("u", PLAN, "b", 200)
+    assert qb.settle("u", "a", "completed", 120)
+    assert qb.doc("u", PLAN)["tokens"] == {"used": 120, "reserved": 200, "limit": 1_000, "remaining": 680}
+    # Usage above the estimate is charged too: it is what the model used.
+    assert qb.settle("u", "b", "completed", 250)
+    assert qb.doc("u", PLAN)["tokens"] == {"used": 370, "reserved": 0, "limit": 1_000, "remaining": 630}
+    assert qb.doc("u", PLAN)["requests"]["used"] == 2
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled", "expired"])
+def test_failed_cancelled_expired_refund_the_reservation(status: str) -> None:
+    qb, _, _ = book()
+    qb.admit("u", PLAN, "a", 300)
+    assert qb.settle("u", "a", status, 0)
+    tokens = qb.doc("u", PLAN)["tokens"]
+    assert tokens == {"used": 0, "reserved": 0, "limit": 1_000, "remaining": 1_000}
+    # The request stays counted: it was admitted.
+    assert qb.doc("u", PLAN)["requests"]["used"] == 1
+
+
+def test_a_failure_still_charges_reported_usage_up_to_the_reservation() -> None:
+    qb, _, _ = book()
+    qb.admit("u", PLAN, "a", 100)
+    qb.admit("u", PLAN, "b", 100)
+    qb.settle("u", "a", "failed", 40)
+    qb.settle("u", "b", "cancelled", 5_000)
+    assert qb.doc("u", PLAN)["tokens"]["used"] == 140
+
+
+def test_settling_twice_changes_nothing() -> None:
+    qb, table, _ = book()
+    qb.admit("u", PLAN, "a", 100)
+    qb.admit("u", PLAN, "b", 50)
+    assert qb.settle("u", "a", "completed", 80)
+    after_first = {**table["u"], "reservations": dict(table["u"]["reservations"])}
+    for status in ("completed", "failed", "cancelled", "expired"):
+        assert not qb.settle("u", "a", status, 80)
+        assert table["u"] == after_first
+    assert table["u"]["reservations"] == {"b": 50}
+
+
+def test_settle_for_an_unknown_user_or_request_is_a_no_op() -> None:
+    qb, table, _ = book()
+    assert not qb.settle("nobody", "a", "completed", 10)
+    assert not qb.release("nobody", "a")
+    assert table == {}
+    assert settle(None, "a", "completed", 10, NOON) is None
+    assert release(None, "a", NOON) is None
+
+
+def test_counters_never_go_below_zero() -> None:
+    # A corrupted or hand-edited state (reserved lower than a reservation) still cannot go negative.
+    state = {**empty_state("2025-03-14"), "tokens_reserved": 10, "reservations": {"a": 500}}
+    settled = settle(state, "a", "failed", -7, NOON)
+    assert settled is not None
+    assert settled["tokens_reserved"] == 0 and settled["tokens_used"] == 0
+    state = {**empty_state("2025-03-14"), "requests_used": 0, "reservations": {"a": 5}}
+    released = release(state, "a", NOON)
+    assert released is not None
+    assert released["requests_used"] == 0 and released["minute_count"] == 0
+    assert released["tokens_reserved"] == 0
+
+
+def test_completed_with_negative_usage_charges_nothing() -> None:
+    qb, _, _ = book()
+    qb.admit("u", PLAN, "a", 100)
+    qb.settle("u", "a", "completed", -5)
+    assert qb.doc("u", PLAN)["tokens"]["used"] == 0
+
+
+def test_release_undoes_an_admission_completely() -> None:
+    qb, table, _ = book()
+    plan = Plan("m", requests_per_day=5, tokens_per_day=1_000, requests_per_minute=1)
+    qb.admit("u", plan, "a", 100)
+    assert rejection(qb.admit, "u", plan, "b", 1).type == "rate_limited"
+    assert qb.release("u", "a")
+    assert table["u"]["requests_used"] == 0 and table["u"]["tokens_reserved"] == 0
+    qb.admit("u", plan, "b", 1)  # the minute slot came back too
+    assert not qb.release("u", "a")  # idempotent
+
+
+def test_decide_is_pure() -> None:
+    state = empty_state("2025-03-14")
+    new, _ = decide(state, PLAN, "a", 10, NOON)
+    assert state == empty_state("2025-03-14")
+    assert new["requests_used"] == 1 and new["reservations"] == {"a": 10}
+    settled = settle(new, "a", "completed", 3, NOON)
+    assert new["reservations"] == {"a": 10} and settled is not None
+
+
+def test_users_are_independent() -> None:
+    qb, _, _ = book()
+    for i in range(5):
+        qb.admit("u", PLAN, f"u{i}", 1)
+    qb.admit("v", PLAN, "v0", 1)
+    assert qb.doc("v", PLAN)["requests"]["used"] == 1
+
+
+def test_quota_doc_matches_the_contract() -> None:
+    doc = quota_doc("alice", PLAN, None, NOON)
+    assert doc == {
+        "user_id": "alice",
+        "plan": "p",
+        "window": {"start": "2025-03-14T00:00:00.000Z", "reset_at": "2025-03-15T00:00:00.000Z"},
+        "requests": {"used": 0, "limit": 5, "remaining": 5},
+        "tokens": {"used": 0, "reserved": 0, "limit": 1_000, "remaining": 1_000},
+    }
+
+
+def test_plan_caps_priority() -> None:
+    plan = Plan("n", requests_per_day=1, tokens_per_day=1, requests_per_minute=1, max_priority="normal")
+    assert [plan.cap_priority(p) for p in ("high", "normal", "low")] == ["normal", "normal", "low"]
+
+
+# ---- owner lookup: 503 instead of a guess --------------------------------------------------
+
+
+class _Event:
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def is_set(self) -> bool:
+        return self.done
+
+
+class _FakeApp:
+    """Just the attributes ``OwnerRouter.owner`` reads before it would consult the assignor."""
+
+    def __init__(self, *, rebalancing: bool, recovered: bool) -> None:
+        self.rebalancing = rebalancing
+        self.tables = type("Tables", (), {"recovery": type("R", (), {"completed": _Event(recovered)})()})()
+
+
+@pytest.mark.parametrize(("rebalancing", "recovered"), [(True, True), (False, False), (True, False)])
+def test_owner_lookup_is_unavailable_while_rebalancing_or_recovering(
+    rebalancing: bool, recovered: bool
+) -> None:
+    from streams.gateway.routing import OwnerRouter
+
+    router = OwnerRouter(_FakeApp(rebalancing=rebalancing, recovered=recovered), table=None, timeout_s=1)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable) as info:
+        router.owner("alice")
+    assert info.value.status == 503 and info.value.retry_after == 1
