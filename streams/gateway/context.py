@@ -10,7 +10,7 @@ from typing import Any
 
 import faust
 
-from bridges.postgres import Store
+from bridges.postgres import BROKEN_CONNECTION, Store, is_transient
 from bridges.redis import CacheUnavailable, NotificationHub, RedisClient
 from inferstream import clock
 from inferstream.errors import Unavailable
@@ -24,6 +24,12 @@ from tables.keys import KeyCache
 from tables.quota import QuotaBook
 
 log = logging.getLogger(__name__)
+
+
+def raise_if_store_down(exc: BaseException) -> None:
+    """PostgreSQL unreachable or restarting is a 503 with Retry-After, not a 500."""
+    if is_transient(exc) or isinstance(exc, BROKEN_CONNECTION):
+        raise Unavailable("the request store is unavailable", retry_after=2) from exc
 
 
 @dataclass
@@ -70,8 +76,21 @@ class Gateway:
         if cached is not None:
             owner, doc = cached
             return doc if owner == user_id else None
-        row = await self.store.get_request(user_id, request_id)
+        try:
+            row = await self.store.get_request(user_id, request_id)
+        except Exception as exc:
+            raise_if_store_down(exc)
+            raise
         return request_doc(row) if row is not None else None
+
+    async def list_rows(
+        self, user_id: str, status: str | None, limit: int, after: str | None
+    ) -> list[dict[str, Any]]:
+        try:
+            return await self.store.list_requests(user_id, status, limit, after)
+        except Exception as exc:
+            raise_if_store_down(exc)
+            raise
 
     async def request_cancel(self, request_id: str) -> None:
         try:

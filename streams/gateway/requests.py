@@ -125,7 +125,7 @@ async def list_mine(gw: Gateway, request: web.Request) -> web.StreamResponse:
     after = request.query.get("after")
     if after is not None and not is_request_id(after):
         raise InvalidRequest("'after' must be a request id", field="after")
-    rows = await gw.store.list_requests(principal.user_id, status, limit + 1, after)
+    rows = await gw.list_rows(principal.user_id, status, limit + 1, after)
     docs = [request_doc(r) for r in rows[:limit]]
     has_more = len(rows) > limit
     return json_response(
