@@ -57,6 +57,11 @@ class Settings:
     session_timeout_s: float = _setting(
         60.0, "Consumer-group session timeout. A group join waits half of it; local runs use 6."
     )
+    fetch_max_wait_ms: int = _setting(
+        1500,
+        "Longest wait of one consumer fetch. Kafka answers early when data arrives; Tansu does not, "
+        "so local runs use 20 (each log hop otherwise adds ~0.75 s).",
+    )
     table_store: str = _setting("memory://", "Faust table store: `memory://` or `rocksdb://` (production).")
     data_dir: str = _setting("/tmp/inferstream", "Prefix of the Faust data directory (`<prefix>-<namespace>-<port>`; RocksDB tables live there).")
     key_secret: str = _setting(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import faust
 
 from inferstream.settings import Settings
+from streams import quirks
 
 settings = Settings.from_env()
 
 
 def build_app(cfg: Settings) -> faust.App:
+    quirks.set_fetch_max_wait(cfg.fetch_max_wait_ms)
     return faust.App(
         cfg.namespace,
         broker=cfg.broker_url,

@@ -10,8 +10,12 @@ import faust
 from faust.cli import AppCommand, option
 
 from bridges.postgres import Store
+from bridges.redis import RedisClient
 from inferstream.settings import Settings
 from schemas.migrate import migrate as apply_migrations
+from streams.audit import register_audit
+from streams.redrive import register_redrive
+from streams.replay import register_replay
 
 
 def register(app: faust.App, settings: Settings, store: Store) -> None:
@@ -74,3 +78,8 @@ def register(app: faust.App, settings: Settings, store: Store) -> None:
             )
         finally:
             await store.close()
+
+    register_replay(app, settings, store, RedisClient(settings))
+    register_redrive(app, settings, store)
+
+    register_audit(app, settings, store)

@@ -126,10 +126,10 @@ def register_redrive(app: faust.App, settings: Settings, store: Store) -> None:
             else:
                 chosen = []
                 for rid in request_ids:
-                    row = await store.get_dead_letter(rid)
-                    if row is None:
+                    found = await store.get_dead_letter(rid)
+                    if found is None:
                         raise click.ClickException(f"no dead letter {rid!r}")
-                    chosen.append(row)
+                    chosen.append(found)
             done = await redrive_letters(settings, store, chosen)
             self.say(f"redrove {len(done)} dead letter(s):")
             for r in done:

@@ -73,9 +73,13 @@ def bootstrap_servers(broker_url: str) -> str:
 
 @dataclass
 class PartitionRange:
+    """One partition's share: offsets ``[start, stop)``, narrowed by record times when the broker cannot."""
+
     partition: int
     start: int
     stop: int  # exclusive
+    not_before_ms: int | None = None  # skip records until the first one at or after this time
+    stop_at_ms: int | None = None  # stop at the first record at or after this time
     first: int | None = None
     last: int | None = None
     read: int = 0
@@ -83,6 +87,20 @@ class PartitionRange:
     @property
     def pending(self) -> int:
         return max(0, self.stop - self.start)
+
+    def admit(self, offset: int, timestamp_ms: int) -> bool | None:
+        """True to replay the record, False to skip it, None when the range ends before it."""
+        if offset >= self.stop or (self.stop_at_ms is not None and timestamp_ms >= self.stop_at_ms):
+            self.stop = min(self.stop, offset)
+            return None
+        if self.not_before_ms is not None:
+            if timestamp_ms < self.not_before_ms:
+                return False
+            self.not_before_ms = None  # Kafka's rule: from the first record at or after the time, all
+        self.first = offset if self.first is None else self.first
+        self.last = offset
+        self.read += 1
+        return True
 
 
 @dataclass
@@ -104,19 +122,38 @@ class ReplaySummary:
         ]
         for p in self.partitions:
             span = "nothing" if p.first is None else f"offsets {p.first}..{p.last}"
-            out.append(f"  partition {p.partition}: {span} ({p.read} messages; range {p.start}..{p.stop})")
+            out.append(f"  partition {p.partition}: {span} ({p.read} messages)")
         return out
 
 
-async def _start_offsets(
-    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], pos: Position, ends: dict[TopicPartition, int]
-) -> dict[TopicPartition, int]:
-    begins = await consumer.beginning_offsets(list(tps))
+async def _offsets_at(
+    consumer: AIOKafkaConsumer,
+    tps: Sequence[TopicPartition],
+    pos: Position,
+    begins: dict[TopicPartition, int],
+    ends: dict[TopicPartition, int],
+) -> dict[TopicPartition, tuple[int, int | None]]:
+    """Per partition, ``(offset, time_ms)``: where ``pos`` is, or where to start checking record times.
+
+    A time is looked up with ListOffsets; an answer that breaks Kafka's rule (a record at or
+    after the time; Tansu 0.6 answers offset 0 with timestamp -1) is not trusted: the range
+    then starts at the beginning and the record times decide (``time_ms`` set).
+    """
     if isinstance(pos, int):
-        return {tp: min(max(pos, begins[tp]), ends[tp]) for tp in tps}
-    found = await consumer.offsets_for_times({tp: int(pos.timestamp() * 1000) for tp in tps})
-    # None: no record at or after that time, so the range starts at the end.
-    return {tp: ends[tp] if found.get(tp) is None else found[tp].offset for tp in tps}  # type: ignore[union-attr]
+        return {tp: (min(max(pos, begins[tp]), ends[tp]), None) for tp in tps}
+    target = int(pos.timestamp() * 1000)
+    found = await consumer.offsets_for_times({tp: target for tp in tps})
+    out: dict[TopicPartition, tuple[int, int | None]] = {}
+    for tp in tps:
+        hit = found.get(tp)
+        if hit is None:
+            out[tp] = (ends[tp], None)  # no record at or after the time
+        elif hit.timestamp >= target:
+            out[tp] = (hit.offset, None)
+        else:
+            log.info("replay: the broker's offset for %s at %s is unreliable; checking record times", tp, pos)
+            out[tp] = (begins[tp], target)
+    return out
 
 
 async def replay_range(
@@ -149,10 +186,20 @@ async def replay_range(
             raise click.ClickException(f"topic {topic} does not exist (or has no partitions)")
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
+        begins = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
-        starts = await _start_offsets(consumer, tps, start, ends)
-        stops = ends if until is None else await _start_offsets(consumer, tps, until, ends)
-        ranges = {tp: PartitionRange(tp.partition, starts[tp], max(starts[tp], stops[tp])) for tp in tps}
+        starts = await _offsets_at(consumer, tps, start, begins, ends)
+        stops = (
+            {tp: (ends[tp], None) for tp in tps}
+            if until is None
+            else await _offsets_at(consumer, tps, until, begins, ends)
+        )
+        ranges: dict[TopicPartition, PartitionRange] = {}
+        for tp in tps:
+            (first, not_before), (stop, stop_at) = starts[tp], stops[tp]
+            if stop_at is not None:
+                stop = ends[tp]  # the record times decide where it ends
+            ranges[tp] = PartitionRange(tp.partition, first, max(first, stop), not_before, stop_at)
         summary.partitions = list(ranges.values())
         if on_plan is not None:
             on_plan(sum(r.pending for r in ranges.values()))
@@ -168,23 +215,24 @@ async def replay_range(
             batch: list[Event] = []
             for tp, records in fetched.items():
                 rng = ranges[tp]
+                seen = 0
                 for rec in records:
-                    if rec.offset >= rng.stop:
+                    verdict = rng.admit(rec.offset, rec.timestamp)
+                    if verdict is None:
                         break
-                    rng.first = rec.offset if rng.first is None else rng.first
-                    rng.last = rec.offset
-                    rng.read += 1
-                    summary.read += 1
-                    if rec.value is None:
-                        summary.undecodable += 1
+                    seen += 1
+                    if not verdict:
                         continue
+                    summary.read += 1
                     try:
+                        if rec.value is None:
+                            raise ValueError("no value (a tombstone)")
                         batch.append(decode(rec.value))
                     except (orjson.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
                         summary.undecodable += 1
                         log.warning("replay: %s offset %d undecodable: %r", tp, rec.offset, exc)
                 if progress is not None:
-                    progress(sum(1 for r in records if r.offset < rng.stop))
+                    progress(seen)
             await sink.write(batch)
             summary.batches += bool(batch)
             # Done with a partition once its position reaches the stop (gaps and markers included).

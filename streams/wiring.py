@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import mode
 
+from bridges.dead_letters import DeadLetterRecorder
 from bridges.model import ModelClient
 from bridges.postgres import Store
 from bridges.rabbitmq import RabbitClient
@@ -141,6 +142,7 @@ if settings.has_pipeline:
             await fut
 
     quirks.run_with_app(app, ResultsBridge(settings, rabbit, _produce_results))
+    quirks.run_with_app(app, DeadLetterRecorder(settings, rabbit, store))
 
     @app.task
     async def refresh_keys() -> None:

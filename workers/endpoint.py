@@ -1,9 +1,11 @@
 """One model endpoint (model base URL + task): its breaker, rate limit, concurrency limit and batchers.
 
 Every model call goes through :meth:`Endpoint.call`, in this order: a
-concurrency slot, the breaker (waits while open), a rate-limit token, the call.
-Taking the slot first means callers queued behind a breaker that just opened
-do not rush the dead model when it is half-open.
+concurrency slot, the breaker (waits while open), a rate-limit token, the
+request's deadline, the call. Taking the slot first means callers queued behind
+a breaker that just opened do not rush the dead model when it is half-open.
+The deadline is checked last because a prefetched message can wait there for
+many seconds behind a backlog: it must not reach the model once it expired.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from bridges.model import ModelClient
+from inferstream import clock
 from inferstream.errors import FatalModelError, RetryableModelError
 from inferstream.settings import Settings
 from workers import metrics
@@ -23,6 +26,10 @@ from workers.ratelimit import TokenBucket
 
 T = TypeVar("T")
 BATCHED_TASKS = frozenset({"embed"})
+
+
+class DeadlinePassed(Exception):  # noqa: N818 - control flow, not an error: the request expires
+    """The request's deadline passed while it waited for the endpoint; no call was made."""
 
 
 class Endpoint:
@@ -59,12 +66,15 @@ class Endpoint:
     def batched(self) -> bool:
         return self.task in BATCHED_TASKS
 
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+    async def call(self, fn: Callable[[], Awaitable[T]], deadline_at: float | None = None) -> T:
         async with self.slots:
             probe = await self.breaker.acquire()
             outcome = "cancelled"
             try:
                 await self.limiter.acquire()
+                if deadline_at is not None and clock.now() >= deadline_at:
+                    outcome = "expired"
+                    raise DeadlinePassed
                 started = time.perf_counter()
                 result = await fn()
                 outcome = "ok"
@@ -78,8 +88,9 @@ class Endpoint:
                 self.breaker.on_success(probe)
                 raise
             finally:
-                metrics.MODEL_CALLS.labels(self.label, outcome).inc()
-                if outcome == "cancelled":
+                if outcome != "expired":
+                    metrics.MODEL_CALLS.labels(self.label, outcome).inc()
+                if outcome in ("cancelled", "expired"):
                     self.breaker.release(probe)
             self.breaker.on_success(probe)
             metrics.MODEL_CALL_SECONDS.labels(self.label).observe(time.perf_counter() - started)
@@ -98,19 +109,23 @@ class Endpoint:
             )
         return batcher
 
-    async def infer(self, model: str, texts: list[str], params: dict[str, Any] | None) -> tuple[dict[str, Any], Usage]:
-        """One attempt for one request: its ``result`` and ``usage``.
+    async def infer(
+        self, model: str, texts: list[str], params: dict[str, Any] | None, deadline_at: float | None = None
+    ) -> tuple[dict[str, Any], Usage]:
+        """One attempt for one request: its ``result`` and ``usage``; :class:`DeadlinePassed` if it expired first.
 
         Generation joins several input strings with a newline into one prompt.
         ``max_tokens`` defaults to ``settings.default_max_tokens``, the figure
         admission reserved, so usage never exceeds the estimate by default.
+        Embeddings check the deadline when they join a batch (a batch goes out
+        within ``ml_batch_wait_ms``), not per request once the batch has a slot.
         """
         if self.batched:
             vectors, usage = await self._batcher(model).submit(texts)
             return {"embeddings": vectors}, usage
         prompt = "\n".join(texts)
         merged = {"max_tokens": self.settings.default_max_tokens, **(params or {})}
-        text, usage = await self.call(lambda: self.model.generate(model, prompt, merged))
+        text, usage = await self.call(lambda: self.model.generate(model, prompt, merged), deadline_at)
         return {"text": text}, usage
 
     async def close(self) -> None:

@@ -31,7 +31,7 @@ from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from workers import metrics
 from workers.breaker import BreakerState
-from workers.endpoint import Endpoint
+from workers.endpoint import DeadlinePassed, Endpoint
 from workers.retry import Backoff, attempt_record, error_info
 
 __all__ = ["IsCancelled", "MLWorker", "no_cancellations"]
@@ -267,7 +267,10 @@ class MLWorker(Service):
                 return self._event(job, "expired"), False
             job.attempts += 1
             try:
-                result, usage = await endpoint.infer(req.model, list(req.input), req.params)
+                result, usage = await endpoint.infer(req.model, list(req.input), req.params, req.deadline_at)
+            except DeadlinePassed:
+                job.attempts -= 1  # it expired waiting for the endpoint: no call was made
+                return self._event(job, "expired"), False
             except ModelError as err:
                 retry = self.backoff.should_retry(err, job.attempts)
                 delay = self.backoff.delay(job.attempts, err.retry_after) if retry else None

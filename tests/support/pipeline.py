@@ -125,6 +125,7 @@ class Pipeline:
             "INFERSTREAM_MODEL_URL": model_url,
             "INFERSTREAM_NAMESPACE": self.namespace,
             "INFERSTREAM_SESSION_TIMEOUT_S": "6",
+            "INFERSTREAM_FETCH_MAX_WAIT_MS": "20",
             "INFERSTREAM_PARTITIONS": "4",
             "INFERSTREAM_KEY_REFRESH_S": "1",
             "INFERSTREAM_ML_RETRY_BASE_S": "0.05",

@@ -1,0 +1,137 @@
+"""Dead-letter recorder: RabbitMQ ``{ns}.dead-letters`` -> PostgreSQL ``dead_letters``, then ack.
+
+PostgreSQL is the dead letters' source of truth (``faust -A streams redrive``
+lists and re-submits from there); the queue is only how they arrive. Each
+message is recorded (an idempotent upsert by request id) before it is acked,
+one at a time, retrying with backoff while PostgreSQL is down, so none is lost
+and the small prefetch bounds what waits in memory. A message whose body is
+not a request (nothing could ever redrive it) is logged in full and acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+from mode import Service
+
+from bridges.postgres import BROKEN_CONNECTION, TRANSIENT, Store, is_transient
+from bridges.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
+from bridges.sink import backoff
+from inferstream.settings import Settings
+from schemas.records import InferenceRequest
+
+__all__ = ["DeadLetterRecorder", "decode_dead_letter"]
+
+log = logging.getLogger(__name__)
+
+
+def _rejection(message: AbstractIncomingMessage) -> dict[str, Any]:
+    # A message a worker rejected carries no ``error`` header; RabbitMQ's x-death says why.
+    deaths = (message.headers or {}).get("x-death") or []
+    first: Any = deaths[0] if isinstance(deaths, list) and deaths else {}
+    reason = first.get("reason", "unknown") if isinstance(first, dict) else "unknown"
+    queue = first.get("queue", "?") if isinstance(first, dict) else "?"
+    text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+    return {"type": "rejected", "message": f"{text(reason)} from {text(queue)}"}
+
+
+def decode_dead_letter(
+    message: AbstractIncomingMessage,
+) -> tuple[InferenceRequest, dict[str, Any], list[dict[str, Any]]]:
+    """``(request, error, history)``; raises ``ValueError`` when the body is not a request."""
+    try:
+        info = RabbitClient.dead_letter_info(message)
+        request = InferenceRequest.from_data(info["request"])
+    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"not a dead-lettered request: {exc!r}") from exc
+    error = info["error"] if isinstance(info["error"], dict) else _rejection(message)
+    history = [h for h in info["history"] if isinstance(h, dict)]
+    return request, error, history
+
+
+class DeadLetterRecorder(Service):
+    """Consumes the dead-letter queue into ``Store.record_dead_letter``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        rabbit: RabbitClient,
+        store: Store,
+        *,
+        prefetch: int = 16,
+        retry_base_s: float = 0.2,
+        retry_max_s: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.rabbit = rabbit
+        self.store = store
+        self.prefetch = prefetch
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._consumer: Consumer | None = None
+        self.recorded = 0
+
+    async def on_start(self) -> None:
+        self._consumer = await self.rabbit.consumer(
+            self.rabbit.dead_letter_queue_name, self._on_message, prefetch=self.prefetch
+        )
+
+    async def on_stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                await consumer.close()  # unacked dead letters go back to the queue
+            except AMQP_ERRORS as exc:
+                log.warning("closing the dead-letter consumer failed: %r", exc)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        await self._inbox.put(message)
+
+    @Service.task
+    async def _record_loop(self) -> None:
+        while not self.should_stop:
+            message = await self._inbox.get()
+            try:
+                request, error, history = decode_dead_letter(message)
+            except ValueError as exc:
+                log.error(
+                    "dropping dead letter %s: %s; headers %r; body %r",
+                    message.message_id, exc, message.headers, message.body[:2000],
+                )  # fmt: skip
+            else:
+                await self._record(request, error, history)
+            try:
+                await message.ack()
+            except AMQP_ERRORS as exc:
+                # Redelivered later and recorded again: the upsert is idempotent.
+                log.warning("could not ack dead letter %s: %r", message.message_id, exc)
+
+    async def _record(
+        self, request: InferenceRequest, error: dict[str, Any], history: list[dict[str, Any]]
+    ) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.store.record_dead_letter(request, error, history)
+                self.recorded += 1
+                log.info("dead letter %s recorded (%s)", request.request_id, error.get("type"))
+                return
+            except TRANSIENT as exc:
+                if not is_transient(exc):
+                    raise
+                delay = backoff(attempt, self.retry_base_s, self.retry_max_s)
+                log.warning(
+                    "recording dead letter %s failed (attempt %d): %r; retrying in %.2fs",
+                    request.request_id, attempt, exc, delay,
+                )  # fmt: skip
+                if isinstance(exc, BROKEN_CONNECTION):
+                    await self.store.reset()
+                await asyncio.sleep(delay)

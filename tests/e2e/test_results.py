@@ -1,0 +1,311 @@
+"""Results on two real workers: idempotent rows, resumable SSE across workers, webhooks, the caller's list."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+
+from bridges.webhooks import SIGNATURE_HEADER, verify_signature
+from inferstream.ids import new_request_id
+from schemas.records import ResultEvent
+from streams.replay import bootstrap_servers
+from tests.support.modelserver import free_port
+from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+
+
+@dataclass
+class Sse:
+    status: int
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def read_sse(
+    http: aiohttp.ClientSession,
+    url: str,
+    key: str,
+    *,
+    last_event_id: str | None = None,
+    stop_after: int | None = None,
+    timeout: float = 45,
+) -> Sse:
+    """Events of a stream until it ends (or ``stop_after`` events, then disconnect)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        out = Sse(r.status)
+        if r.status != 200:
+            return out
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        current: dict[str, Any] = {}
+        async for raw in r.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith(":"):
+                continue
+            if line:
+                name, _, value = line.partition(": ")
+                current[name] = value
+                continue
+            if current:
+                current["id"] = int(current["id"])
+                current["data"] = orjson.loads(current["data"])
+                out.events.append(current)
+                current = {}
+                if stop_after is not None and len(out.events) >= stop_after:
+                    break
+        return out
+
+
+@contextlib.asynccontextmanager
+async def model_faults(http: aiohttp.ClientSession, model_base_url: str, **faults: Any) -> AsyncIterator[None]:
+    """Change the shared model server's faults for a block; always put them back."""
+    url = model_base_url + "/admin/faults"
+    async with http.get(url) as r:
+        saved = {k: v for k, v in (await r.json()).items() if k in faults}
+    async with http.post(url, json=faults) as r:
+        assert r.status == 200, await r.text()
+    try:
+        yield
+    finally:
+        async with http.post(url, json={**saved, "fail_next": 0}) as r:
+            assert r.status == 200
+
+
+@pytest.fixture(scope="module")
+async def pipeline(broker_url: str, model_base_url: str) -> AsyncIterator[Pipeline]:
+    p = await Pipeline.create(broker_url, model_base_url + "/v1")
+    try:
+        yield p
+    finally:
+        await p.cleanup()
+
+
+@pytest.fixture(scope="module")
+async def workers(pipeline: Pipeline) -> tuple[WorkerProcess, WorkerProcess]:
+    a = await pipeline.start_worker()
+    b = await pipeline.start_worker()
+    # B's join rebalanced A: both must be ready again before the tests start.
+    await a.wait_ready()
+    return a, b
+
+
+@pytest.fixture
+async def alice(http: aiohttp.ClientSession, pipeline: Pipeline, workers: tuple[WorkerProcess, WorkerProcess]) -> Api:
+    return await Api(http, workers[0].url, await pipeline.create_key("alice")).wait_key_active()
+
+
+async def row_of(pipeline: Pipeline, request_id: str) -> dict[str, Any] | None:
+    pool = await pipeline.store.connect()
+    found = await pool.fetchrow("SELECT * FROM requests WHERE request_id = $1", request_id)
+    return dict(found) if found is not None else None
+
+
+async def produce_results(pipeline: Pipeline, events: list[ResultEvent]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(pipeline.settings.broker_url))
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send_and_wait(
+                pipeline.settings.results_topic, key=orjson.dumps(event.user_id), value=event.to_bytes()
+            )
+    finally:
+        await producer.stop()
+
+
+async def test_duplicate_and_out_of_order_results_make_one_correct_row(alice: Api, pipeline: Pipeline) -> None:
+    status, accepted, _ = await alice.submit({"task": "embed", "input": "twice"})
+    assert status == 202
+    rid = accepted["request_id"]
+    done = await alice.wait_status(rid, {"completed"})
+    await wait_for(lambda: _status_is(pipeline, rid, "completed"), timeout=30, what="the completed row")
+    before = await row_of(pipeline, rid)
+    assert before is not None
+
+    # Redelivered copies of the real events, plus stale ones stamped later than the completion.
+    base = dict(request_id=rid, user_id="alice", task="embed", model=before["model"])
+    late = time.time() + 5
+    replayed = ResultEvent(**base, status="completed", at=before["completed_at"].timestamp(),
+                           result=before["result"], usage=before["usage"], attempts=before["attempts"])  # fmt: skip
+    # A synthetic request: its events arrive twice each, terminal first.
+    other = new_request_id()
+    t0 = time.time()
+    o = dict(request_id=other, user_id="alice", task="embed", model=before["model"], created_at=t0)
+    synthetic = [
+        ResultEvent(**o, status="completed", at=t0 + 3, result={"embeddings": [[0.5]]}, attempts=1),
+        ResultEvent(**o, status="running", at=t0 + 2),
+        ResultEvent(**o, status="completed", at=t0 + 3, result={"embeddings": [[0.5]]}, attempts=1),
+        ResultEvent(**o, status="dispatched", at=t0 + 1),
+        ResultEvent(**o, status="running", at=t0 + 2),
+    ]
+    stale = [
+        replayed,
+        ResultEvent(**base, status="running", at=late),
+        ResultEvent(**base, status="failed", at=late, error={"type": "late", "message": "stale"}),
+        replayed,
+    ]
+    marker = ResultEvent(**{**o, "request_id": new_request_id()}, status="completed", at=t0)
+    # One key, one partition: once the marker's row exists, everything before it was applied.
+    await produce_results(pipeline, [*stale, *synthetic, marker])
+    await wait_for(lambda: row_of(pipeline, marker.request_id), timeout=30, what="the marker row")
+
+    assert await row_of(pipeline, rid) == before  # nothing changed, not even updated_at or history
+    status, doc, _ = await alice.get(rid)
+    assert status == 200 and doc == done
+
+    row = await row_of(pipeline, other)
+    assert row is not None and row["status"] == "completed" and row["result"] == {"embeddings": [[0.5]]}
+    assert [h["status"] for h in row["history"]] == ["dispatched", "running", "completed"]
+    assert row["completed_at"].timestamp() == pytest.approx(t0 + 3, abs=1e-3)
+    assert row["updated_at"].timestamp() == pytest.approx(t0 + 3, abs=1e-3)
+    assert row["started_at"].timestamp() == pytest.approx(t0 + 2, abs=1e-3)
+    pool = await pipeline.store.connect()
+    assert await pool.fetchval("SELECT count(*) FROM requests WHERE request_id = $1", other) == 1
+
+
+async def _status_is(pipeline: Pipeline, rid: str, status: str) -> bool:
+    row = await row_of(pipeline, rid)
+    return row is not None and row["status"] == status
+
+
+async def test_sse_across_workers_resume_and_ownership(
+    http: aiohttp.ClientSession, pipeline: Pipeline, workers: tuple[WorkerProcess, WorkerProcess], model_base_url: str
+) -> None:
+    a, b = workers
+    users = [f"sse{i}" for i in range(4)]
+    keys = {u: await pipeline.create_key(u) for u in users}
+    apis = {u: await Api(http, a.url, keys[u]).wait_key_active() for u in users}
+    await Api(http, b.url, keys[users[-1]]).wait_key_active()
+    async with model_faults(http, model_base_url, latency_ms=3000):
+        accepted = {}
+        for u in users:
+            status, body, _ = await apis[u].submit({"task": "generate", "input": f"hi {u}", "params": {"max_tokens": 4}})
+            assert status == 202, body
+            accepted[u] = body["request_id"]
+        # Each request is watched on both workers: the sink that writes its rows runs on exactly
+        # one of them (the owner of the user's partition), so one stream hears it from the other.
+        streams = {
+            (u, w.url): asyncio.ensure_future(read_sse(http, f"{w.url}/v1/requests/{accepted[u]}/events", keys[u]))
+            for u in users
+            for w in (a, b)
+        }
+        # A client that drops after its first event and resumes from its id.
+        first = await read_sse(http, f"{b.url}/v1/requests/{accepted[users[0]]}/events", keys[users[0]], stop_after=1)
+        results = dict(zip(streams, await asyncio.gather(*streams.values()), strict=True))
+        resumed = await read_sse(
+            http, f"{a.url}/v1/requests/{accepted[users[0]]}/events", keys[users[0]],
+            last_event_id=str(first.events[0]["id"]),
+        )  # fmt: skip
+    for (u, url), got in results.items():
+        assert got.status == 200
+        ids = [e["id"] for e in got.events]
+        assert ids == sorted(set(ids)) and len(ids) >= 2, (u, url, got.events)  # heard live, not just loaded
+        assert got.events[-1]["event"] == "completed" and got.events[-1]["data"]["result"]["text"]
+    assert first.events and first.events[0]["id"] < 4
+    assert resumed.events and all(e["id"] > first.events[0]["id"] for e in resumed.events)
+    assert resumed.events[-1]["event"] == "completed"
+
+    # After the end: Last-Event-ID 3 gets only the terminal event, 4 gets nothing and the stream ends.
+    rid = accepted[users[1]]
+    url = f"{b.url}/v1/requests/{rid}/events"
+    tail = await read_sse(http, url, keys[users[1]], last_event_id="3")
+    assert [(e["id"], e["event"]) for e in tail.events] == [(4, "completed")]
+    assert (await read_sse(http, url, keys[users[1]], last_event_id="4")).events == []
+    # Someone else's request does not exist for them, on either worker.
+    for w in (a, b):
+        assert (await read_sse(http, f"{w.url}/v1/requests/{rid}/events", keys[users[2]])).status == 404
+        assert (await Api(http, w.url, keys[users[2]]).get(rid))[0] == 404
+
+
+async def test_webhook_is_signed_retried_and_recorded(alice: Api, pipeline: Pipeline) -> None:
+    calls: list[tuple[bytes, dict[str, str]]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        calls.append((await request.read(), dict(request.headers)))
+        return web.Response(status=503 if len(calls) <= 2 else 200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        status, accepted, _ = await alice.submit(
+            {"task": "embed", "input": "call me back", "callback_url": f"http://127.0.0.1:{port}/hook"}
+        )
+        assert status == 202, accepted
+        rid = accepted["request_id"]
+
+        async def delivered() -> dict[str, Any] | None:
+            row = await row_of(pipeline, rid)
+            return row if row and row["webhook_state"] == "delivered" else None
+
+        row = await wait_for(delivered, timeout=45, what="the webhook delivered")
+    finally:
+        await runner.cleanup()
+    assert row["webhook_attempts"] == 3 and row["webhook_delivered_at"] is not None
+    assert row["webhook_last_error"] is None
+    assert len(calls) == 3
+    secret = pipeline.settings.webhook_secret
+    for body, headers in calls:
+        assert verify_signature(secret, body, headers[SIGNATURE_HEADER])
+        assert not verify_signature("another secret", body, headers[SIGNATURE_HEADER])
+    doc = orjson.loads(calls[-1][0])
+    assert doc["request_id"] == rid and doc["status"] == "completed" and doc["result"]["embeddings"]
+    assert calls[0][0] == calls[-1][0]  # the same signed document every attempt
+
+
+async def test_list_filters_by_status_and_pages_own_requests_only(
+    http: aiohttp.ClientSession, pipeline: Pipeline, workers: tuple[WorkerProcess, WorkerProcess]
+) -> None:
+    a, b = workers
+    dave = await Api(http, b.url, await pipeline.create_key("dave")).wait_key_active()
+    erin = await Api(http, a.url, await pipeline.create_key("erin")).wait_key_active()
+    mine = []
+    for i in range(5):
+        status, body, _ = await dave.submit({"task": "embed", "input": f"list {i}"})
+        assert status == 202
+        mine.append(body["request_id"])
+    status, body, _ = await erin.submit({"task": "embed", "input": "not dave's"})
+    assert status == 202
+    theirs = body["request_id"]
+    for rid in mine:
+        await dave.wait_status(rid, {"completed"})
+    # The list reads PostgreSQL: wait until every row is there and final.
+    await wait_for(lambda: _listed(dave, "completed", 5), timeout=30, what="dave's rows completed")
+
+    seen: list[str] = []
+    after = None
+    while True:
+        path = "/v1/requests?status=completed&limit=2" + (f"&after={after}" if after else "")
+        status, page, _ = await dave.call("GET", path)
+        assert status == 200 and len(page["data"]) <= 2
+        seen += [d["request_id"] for d in page["data"]]
+        assert all(d["status"] == "completed" for d in page["data"])
+        if not page["has_more"]:
+            assert page["next_after"] is None
+            break
+        after = page["next_after"]
+    assert seen == sorted(mine, reverse=True)  # newest first, each once, only dave's
+    assert theirs not in seen
+    status, page, _ = await dave.call("GET", "/v1/requests?status=failed")
+    assert status == 200 and page["data"] == [] and page["has_more"] is False
+    status, page, _ = await erin.call("GET", "/v1/requests")
+    assert [d["request_id"] for d in page["data"]] == [theirs]
+
+
+async def _listed(api: Api, status: str, n: int) -> bool:
+    code, page, _ = await api.call("GET", f"/v1/requests?status={status}&limit=100")
+    return code == 200 and len(page["data"]) >= n
