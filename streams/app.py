@@ -42,7 +42,6 @@ def build_app(cfg: Settings) -> faust.App:
         web_cors_options=None,
         # Standbys shorten fail-over: the survivor already holds the quota state.
         table_standby_replicas=1,
-        stream_wait_empty=False,
     )
 
 

@@ -82,7 +82,7 @@ class WorkerProcess:
                         self.url + "/readyz", timeout=aiohttp.ClientTimeout(total=1)
                     ) as r:
                         return r.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     return False
 
             try:
