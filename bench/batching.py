@@ -32,7 +32,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.direct_model import MODEL, measure, sentences
 from inferstream.localbroker import LocalBroker
-from tests.support.modelserver import HOST, free_port, start_modelserver, stop_modelserver, wait_healthy
+from tests.support.modelserver import (
+    HOST,
+    free_port,
+    start_modelserver,
+    stop_modelserver,
+    wait_healthy,
+)
 from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
 
 TERMINAL_FAILURES = ("failed", "cancelled", "expired")
@@ -110,6 +116,10 @@ async def through_pipeline(
     return PipelineRun(len(bodies), elapsed, after["calls"] - before["calls"], after["texts"] - before["texts"])
 
 
+def progress(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", flush=True)
+
+
 async def run(args: argparse.Namespace) -> None:
     port = free_port()
     model_proc = start_modelserver(port)
@@ -117,6 +127,7 @@ async def run(args: argparse.Namespace) -> None:
         with LocalBroker() as broker:
             model_url = f"http://{HOST}:{port}"
             await wait_healthy(model_url, time.monotonic() + 120, model_proc)
+            progress("model server ready")
             pipeline = await Pipeline.create(broker.url, model_url + "/v1")
             try:
                 await pipeline.set_plan(
@@ -124,6 +135,7 @@ async def run(args: argparse.Namespace) -> None:
                 )
                 extra = dict(item.split("=", 1) for item in args.worker_env)
                 worker = await pipeline.start_worker(**{k.lower(): v for k, v in extra.items()})
+                progress(f"worker ready, log {worker.log_path}")
                 await measure_all(args, pipeline, worker, model_url)
             finally:
                 await pipeline.cleanup()
@@ -140,12 +152,16 @@ async def measure_all(args: argparse.Namespace, pipeline: Pipeline, worker: Work
         # Warm-up: the first calls of each path pay for lazy connections and imports.
         await measure(http, model_url, args.batch, 1.0)
         await through_pipeline(pipeline, http, worker, "bench-warm", embed[-256:], args.concurrency, timeout)
+        progress("warmed up")
 
         single = await measure(http, model_url, 1, args.seconds)
+        progress(f"direct unbatched: {single:.1f}/s")
         batched = await measure(http, model_url, args.batch, args.seconds)
+        progress(f"direct batched: {batched:.1f}/s")
         emb = await through_pipeline(
             pipeline, http, worker, "bench-embed", embed[: args.requests], args.concurrency, timeout
         )
+        progress(f"pipeline embeddings: {emb.rate:.1f}/s")
         gen = await through_pipeline(pipeline, http, worker, "bench-generate", generate, args.concurrency, timeout)
 
     print(f"direct, one text per call     : {single:8.1f} embeddings/s")

@@ -83,6 +83,9 @@ class Settings:
     ml_concurrency: int = _setting(16, "Concurrent model calls per model endpoint in one ML worker.")
     ml_batch_size: int = _setting(32, "Largest embedding batch sent in one model call.")
     ml_batch_wait_ms: int = _setting(10, "How long a batch waits to fill before it is sent.")
+    ml_batch_concurrency: int = _setting(
+        2, "Embedding batches in flight per model in one ML worker; more texts gather while they are out."
+    )
     ml_max_attempts: int = _setting(4, "Model call attempts before a request fails and is dead-lettered.")
     ml_retry_base_s: float = _setting(0.2, "First retry backoff; doubles per attempt, with full jitter.")
     ml_retry_max_s: float = _setting(10.0, "Longest single retry backoff.")

@@ -67,7 +67,9 @@ async def redrive_letters(
         return []
     now = clock.now()
     planned = [Redriven(d["request_id"], resubmission(d, now)) for d in dead_letters]
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(settings.broker_url), acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers(settings.broker_url), acks="all"
+    )
     await producer.start()
     try:
         pending = [
@@ -104,12 +106,29 @@ def describe(dead: Mapping[str, Any]) -> str:
 def register_redrive(app: faust.App, settings: Settings, store: Store) -> None:
     @app.command(
         click.argument("request_ids", nargs=-1),
-        option("--list", "list_only", is_flag=True, help="List dead letters (pending ones unless --all)."),
-        option("--all", "all_pending", is_flag=True, help="Redrive every dead letter not yet redriven."),
-        option("--limit", type=int, default=100, show_default=True, help="Most dead letters listed or redriven."),
+        option(
+            "--list",
+            "list_only",
+            is_flag=True,
+            help="List dead letters (pending ones unless --all).",
+        ),
+        option(
+            "--all", "all_pending", is_flag=True, help="Redrive every dead letter not yet redriven."
+        ),
+        option(
+            "--limit",
+            type=int,
+            default=100,
+            show_default=True,
+            help="Most dead letters listed or redriven.",
+        ),
     )
     async def redrive(
-        self: AppCommand, request_ids: tuple[str, ...], list_only: bool, all_pending: bool, limit: int
+        self: AppCommand,
+        request_ids: tuple[str, ...],
+        list_only: bool,
+        all_pending: bool,
+        limit: int,
     ) -> None:
         """List dead letters, or re-submit them as new requests linked to the old ones."""
         try:
@@ -133,7 +152,8 @@ def register_redrive(app: faust.App, settings: Settings, store: Store) -> None:
             done = await redrive_letters(settings, store, chosen)
             self.say(f"redrove {len(done)} dead letter(s):")
             for r in done:
-                self.say(f"{r.old_id} -> {r.new.request_id}  user={r.new.user_id}  {r.new.task}/{r.new.model}")
+                self.say(
+                    f"{r.old_id} -> {r.new.request_id}  user={r.new.user_id}  {r.new.task}/{r.new.model}"
+                )
         finally:
             await store.close()
-

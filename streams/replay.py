@@ -3,8 +3,11 @@
 A throwaway aiokafka consumer without a group (nothing is committed, no worker
 is disturbed) is assigned every partition of the topic, seeks each to the
 start (an offset, or the first record at or after a time), and reads up to the
-end offset captured when it started, or up to ``--until`` (exclusive: records
-before that offset or time). Events are decoded as the live sink decodes them
+log's end as of its first fetch, or up to ``--until`` (exclusive: records
+before that offset or time). The end comes from the fetch's high watermark and
+times are checked against record timestamps when the broker's ListOffsets
+answer is wrong, as Tansu 0.6's is (a lagging latest offset after batched
+produces, offset 0 for any time). Events are decoded as the live sink decodes them
 and written through the same :class:`ResultSink` and ``Store.upsert_events``,
 so the rank rule holds: a replay can fill gaps and move rows forward, never back.
 Rows that changed are refreshed in Redis (cache and notification, best effort).
@@ -78,8 +81,10 @@ class PartitionRange:
     partition: int
     start: int
     stop: int  # exclusive
+    open_end: bool = False  # ``stop`` is the log's end: the first fetch's high watermark settles it
     not_before_ms: int | None = None  # skip records until the first one at or after this time
     stop_at_ms: int | None = None  # stop at the first record at or after this time
+    end_known: bool = False
     first: int | None = None
     last: int | None = None
     read: int = 0
@@ -88,15 +93,24 @@ class PartitionRange:
     def pending(self) -> int:
         return max(0, self.stop - self.start)
 
+    def learn_end(self, highwater: int) -> None:
+        """The fetch's high watermark, which is exact (Tansu 0.6's ListOffsets lags after batches)."""
+        if not self.end_known:
+            self.stop = max(self.stop, highwater) if self.open_end else min(self.stop, highwater)
+            self.end_known = True
+
     def admit(self, offset: int, timestamp_ms: int) -> bool | None:
         """True to replay the record, False to skip it, None when the range ends before it."""
         if offset >= self.stop or (self.stop_at_ms is not None and timestamp_ms >= self.stop_at_ms):
             self.stop = min(self.stop, offset)
+            self.open_end, self.end_known = False, True
             return None
         if self.not_before_ms is not None:
             if timestamp_ms < self.not_before_ms:
                 return False
-            self.not_before_ms = None  # Kafka's rule: from the first record at or after the time, all
+            self.not_before_ms = (
+                None  # Kafka's rule: from the first record at or after the time, all
+            )
         self.first = offset if self.first is None else self.first
         self.last = offset
         self.read += 1
@@ -140,6 +154,7 @@ async def _offsets_at(
     then starts at the beginning and the record times decide (``time_ms`` set).
     """
     if isinstance(pos, int):
+        # Past the end would make the consumer reset to the beginning: the end is as far as it goes.
         return {tp: (min(max(pos, begins[tp]), ends[tp]), None) for tp in tps}
     target = int(pos.timestamp() * 1000)
     found = await consumer.offsets_for_times({tp: target for tp in tps})
@@ -151,9 +166,34 @@ async def _offsets_at(
         elif hit.timestamp >= target:
             out[tp] = (hit.offset, None)
         else:
-            log.info("replay: the broker's offset for %s at %s is unreliable; checking record times", tp, pos)
+            log.info(
+                "replay: the broker's offset for %s at %s is unreliable; checking record times",
+                tp,
+                pos,
+            )
             out[tp] = (begins[tp], target)
     return out
+
+
+def _plan(
+    tps: Sequence[TopicPartition],
+    starts: dict[TopicPartition, tuple[int, int | None]],
+    until: Position | None,
+    stops: dict[TopicPartition, tuple[int, int | None]],
+    ends: dict[TopicPartition, int],
+) -> dict[TopicPartition, PartitionRange]:
+    ranges = {}
+    for tp in tps:
+        (first, not_before), (stop, stop_at) = starts[tp], stops[tp]
+        if isinstance(until, int):
+            stop = max(until, first)  # not clamped to the reported end, which may lag
+        open_end = until is None or stop_at is not None  # the record times decide where it ends
+        if open_end:
+            stop = ends[tp]
+        ranges[tp] = PartitionRange(
+            tp.partition, first, max(first, stop), open_end, not_before, stop_at
+        )
+    return ranges
 
 
 async def replay_range(
@@ -189,21 +229,17 @@ async def replay_range(
         begins = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
         starts = await _offsets_at(consumer, tps, start, begins, ends)
-        stops = (
+        stops: dict[TopicPartition, tuple[int, int | None]] = (
             {tp: (ends[tp], None) for tp in tps}
             if until is None
             else await _offsets_at(consumer, tps, until, begins, ends)
         )
-        ranges: dict[TopicPartition, PartitionRange] = {}
-        for tp in tps:
-            (first, not_before), (stop, stop_at) = starts[tp], stops[tp]
-            if stop_at is not None:
-                stop = ends[tp]  # the record times decide where it ends
-            ranges[tp] = PartitionRange(tp.partition, first, max(first, stop), not_before, stop_at)
+        ranges = _plan(tps, starts, until, stops, ends)
         summary.partitions = list(ranges.values())
         if on_plan is not None:
             on_plan(sum(r.pending for r in ranges.values()))
-        active = {tp for tp, r in ranges.items() if r.pending}
+        # An open-ended partition is fetched at least once, to learn where it really ends.
+        active = {tp for tp, r in ranges.items() if r.pending or r.open_end}
         for tp in tps:
             if tp in active:
                 consumer.seek(tp, ranges[tp].start)
@@ -213,6 +249,10 @@ async def replay_range(
         while active:
             fetched = await consumer.getmany(*active, timeout_ms=1000, max_records=batch_size)
             batch: list[Event] = []
+            for tp in active:
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    ranges[tp].learn_end(highwater)
             for tp, records in fetched.items():
                 rng = ranges[tp]
                 seen = 0
@@ -237,7 +277,7 @@ async def replay_range(
             summary.batches += bool(batch)
             # Done with a partition once its position reaches the stop (gaps and markers included).
             for tp in list(active):
-                if await consumer.position(tp) >= ranges[tp].stop:
+                if ranges[tp].end_known and await consumer.position(tp) >= ranges[tp].stop:
                     active.discard(tp)
                     consumer.pause(tp)
             idle = 0 if fetched else idle + 1
@@ -267,10 +307,23 @@ def refresher(redis: RedisClient) -> Callable[[list[dict[str, Any]]], Any]:
 
 def register_replay(app: faust.App, settings: Settings, store: Store, redis: RedisClient) -> None:
     @app.command(
-        option("--topic", "topic_name", required=True, help="requests, results, or a full topic name."),
+        option(
+            "--topic", "topic_name", required=True, help="requests, results, or a full topic name."
+        ),
         option("--from", "start", required=True, help="Offset (every partition) or ISO 8601 time."),
-        option("--until", "until", default=None, help="Stop before this offset or time (default: the end now)."),
-        option("--batch-size", type=int, default=1000, show_default=True, help="Events per PostgreSQL write."),
+        option(
+            "--until",
+            "until",
+            default=None,
+            help="Stop before this offset or time (default: the end now).",
+        ),
+        option(
+            "--batch-size",
+            type=int,
+            default=1000,
+            show_default=True,
+            help="Events per PostgreSQL write.",
+        ),
     )
     async def replay(
         self: AppCommand, topic_name: str, start: str, until: str | None, batch_size: int
@@ -282,7 +335,11 @@ def register_replay(app: faust.App, settings: Settings, store: Store, redis: Red
 
         def plan(total: int) -> None:
             nonlocal bar
-            bar = click.progressbar(length=max(total, 1), label=f"replaying {total} messages", file=click.get_text_stream("stderr"))
+            bar = click.progressbar(
+                length=max(total, 1),
+                label=f"replaying {total} messages",
+                file=click.get_text_stream("stderr"),
+            )
             bar.__enter__()
 
         try:
@@ -298,4 +355,3 @@ def register_replay(app: faust.App, settings: Settings, store: Store, redis: Red
             await store.close()
         for line in summary.lines():
             self.say(line)
-

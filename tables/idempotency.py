@@ -9,11 +9,12 @@ the worker that owns the user. :class:`IdempotencyBook` is its only writer.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from inferstream import clock
 from inferstream.errors import IdempotencyMismatch
+from tables.definitions import changelog_written
 
 Entries = dict[str, dict[str, Any]]
 
@@ -49,6 +50,10 @@ class IdempotencyBook:
         live = {k: v for k, v in (self.table.get(user_id) or {}).items() if v["at"] + self.ttl_s >= now}
         live[key] = {"fingerprint": body_fingerprint, "at": now, "response": response}
         self.table[user_id] = live
+
+    def written(self, user_id: str) -> Awaitable[Any]:
+        """Resolves once the broker holds this user's latest write."""
+        return changelog_written(self.table, user_id)
 
     def forget(self, user_id: str, key: str) -> None:
         entries = dict(self.table.get(user_id) or {})

@@ -26,13 +26,14 @@ Rules, per UTC day (``window``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 from inferstream import clock
 from inferstream.errors import QuotaExceeded
 from schemas.plans import Plan
+from tables.definitions import changelog_written
 
 QuotaState = dict[str, Any]  # JSON-friendly: it is what the changelog carries
 
@@ -231,6 +232,10 @@ class QuotaBook:
             return False
         self.table[user_id] = new
         return True
+
+    def written(self, user_id: str) -> Awaitable[Any]:
+        """Resolves once the broker holds this user's latest write: await it before answering 202."""
+        return changelog_written(self.table, user_id)
 
     def snapshot(self, user_id: str, plan: Plan) -> Admission:
         now = self.now()

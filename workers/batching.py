@@ -1,5 +1,11 @@
 """Dynamic batching: requests' texts gathered for up to N texts or T ms, one model call, results split back.
 
+At most ``max_in_flight`` batches are out at once. While they are, texts keep
+gathering instead of leaving in small batches that would only queue at the
+model: the next batch goes out when one returns (or a full one when there is
+room), so batches grow with the load. When the model is idle, a batch waits at
+most T for company.
+
 A request is never split across calls: if it alone exceeds ``max_items`` it
 goes out on its own. A batch's ``usage`` is shared out between its requests in
 proportion to their own token counts (largest remainder, so the parts add up
@@ -25,6 +31,7 @@ BatchCall = Callable[[list[str]], Awaitable[tuple[Vectors, Usage]]]
 @dataclass
 class _Item:
     texts: list[str]
+    arrived: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     future: asyncio.Future[tuple[Vectors, Usage]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -52,10 +59,13 @@ def split_usage(usage: Usage, weights: Sequence[int]) -> list[Usage]:
 class Batcher:
     """Gathers texts for one model; ``submit()`` resolves with this request's vectors and usage share."""
 
-    def __init__(self, call: BatchCall, *, max_items: int, max_wait_s: float, name: str = "") -> None:
+    def __init__(
+        self, call: BatchCall, *, max_items: int, max_wait_s: float, max_in_flight: int = 2, name: str = ""
+    ) -> None:
         self._call = call
         self.max_items = max(1, max_items)
         self.max_wait_s = max_wait_s
+        self.max_in_flight = max(1, max_in_flight)
         self.name = name
         self._pending: list[_Item] = []
         self._pending_texts = 0
@@ -67,15 +77,10 @@ class Batcher:
         return len(self._pending)
 
     async def submit(self, texts: list[str]) -> tuple[Vectors, Usage]:
-        if self._pending and self._pending_texts + len(texts) > self.max_items:
-            self._flush()
         item = _Item(list(texts))
         self._pending.append(item)
         self._pending_texts += len(texts)
-        if self._pending_texts >= self.max_items:
-            self._flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._flush)
+        self._dispatch()
         try:
             return await item.future
         except asyncio.CancelledError:
@@ -85,16 +90,48 @@ class Batcher:
                 self._pending_texts -= len(item.texts)
             raise
 
-    def _flush(self) -> None:
-        if self._timer is not None:
+    def _dispatch(self) -> None:
+        """Send what is due while there is room; otherwise wait for the timer or a returning batch."""
+        loop = asyncio.get_running_loop()
+        while self._pending and len(self._running) < self.max_in_flight:
+            waited = loop.time() - self._pending[0].arrived
+            if self._pending_texts < self.max_items and waited < self.max_wait_s:
+                break
+            self._send(self._take())
+        due = self._pending[0].arrived + self.max_wait_s if self._pending else None
+        if len(self._running) >= self.max_in_flight:
+            due = None  # a returning batch dispatches next
+        if self._timer is not None and (due is None or self._timer.when() != due):
             self._timer.cancel()
             self._timer = None
-        items, self._pending, self._pending_texts = self._pending, [], 0
-        if not items:
-            return
+        if due is not None and self._timer is None:
+            self._timer = loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _take(self) -> list[_Item]:
+        """The oldest requests that fit in one batch (at least one, even if it alone is too big)."""
+        taken, texts = 0, 0
+        for item in self._pending:
+            if taken and texts + len(item.texts) > self.max_items:
+                break
+            taken += 1
+            texts += len(item.texts)
+        items, self._pending = self._pending[:taken], self._pending[taken:]
+        self._pending_texts -= texts
+        return items
+
+    def _send(self, items: list[_Item]) -> None:
         task = asyncio.get_running_loop().create_task(self._run(items))
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        task.add_done_callback(self._returned)
+
+    def _returned(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if self._pending:
+            self._dispatch()
 
     async def _run(self, items: list[_Item]) -> None:
         texts = [t for item in items for t in item.texts]
@@ -118,10 +155,13 @@ class Batcher:
                 item.future.set_result((part, share))
 
     async def close(self) -> None:
-        """Cancel batches in flight (their waiters see CancelledError)."""
+        """Cancel batches in flight and waiting (their waiters see CancelledError)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for item in self._pending:
+            item.future.cancel()
+        self._pending, self._pending_texts = [], 0
         for task in list(self._running):
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)

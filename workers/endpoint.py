@@ -105,7 +105,11 @@ class Endpoint:
                 return await self.call(lambda: self.model.embed(model, texts))
 
             batcher = self._batchers[model] = Batcher(
-                run, max_items=self.settings.ml_batch_size, max_wait_s=self.settings.ml_batch_wait_ms / 1000, name=model
+                run,
+                max_items=self.settings.ml_batch_size,
+                max_wait_s=self.settings.ml_batch_wait_ms / 1000,
+                max_in_flight=self.settings.ml_batch_concurrency,
+                name=model,
             )
         return batcher
 

@@ -85,11 +85,16 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
         "links": {"self": self_url, "events": f"{self_url}/events"},
     }
     headers = {**admission.headers(), "Location": self_url}
+    # The 202 waits for the tables' changelog too: an admission lost in a crash would be re-granted.
+    durable = [gw.quota.written(user)]
     if idem_key is not None:
         gw.idempotency.remember(user, idem_key, body_fp, {"status": 202, "headers": headers, "body": answer})
+        durable.append(gw.idempotency.written(user))
     # ---- awaits from here on ------------------------------------------------
     try:
-        await asyncio.wait_for(gw.write_request(req), gw.settings.admission_timeout_s)
+        await asyncio.wait_for(
+            asyncio.gather(gw.write_request(req), *durable), gw.settings.admission_timeout_s
+        )
     except (TimeoutError, KafkaError) as exc:
         # Not in the log, so never processed: give the allowance back.
         log.warning("request %s not written to the log, released: %r", request_id, exc)

@@ -83,8 +83,8 @@ async def api(http: aiohttp.ClientSession, pipeline: Pipeline, pipeline_worker: 
     return await Api(http, pipeline_worker.url, key).wait_key_active()
 
 
-async def start_ml(pipeline: Pipeline, started: list[WorkerProcess], **overrides: str) -> WorkerProcess:
-    worker = await pipeline.start_worker(roles="ml", **overrides)
+async def start_ml(pipeline: Pipeline, started: list[WorkerProcess], ml_concurrency: int = 16) -> WorkerProcess:
+    worker = await pipeline.start_worker(roles="ml", ml_concurrency=str(ml_concurrency))
     started.append(worker)
     return worker
 
@@ -185,7 +185,7 @@ async def test_cancel_of_a_queued_request_never_reaches_the_model(
     pipeline: Pipeline, api: Api, admin: ModelAdmin, ml_workers: list[WorkerProcess],
 ) -> None:
     await admin.faults(latency_ms=SLOW_MS)
-    await start_ml(pipeline, ml_workers, ml_concurrency="1")
+    await start_ml(pipeline, ml_workers, ml_concurrency=1)
     calls_before = await admin.generate_calls()
     blocker = await submit_generate(api, "the backlog")
     await api.wait_status(blocker, {"running"}, timeout=TERMINAL_TIMEOUT)
@@ -232,7 +232,7 @@ async def test_deadline_passed_behind_a_backlog_expires_without_a_model_call(
     pipeline: Pipeline, api: Api, admin: ModelAdmin, ml_workers: list[WorkerProcess],
 ) -> None:
     await admin.faults(latency_ms=SLOW_MS)
-    await start_ml(pipeline, ml_workers, ml_concurrency="1")
+    await start_ml(pipeline, ml_workers, ml_concurrency=1)
     calls_before = await admin.generate_calls()
     blocker = await submit_generate(api, "the backlog")
     await api.wait_status(blocker, {"running"}, timeout=TERMINAL_TIMEOUT)
@@ -251,8 +251,8 @@ async def test_two_ml_workers_share_the_work(
     http: aiohttp.ClientSession,
 ) -> None:
     await admin.faults(latency_ms=100)
-    first = await start_ml(pipeline, ml_workers, ml_concurrency="4")
-    second = await start_ml(pipeline, ml_workers, ml_concurrency="4")
+    first = await start_ml(pipeline, ml_workers, ml_concurrency=4)
+    second = await start_ml(pipeline, ml_workers, ml_concurrency=4)
     ids = [await submit_generate(api, f"share {i}") for i in range(24)]
     for rid in ids:
         doc = await api.wait_status(rid, {"completed", "failed", "cancelled", "expired"}, timeout=TERMINAL_TIMEOUT)

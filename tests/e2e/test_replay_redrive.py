@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -58,7 +59,7 @@ async def api(http: aiohttp.ClientSession, pipeline: Pipeline, worker: WorkerPro
 
 
 async def test_replay_restores_deleted_rows_identically(api: Api, pipeline: Pipeline) -> None:
-    bodies = [
+    bodies: list[dict[str, Any]] = [
         {"task": "embed", "input": ["replay me", "and me"], "metadata": {"n": 1}},
         {"task": "generate", "input": "a story", "params": {"max_tokens": 8}, "priority": "high"},
         {"task": "embed", "input": "third", "deadline_s": 600},
@@ -68,7 +69,11 @@ async def test_replay_restores_deleted_rows_identically(api: Api, pipeline: Pipe
     mid = ""
     for i, body in enumerate(bodies):
         if i == 2:
-            mid = datetime.now(UTC).isoformat()
+            # Record times have millisecond precision: split on the next millisecond, and let the
+            # clock pass it before the next record is written.
+            mid_ms = int(time.time() * 1000) + 1
+            mid = datetime.fromtimestamp(mid_ms / 1000, UTC).isoformat()
+            await asyncio.sleep(max(0.0, (mid_ms + 2) / 1000 - time.time()))
         status, accepted, _ = await api.submit(body)
         assert status == 202, accepted
         ids.append(accepted["request_id"])
@@ -110,6 +115,8 @@ async def test_replay_restores_deleted_rows_identically(api: Api, pipeline: Pipe
     assert ": 2 messages read" in out, out
     out = await cli(pipeline, "replay", "--topic", "requests", "--from", "0", "--until", mid)
     assert ": 2 messages read" in out, out
+    out = await cli(pipeline, "replay", "--topic", "requests", "--from", "1", "--until", "3")
+    assert ": 2 messages read" in out and "offsets 1..2 (2 messages)" in out, out
 
 
 async def _all_completed(pipeline: Pipeline, ids: list[str]) -> bool:
@@ -127,7 +134,12 @@ async def test_redrive_resubmits_a_dead_letter_under_a_new_id(
         async with http.post(faults_url, json={"error_status": 400, "fail_next": 1}) as r:
             assert r.status == 200
         status, accepted, _ = await api.submit(
-            {"task": "generate", "input": "doomed", "params": {"max_tokens": 5}, "metadata": {"tag": "x"}}
+            {
+                "task": "generate",
+                "input": "doomed",
+                "params": {"max_tokens": 5},
+                "metadata": {"tag": "x"},
+            }
         )
         assert status == 202
         old = accepted["request_id"]

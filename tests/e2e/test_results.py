@@ -69,7 +69,9 @@ async def read_sse(
 
 
 @contextlib.asynccontextmanager
-async def model_faults(http: aiohttp.ClientSession, model_base_url: str, **faults: Any) -> AsyncIterator[None]:
+async def model_faults(
+    http: aiohttp.ClientSession, model_base_url: str, **faults: Any
+) -> AsyncIterator[None]:
     """Change the shared model server's faults for a block; always put them back."""
     url = model_base_url + "/admin/faults"
     async with http.get(url) as r:
@@ -102,7 +104,9 @@ async def workers(pipeline: Pipeline) -> tuple[WorkerProcess, WorkerProcess]:
 
 
 @pytest.fixture
-async def alice(http: aiohttp.ClientSession, pipeline: Pipeline, workers: tuple[WorkerProcess, WorkerProcess]) -> Api:
+async def alice(
+    http: aiohttp.ClientSession, pipeline: Pipeline, workers: tuple[WorkerProcess, WorkerProcess]
+) -> Api:
     return await Api(http, workers[0].url, await pipeline.create_key("alice")).wait_key_active()
 
 
@@ -118,18 +122,24 @@ async def produce_results(pipeline: Pipeline, events: list[ResultEvent]) -> None
     try:
         for event in events:
             await producer.send_and_wait(
-                pipeline.settings.results_topic, key=orjson.dumps(event.user_id), value=event.to_bytes()
+                pipeline.settings.results_topic,
+                key=orjson.dumps(event.user_id),
+                value=event.to_bytes(),
             )
     finally:
         await producer.stop()
 
 
-async def test_duplicate_and_out_of_order_results_make_one_correct_row(alice: Api, pipeline: Pipeline) -> None:
+async def test_duplicate_and_out_of_order_results_make_one_correct_row(
+    alice: Api, pipeline: Pipeline
+) -> None:
     status, accepted, _ = await alice.submit({"task": "embed", "input": "twice"})
     assert status == 202
     rid = accepted["request_id"]
     done = await alice.wait_status(rid, {"completed"})
-    await wait_for(lambda: _status_is(pipeline, rid, "completed"), timeout=30, what="the completed row")
+    await wait_for(
+        lambda: _status_is(pipeline, rid, "completed"), timeout=30, what="the completed row"
+    )
     before = await row_of(pipeline, rid)
     assert before is not None
 
@@ -165,7 +175,11 @@ async def test_duplicate_and_out_of_order_results_make_one_correct_row(alice: Ap
     assert status == 200 and doc == done
 
     row = await row_of(pipeline, other)
-    assert row is not None and row["status"] == "completed" and row["result"] == {"embeddings": [[0.5]]}
+    assert (
+        row is not None
+        and row["status"] == "completed"
+        and row["result"] == {"embeddings": [[0.5]]}
+    )
     assert [h["status"] for h in row["history"]] == ["dispatched", "running", "completed"]
     assert row["completed_at"].timestamp() == pytest.approx(t0 + 3, abs=1e-3)
     assert row["updated_at"].timestamp() == pytest.approx(t0 + 3, abs=1e-3)
@@ -180,28 +194,40 @@ async def _status_is(pipeline: Pipeline, rid: str, status: str) -> bool:
 
 
 async def test_sse_across_workers_resume_and_ownership(
-    http: aiohttp.ClientSession, pipeline: Pipeline, workers: tuple[WorkerProcess, WorkerProcess], model_base_url: str
+    http: aiohttp.ClientSession,
+    pipeline: Pipeline,
+    workers: tuple[WorkerProcess, WorkerProcess],
+    model_base_url: str,
 ) -> None:
     a, b = workers
     users = [f"sse{i}" for i in range(4)]
     keys = {u: await pipeline.create_key(u) for u in users}
     apis = {u: await Api(http, a.url, keys[u]).wait_key_active() for u in users}
     await Api(http, b.url, keys[users[-1]]).wait_key_active()
+    for w in (a, b):  # events must travel by pub/sub here, not by the polling fallback
+        async with http.get(w.url + "/readyz") as r:
+            assert (await r.json())["checks"]["redis_pubsub"] is True
     async with model_faults(http, model_base_url, latency_ms=3000):
         accepted = {}
         for u in users:
-            status, body, _ = await apis[u].submit({"task": "generate", "input": f"hi {u}", "params": {"max_tokens": 4}})
+            status, body, _ = await apis[u].submit(
+                {"task": "generate", "input": f"hi {u}", "params": {"max_tokens": 4}}
+            )
             assert status == 202, body
             accepted[u] = body["request_id"]
         # Each request is watched on both workers: the sink that writes its rows runs on exactly
         # one of them (the owner of the user's partition), so one stream hears it from the other.
         streams = {
-            (u, w.url): asyncio.ensure_future(read_sse(http, f"{w.url}/v1/requests/{accepted[u]}/events", keys[u]))
+            (u, w.url): asyncio.ensure_future(
+                read_sse(http, f"{w.url}/v1/requests/{accepted[u]}/events", keys[u])
+            )
             for u in users
             for w in (a, b)
         }
         # A client that drops after its first event and resumes from its id.
-        first = await read_sse(http, f"{b.url}/v1/requests/{accepted[users[0]]}/events", keys[users[0]], stop_after=1)
+        first = await read_sse(
+            http, f"{b.url}/v1/requests/{accepted[users[0]]}/events", keys[users[0]], stop_after=1
+        )
         results = dict(zip(streams, await asyncio.gather(*streams.values()), strict=True))
         resumed = await read_sse(
             http, f"{a.url}/v1/requests/{accepted[users[0]]}/events", keys[users[0]],
@@ -210,7 +236,11 @@ async def test_sse_across_workers_resume_and_ownership(
     for (u, url), got in results.items():
         assert got.status == 200
         ids = [e["id"] for e in got.events]
-        assert ids == sorted(set(ids)) and len(ids) >= 2, (u, url, got.events)  # heard live, not just loaded
+        assert ids == sorted(set(ids)) and len(ids) >= 2, (
+            u,
+            url,
+            got.events,
+        )  # heard live, not just loaded
         assert got.events[-1]["event"] == "completed" and got.events[-1]["data"]["result"]["text"]
     assert first.events and first.events[0]["id"] < 4
     assert resumed.events and all(e["id"] > first.events[0]["id"] for e in resumed.events)
@@ -224,7 +254,9 @@ async def test_sse_across_workers_resume_and_ownership(
     assert (await read_sse(http, url, keys[users[1]], last_event_id="4")).events == []
     # Someone else's request does not exist for them, on either worker.
     for w in (a, b):
-        assert (await read_sse(http, f"{w.url}/v1/requests/{rid}/events", keys[users[2]])).status == 404
+        assert (
+            await read_sse(http, f"{w.url}/v1/requests/{rid}/events", keys[users[2]])
+        ).status == 404
         assert (await Api(http, w.url, keys[users[2]]).get(rid))[0] == 404
 
 
@@ -243,7 +275,11 @@ async def test_webhook_is_signed_retried_and_recorded(alice: Api, pipeline: Pipe
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         status, accepted, _ = await alice.submit(
-            {"task": "embed", "input": "call me back", "callback_url": f"http://127.0.0.1:{port}/hook"}
+            {
+                "task": "embed",
+                "input": "call me back",
+                "callback_url": f"http://127.0.0.1:{port}/hook",
+            }
         )
         assert status == 202, accepted
         rid = accepted["request_id"]
