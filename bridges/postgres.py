@@ -328,12 +328,18 @@ class Store:
         return True
 
     # ---- webhooks ------------------------------------------------------
-    async def pending_webhooks(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Terminal rows with a callback whose delivery is still due, oldest first."""
+    async def pending_webhooks(self, limit: int = 100, *, older_than_s: float = 0.0) -> list[dict[str, Any]]:
+        """Terminal rows with a callback whose delivery is still due, oldest first.
+
+        ``older_than_s`` skips rows that reached their status more recently (their
+        delivery is probably still being retried by the worker that sank them).
+        """
         rows = await self._fetch(
             f"SELECT {_ROW}, webhook_attempts FROM requests WHERE webhook_state = 'pending'"
+            " AND ($2 = 0 OR updated_at < now() - make_interval(secs => $2))"
             " ORDER BY updated_at LIMIT $1",
             max(1, min(int(limit), MAX_LIST_LIMIT)),
+            float(older_than_s),
         )
         return [dict(r) for r in rows]
 

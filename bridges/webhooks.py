@@ -97,8 +97,12 @@ class WebhookSender:
         self._lock = asyncio.Lock()
 
     @property
-    def in_flight(self) -> int:
+    def in_flight_count(self) -> int:
         return len(self._tasks)
+
+    def delivering(self, request_id: str) -> bool:
+        """Whether a delivery for ``request_id`` is under way in this process."""
+        return any(t.get_name() == f"webhook-{request_id}" for t in self._tasks)
 
     async def _client(self) -> aiohttp.ClientSession:
         if self._session is None:

@@ -144,6 +144,18 @@ if settings.has_pipeline:
     quirks.run_with_app(app, ResultsBridge(settings, rabbit, _produce_results))
     quirks.run_with_app(app, DeadLetterRecorder(settings, rabbit, store))
 
+    @app.timer(interval=60.0, on_leader=True)
+    async def resend_pending_webhooks() -> None:
+        """Deliveries left pending by a crash, an outage or a replay: retried by the leader only."""
+        try:
+            rows = await store.pending_webhooks(100, older_than_s=600)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("pending webhook sweep skipped: %r", exc)
+            return
+        for row in rows:
+            if row.get("callback_url") and not webhooks.delivering(row["request_id"]):
+                webhooks.submit(row["request_id"], row["callback_url"], request_doc(row))
+
     @app.task
     async def refresh_keys() -> None:
         while True:

@@ -160,7 +160,7 @@ async def test_close_waits_for_background_deliveries(receiver: Receiver) -> None
     for d in docs:
         hooks.submit(d["request_id"], url, d)
     await hooks.close(timeout_s=5.0)
-    assert hooks.in_flight == 0
+    assert hooks.in_flight_count == 0
     assert sorted(r[0] for r in recorded if r[1] == "delivered") == sorted(
         d["request_id"] for d in docs
     )
