@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -85,16 +86,13 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
         "links": {"self": self_url, "events": f"{self_url}/events"},
     }
     headers = {**admission.headers(), "Location": self_url}
-    # The 202 waits for the tables' changelog too: an admission lost in a crash would be re-granted.
-    durable = [gw.quota.written(user)]
+    charged = [gw.quota.written(user)]
     if idem_key is not None:
         gw.idempotency.remember(user, idem_key, body_fp, {"status": 202, "headers": headers, "body": answer})
-        durable.append(gw.idempotency.written(user))
+        charged.append(gw.idempotency.written(user))
     # ---- awaits from here on ------------------------------------------------
     try:
-        await asyncio.wait_for(
-            asyncio.gather(gw.write_request(req), *durable), gw.settings.admission_timeout_s
-        )
+        await asyncio.wait_for(_charge_then_enqueue(gw, req, charged), gw.settings.admission_timeout_s)
     except (TimeoutError, KafkaError) as exc:
         # Not in the log, so never processed: give the allowance back.
         log.warning("request %s not written to the log, released: %r", request_id, exc)
@@ -105,6 +103,16 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
         raise Unavailable("the request log is unavailable", retry_after=2) from exc
     metrics.ADMISSIONS.labels("admitted").inc()
     return json_response(answer, status=202, headers=headers)
+
+
+async def _charge_then_enqueue(gw: Gateway, req: InferenceRequest, charged: list[Awaitable[Any]]) -> None:
+    """The broker holds the charge before the request: after a crash every request in the log is charged.
+
+    Faust writes a table's changelog in the background; a 202 sent before it is
+    acknowledged can be lost in a kill -9 and the allowance granted again.
+    """
+    await asyncio.gather(*charged)
+    await gw.write_request(req)
 
 
 async def _owned_doc(gw: Gateway, user_id: str, request_id: str) -> dict[str, Any]:

@@ -1,0 +1,124 @@
+"""Admission throughput and latency over HTTP: admissions/s, p50 and p99, for one worker and for two.
+
+Starts its own Tansu, a fresh namespace, pipeline-only workers (no ML role: the
+model is not called) and a plan with limits nobody reaches; many users submit
+small embed requests over keep-alive connections at a fixed concurrency, spread
+over every worker's URL (a request that reaches a non-owner is forwarded).
+The load generator shares the machine's cores with the workers and the broker.
+
+    .venv/bin/python bench/admission.py [--duration 15] [--concurrency 64] [--users 200] [--workers 1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from inferstream.localbroker import LocalBroker  # noqa: E402
+from tests.support.pipeline import Api, Pipeline  # noqa: E402
+
+PLAN = "bench"
+BODY = b'{"task": "embed", "input": "a short sentence to embed"}'
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+async def drive(urls: list[str], keys: list[str], concurrency: int, seconds: float) -> dict[str, float]:
+    """Submit for ``seconds`` with ``concurrency`` requests in flight; figures of the 202s."""
+    latencies: list[float] = []
+    outcomes: Counter[int] = Counter()
+    targets = itertools.cycle([(u, k) for k in keys for u in urls])
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        end = time.perf_counter() + seconds
+
+        async def client() -> None:
+            while (start := time.perf_counter()) < end:
+                url, key = next(targets)
+                async with http.post(
+                    url + "/v1/requests",
+                    data=BODY,
+                    headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                ) as r:
+                    await r.read()
+                    outcomes[r.status] += 1
+                    if r.status == 202:
+                        latencies.append(time.perf_counter() - start)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    others = {s: n for s, n in outcomes.items() if s != 202}
+    if others:
+        print(f"  non-202 answers: {others}")
+    return {
+        "admitted": float(outcomes[202]),
+        "per_s": outcomes[202] / elapsed,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    counts = sorted({int(n) for n in args.workers.split(",")})
+    print(
+        f"settings: duration {args.duration:.0f} s per configuration (+{args.warmup:.0f} s warm-up), "
+        f"concurrency {args.concurrency}, users {args.users}, partitions {args.partitions}, "
+        f"workers {counts}, roles pipeline, table store memory://, broker Tansu (in memory)"
+    )
+    results: dict[int, dict[str, float]] = {}
+    with LocalBroker() as broker:
+        pipeline = await Pipeline.create(
+            broker.url, "http://127.0.0.1:9/v1", roles="pipeline", partitions=str(args.partitions)
+        )
+        try:
+            await pipeline.set_plan(
+                PLAN, requests_per_day=10**9, tokens_per_day=10**12, requests_per_minute=10**9
+            )
+            keys = [await pipeline.create_key(f"bench-user-{i}", PLAN) for i in range(args.users)]
+            for n in counts:
+                while len(pipeline.workers) < n:
+                    await pipeline.start_worker()
+                urls = [w.url for w in pipeline.workers]
+                for w in pipeline.workers:
+                    await w.wait_ready()
+                async with aiohttp.ClientSession() as http:
+                    for url in urls:  # every key known on every worker, every owner answering
+                        for key in (keys[0], keys[-1]):
+                            await Api(http, url, key).wait_key_active(timeout=60)
+                await drive(urls, keys, args.concurrency, args.warmup)
+                results[n] = await drive(urls, keys, args.concurrency, args.duration)
+                r = results[n]
+                print(
+                    f"{n} worker(s): {r['per_s']:,.0f} admissions/s, p50 {r['p50_ms']:.1f} ms, "
+                    f"p99 {r['p99_ms']:.1f} ms ({r['admitted']:,.0f} admitted)"
+                )
+        finally:
+            await pipeline.cleanup()
+    if 1 in results and 2 in results:
+        print(f"ratio two/one: {results[2]['per_s'] / results[1]['per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds measured per configuration")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load first")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    parser.add_argument("--users", type=int, default=200, help="users (one API key each)")
+    parser.add_argument("--partitions", type=int, default=8, help="log partitions")
+    parser.add_argument("--workers", default="1,2", help="worker counts to measure, e.g. 1,2")
+    asyncio.run(main(parser.parse_args()))
