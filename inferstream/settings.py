@@ -86,6 +86,11 @@ class Settings:
     ml_batch_concurrency: int = _setting(
         2, "Embedding batches in flight per model in one ML worker; more texts gather while they are out."
     )
+    ml_running_after_ms: int = _setting(
+        50,
+        "A request is reported `running` once its model work has taken this long; faster work goes "
+        "straight to its terminal status. 0 reports `running` always.",
+    )
     ml_max_attempts: int = _setting(4, "Model call attempts before a request fails and is dead-lettered.")
     ml_retry_base_s: float = _setting(0.2, "First retry backoff; doubles per attempt, with full jitter.")
     ml_retry_max_s: float = _setting(10.0, "Longest single retry backoff.")

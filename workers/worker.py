@@ -2,7 +2,8 @@
 
 Per message: decode (undecodable -> rejected to the dead-letter exchange);
 expired or already cancelled -> that terminal status, no model call; else a
-best-effort ``running`` event, then attempts with backoff until an answer, a
+best-effort ``running`` event (only when the work outlasts
+``ml_running_after_ms``), then attempts with backoff until an answer, a
 fatal error, or ``ml_max_attempts``. The message is acked only after the
 terminal event (and, for ``failed``, the dead letter) is confirmed published;
 a worker that dies before that leaves it unacked, so RabbitMQ redelivers it.
@@ -31,6 +32,7 @@ from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from workers import metrics
 from workers.breaker import BreakerState
+from workers.coalesce import CoalescedLookup
 from workers.endpoint import DeadlinePassed, Endpoint
 from workers.retry import Backoff, attempt_record, error_info
 
@@ -75,8 +77,9 @@ class MLWorker(Service):
         self.settings = settings
         self.rabbit = rabbit
         self.model = model
-        self.is_cancelled = is_cancelled
+        self.is_cancelled: IsCancelled = CoalescedLookup(is_cancelled)
         self.backoff = Backoff.from_settings(settings)
+        self.running_after_s = settings.ml_running_after_ms / 1000
         self.endpoints: dict[str, Endpoint] = {}
         self._consumers: dict[str, list[Consumer]] = {}
         self._jobs: set[_Job] = set()
@@ -243,9 +246,14 @@ class MLWorker(Service):
         elif req.request_id in await self._cancelled_ids([req.request_id]):
             event = ResultEvent.for_request(req, "cancelled", at=now)
         else:
-            await self._publish_running(req)
             job.work = asyncio.get_running_loop().create_task(self._attempts(job))
             try:
+                # `running` is reported once the work has taken longer than the delay: a fast
+                # call (a batched embedding) goes straight to its terminal event, saving a
+                # publish, a log write, a row update and a notification per request.
+                done, _ = await asyncio.wait({job.work}, timeout=self.running_after_s)
+                if not done:
+                    await self._publish_running(req)
                 event, dead = await job.work
             except asyncio.CancelledError:
                 current = asyncio.current_task()

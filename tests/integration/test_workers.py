@@ -122,6 +122,7 @@ def make_settings(model_url: str, **overrides: Any) -> Settings:
         namespace=f"t{uuid.uuid4().hex[:8]}", model_url=model_url, models=MODELS,
         ml_retry_base_s=0.01, ml_retry_max_s=0.05, ml_max_attempts=4, ml_breaker_threshold=100,
         ml_breaker_reset_s=0.3, ml_call_timeout_s=5.0, ml_shutdown_grace_s=5.0, ml_batch_wait_ms=20,
+        ml_running_after_ms=0,  # these tests follow every status, fast calls included
     )
     return replace(base, **overrides)
 
@@ -184,6 +185,23 @@ async def test_burst_of_503s_and_429s_is_retried_and_completes(admin: Admin, har
     statuses = [e.status for e in h.results.events]
     assert statuses.count("running") == 2
     assert (await admin.stats())["generate_calls"] == 6
+
+
+async def test_running_is_reported_only_for_work_that_outlasts_the_delay(
+    admin: Admin, harness_factory: Any
+) -> None:
+    h = await harness_factory(f"{admin.url}/v1")
+    await h.worker(ml_running_after_ms=200)
+    fast = make_req(params={"max_tokens": 4})
+    await h.rabbit.publish_requests([fast])
+    await h.results.wait_terminal([fast.request_id])
+    await admin.faults(latency_ms=600)
+    slow = make_req(params={"max_tokens": 4})
+    await h.rabbit.publish_requests([slow])
+    await h.results.wait_terminal([slow.request_id])
+    by_request = {(e.request_id, e.status) for e in h.results.events}
+    assert (fast.request_id, "running") not in by_request and (fast.request_id, "completed") in by_request
+    assert (slow.request_id, "running") in by_request and (slow.request_id, "completed") in by_request
 
 
 async def test_always_failing_model_fails_and_dead_letters_with_history(admin: Admin, harness_factory: Any) -> None:
