@@ -123,7 +123,7 @@ def progress(what: str) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     port = free_port()
-    model_proc = start_modelserver(port)
+    model_proc = start_modelserver(port, "--torch-threads", str(args.torch_threads))
     try:
         with LocalBroker() as broker:
             model_url = f"http://{HOST}:{port}"
@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="HTTP submissions in flight")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each direct mode")
     parser.add_argument("--batch", type=int, default=32, help="texts per direct batched call")
+    parser.add_argument("--torch-threads", type=int, default=2, help="the model server's torch threads")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra INFERSTREAM_* setting of the worker, without the prefix")
     asyncio.run(run(parser.parse_args()))

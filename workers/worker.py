@@ -32,7 +32,7 @@ from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from workers import metrics
 from workers.breaker import BreakerState
-from workers.coalesce import CoalescedLookup
+from inferstream.coalesce import CoalescedLookup
 from workers.endpoint import DeadlinePassed, Endpoint
 from workers.retry import Backoff, attempt_record, error_info
 

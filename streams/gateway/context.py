@@ -11,8 +11,9 @@ from typing import Any
 import faust
 
 from bridges.postgres import BROKEN_CONNECTION, Store, is_transient
-from bridges.redis import CacheUnavailable, NotificationHub, RedisClient
+from bridges.redis import CacheUnavailable, NotificationHub, OwnedDoc, RedisClient
 from inferstream import clock
+from inferstream.coalesce import CoalescedWrites
 from inferstream.errors import Unavailable
 from inferstream.settings import Settings
 from schemas.documents import request_doc
@@ -49,6 +50,8 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.model_routes = self.settings.model_routes
+        # One Redis round trip for all the admissions of a tick.
+        self._cache_new: CoalescedWrites[OwnedDoc] = CoalescedWrites(self.redis.cache_docs)
 
     async def write_request(self, req: InferenceRequest) -> None:
         """Append to the requests topic and wait for the broker's ack; cache the queued doc meanwhile."""
@@ -63,7 +66,7 @@ class Gateway:
         # Read-your-writes for GET right after the 202 (the cache never goes back to an earlier status).
         row = {**req.asdict(), "status": "queued", "updated_at": req.created_at}
         try:
-            await self.redis.cache_docs([(req.user_id, request_doc(row))])
+            await self._cache_new((req.user_id, request_doc(row)))
         except CacheUnavailable as exc:
             log.debug("queued doc of %s not cached: %r", req.request_id, exc)
 

@@ -1,4 +1,4 @@
-"""Cancellation lookups issued in the same tick become one call."""
+"""Lookups and writes issued in the same tick become one call."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from workers.coalesce import CoalescedLookup
+from inferstream.coalesce import CoalescedLookup, CoalescedWrites
 
 
 async def test_concurrent_lookups_share_one_call() -> None:
@@ -33,3 +33,18 @@ async def test_a_failed_lookup_fails_every_waiter() -> None:
     assert all(isinstance(r, ConnectionError) for r in results)
     with pytest.raises(ConnectionError):
         await coalesced(["c"])
+
+
+async def test_concurrent_writes_share_one_call_and_its_failure() -> None:
+    batches: list[list[int]] = []
+
+    async def write(items: list[int]) -> None:
+        batches.append(items)
+        if 99 in items:
+            raise OSError("down")
+
+    writes: CoalescedWrites[int] = CoalescedWrites(write)
+    await asyncio.gather(writes(1), writes(2), writes(3))
+    assert batches == [[1, 2, 3]] and writes.calls == 1
+    results = await asyncio.gather(writes(4), writes(99), return_exceptions=True)
+    assert all(isinstance(r, OSError) for r in results) and batches[-1] == [4, 99]
