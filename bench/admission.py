@@ -73,6 +73,30 @@ async def drive(urls: list[str], keys: list[str], concurrency: int, seconds: flo
     }
 
 
+async def measure(broker_url: str, workers: int, args: argparse.Namespace) -> dict[str, float]:
+    """One configuration in its own namespace, its workers started idle (a backlog slows a join)."""
+    pipeline = await Pipeline.create(
+        broker_url, "http://127.0.0.1:9/v1", roles="pipeline", partitions=str(args.partitions)
+    )
+    try:
+        await pipeline.set_plan(
+            PLAN, requests_per_day=10**9, tokens_per_day=10**12, requests_per_minute=10**9
+        )
+        keys = [await pipeline.create_key(f"bench-user-{i}", PLAN) for i in range(args.users)]
+        for _ in range(workers):
+            await pipeline.start_worker()
+        urls = [w.url for w in pipeline.workers]
+        async with aiohttp.ClientSession() as http:
+            for w in pipeline.workers:
+                await w.wait_ready()
+                for key in (keys[0], keys[-1]):  # keys loaded, owners answering
+                    await Api(http, w.url, key).wait_key_active(timeout=60)
+        await drive(urls, keys, args.concurrency, args.warmup)
+        return await drive(urls, keys, args.concurrency, args.duration)
+    finally:
+        await pipeline.cleanup()
+
+
 async def main(args: argparse.Namespace) -> None:
     counts = sorted({int(n) for n in args.workers.split(",")})
     print(
@@ -82,33 +106,14 @@ async def main(args: argparse.Namespace) -> None:
     )
     results: dict[int, dict[str, float]] = {}
     with LocalBroker() as broker:
-        pipeline = await Pipeline.create(
-            broker.url, "http://127.0.0.1:9/v1", roles="pipeline", partitions=str(args.partitions)
-        )
-        try:
-            await pipeline.set_plan(
-                PLAN, requests_per_day=10**9, tokens_per_day=10**12, requests_per_minute=10**9
+        for n in counts:
+            results[n] = await measure(broker.url, n, args)
+            r = results[n]
+            print(
+                f"{n} worker(s): {r['per_s']:,.0f} admissions/s, p50 {r['p50_ms']:.1f} ms, "
+                f"p99 {r['p99_ms']:.1f} ms ({r['admitted']:,.0f} admitted)",
+                flush=True,
             )
-            keys = [await pipeline.create_key(f"bench-user-{i}", PLAN) for i in range(args.users)]
-            for n in counts:
-                while len(pipeline.workers) < n:
-                    await pipeline.start_worker()
-                urls = [w.url for w in pipeline.workers]
-                for w in pipeline.workers:
-                    await w.wait_ready()
-                async with aiohttp.ClientSession() as http:
-                    for url in urls:  # every key known on every worker, every owner answering
-                        for key in (keys[0], keys[-1]):
-                            await Api(http, url, key).wait_key_active(timeout=60)
-                await drive(urls, keys, args.concurrency, args.warmup)
-                results[n] = await drive(urls, keys, args.concurrency, args.duration)
-                r = results[n]
-                print(
-                    f"{n} worker(s): {r['per_s']:,.0f} admissions/s, p50 {r['p50_ms']:.1f} ms, "
-                    f"p99 {r['p99_ms']:.1f} ms ({r['admitted']:,.0f} admitted)"
-                )
-        finally:
-            await pipeline.cleanup()
     if 1 in results and 2 in results:
         print(f"ratio two/one: {results[2]['per_s'] / results[1]['per_s']:.2f}")
 

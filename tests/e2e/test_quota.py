@@ -239,7 +239,7 @@ async def test_reservation_becomes_actual_usage(
     solo: Pipeline, solo_worker: WorkerProcess, http: aiohttp.ClientSession
 ) -> None:
     user, (api,) = await user_with_plan(solo, http, [solo_worker.url], requests_per_day=100, tokens_per_day=100_000)
-    bodies = [
+    bodies: list[dict[str, Any]] = [
         {"task": "generate", "input": "Write about rivers", "params": {"max_tokens": 200}},
         {"task": "generate", "input": "Short", "params": {"max_tokens": 5}},
         {"task": "embed", "input": ["one text", "and another text"]},

@@ -299,3 +299,9 @@ def test_owner_lookup_is_unavailable_while_rebalancing_or_recovering(
     with pytest.raises(Unavailable) as info:
         router.owner("alice")
     assert info.value.status == 503 and info.value.retry_after == 1
+
+
+async def test_written_resolves_at_once_for_a_plain_mapping() -> None:
+    qb, _, _ = book()
+    qb.admit("u", PLAN, "a", 1)
+    assert await qb.written("u") is None
