@@ -92,12 +92,20 @@ def row_of(item: Event) -> Row | None:
         "created_at": _blank(item.created_at),
         "updated_at": item.at,
         "dispatched_at": item.at if item.status == "dispatched" else None,
-        "started_at": item.at if item.status == "running" else None,
+        "started_at": item.at if item.status == "running" else item.started_at,
         "completed_at": item.at if item.status in TERMINAL else None,
         "callback_url": item.callback_url,
         "quota_day": _blank(item.quota_day),
-        "history": [{"status": item.status, "at": item.at}],
+        "history": _event_history(item),
     }
+
+
+def _event_history(item: ResultEvent) -> list[dict[str, Any]]:
+    """The event's own status, preceded by `running` when a terminal event says when work began."""
+    entries = [{"status": item.status, "at": item.at}]
+    if item.started_at is not None and item.status in TERMINAL:
+        entries.insert(0, {"status": "running", "at": item.started_at})
+    return entries
 
 
 def merge(first: Row, second: Row) -> Row:

@@ -85,6 +85,9 @@ class ResultEvent(
     usage: dict[str, Any] | None = None
     callback_url: str | None = None
     history: list[dict[str, Any]] | None = None
+    # When the model work began; terminal events carry it because a fast request
+    # never publishes a separate `running` event (workers: ml_running_after_ms).
+    started_at: float | None = None
 
     @property
     def is_terminal(self) -> bool:

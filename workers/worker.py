@@ -27,12 +27,12 @@ from mode import Service
 from bridges.model import ModelClient
 from bridges.rabbitmq import AMQP_ERRORS, Consumer, PublishError, RabbitClient
 from inferstream import clock
+from inferstream.coalesce import CoalescedLookup
 from inferstream.errors import ModelError
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from workers import metrics
 from workers.breaker import BreakerState
-from inferstream.coalesce import CoalescedLookup
 from workers.endpoint import DeadlinePassed, Endpoint
 from workers.retry import Backoff, attempt_record, error_info
 
@@ -58,6 +58,7 @@ class _Job:
     handler: asyncio.Task[Any] | None = None
     work: asyncio.Task[tuple[ResultEvent, bool]] | None = None
     cancel_requested: bool = False
+    started_at: float | None = None
     attempts: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -246,6 +247,7 @@ class MLWorker(Service):
         elif req.request_id in await self._cancelled_ids([req.request_id]):
             event = ResultEvent.for_request(req, "cancelled", at=now)
         else:
+            job.started_at = clock.now()
             job.work = asyncio.get_running_loop().create_task(self._attempts(job))
             try:
                 # `running` is reported once the work has taken longer than the delay: a fast
@@ -253,16 +255,14 @@ class MLWorker(Service):
                 # publish, a log write, a row update and a notification per request.
                 done, _ = await asyncio.wait({job.work}, timeout=self.running_after_s)
                 if not done:
-                    await self._publish_running(req)
+                    await self._publish_running(req, job.started_at)
                 event, dead = await job.work
             except asyncio.CancelledError:
                 current = asyncio.current_task()
                 if not job.cancel_requested or (current is not None and current.cancelling()):
                     raise
                 log.info("request %s cancelled while running", req.request_id)
-                event = ResultEvent.for_request(
-                    req, "cancelled", at=clock.now(), attempts=job.attempts, history=job.history or None
-                )
+                event = self._event(job, "cancelled")
         await self._publish_terminal(job, event, dead)
         metrics.TERMINAL.labels(job.endpoint.label, event.status).inc()
         await self._settle(job.message)
@@ -292,14 +292,18 @@ class MLWorker(Service):
             return self._event(job, "completed", result=result, usage=usage or None), False
 
     def _event(self, job: _Job, status: str, **extra: Any) -> ResultEvent:
+        # An expiry found before any attempt never ran; everything else says when work began.
+        started = job.started_at if job.attempts else None
         return ResultEvent.for_request(
-            job.req, status, at=clock.now(), attempts=job.attempts, history=job.history or None, **extra
+            job.req, status, at=clock.now(), attempts=job.attempts, history=job.history or None,
+            started_at=started, **extra,
         )
 
     # ---- publishing and acks ------------------------------------------
-    async def _publish_running(self, req: InferenceRequest) -> None:
+    async def _publish_running(self, req: InferenceRequest, started_at: float | None) -> None:
         try:
-            await self.rabbit.publish_result(ResultEvent.for_request(req, "running", at=clock.now()))
+            at = clock.now() if started_at is None else started_at
+            await self.rabbit.publish_result(ResultEvent.for_request(req, "running", at=at))
         except PublishError as exc:
             log.warning("running event of %s not published (carrying on): %r", req.request_id, exc)
 
