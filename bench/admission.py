@@ -4,7 +4,10 @@ Starts its own Tansu, a fresh namespace, pipeline-only workers (no ML role: the
 model is not called) and a plan with limits nobody reaches; many users submit
 small embed requests over keep-alive connections at a fixed concurrency, spread
 over every worker's URL (a request that reaches a non-owner is forwarded).
-The load generator shares the machine's cores with the workers and the broker.
+The load generator shares the machine's cores with the workers and the broker:
+``--client wrk`` (the default when ``wrk`` is installed: ``apt-get install wrk``)
+costs far less CPU per request than the Python client (``--client aiohttp``),
+so it leaves more of the two cores to the system under test.
 
     .venv/bin/python bench/admission.py [--duration 15] [--concurrency 64] [--users 200] [--workers 1,2]
 """
@@ -14,7 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -73,6 +80,55 @@ async def drive(urls: list[str], keys: list[str], concurrency: int, seconds: flo
     }
 
 
+WRK_SCRIPT = """
+local keys = {%s}
+local body = [[%s]]
+local i = 0
+request = function()
+  i = i + 1
+  local headers = {["Authorization"] = "Bearer " .. keys[(i %% #keys) + 1], ["Content-Type"] = "application/json"}
+  return wrk.format("POST", "/v1/requests", headers, body)
+end
+"""
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _wrk_ms(text: str, label: str) -> float:
+    match = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+
+
+def drive_wrk(urls: list[str], keys: list[str], concurrency: int, seconds: float) -> dict[str, float]:
+    """The same load from ``wrk`` (one process per worker URL, started together)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT % (", ".join(f'"{k}"' for k in keys), BODY.decode()))
+        script = f.name
+    per_url = max(1, concurrency // len(urls))
+    procs = [
+        subprocess.Popen(
+            ["wrk", "-t1", f"-c{per_url}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script, url],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for url in urls
+    ]
+    outputs = [p.communicate()[0] for p in procs]
+    total = admitted = 0.0
+    p50s, p99s = [], []
+    for out in outputs:
+        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        done = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+        failed = float(bad.group(1)) if bad else 0.0
+        if failed:
+            print(f"  non-2xx answers: {failed:.0f}")
+        total += rate * (done - failed) / done if done else 0.0
+        admitted += done - failed
+        p50s.append(_wrk_ms(out, "50%"))
+        p99s.append(_wrk_ms(out, "99%"))
+    return {"admitted": admitted, "per_s": total, "p50_ms": max(p50s), "p99_ms": max(p99s)}
+
+
 async def measure(broker_url: str, workers: int, args: argparse.Namespace) -> dict[str, float]:
     """One configuration in its own namespace, its workers started idle (a backlog slows a join)."""
     pipeline = await Pipeline.create(
@@ -91,6 +147,9 @@ async def measure(broker_url: str, workers: int, args: argparse.Namespace) -> di
                 await w.wait_ready()
                 for key in (keys[0], keys[-1]):  # keys loaded, owners answering
                     await Api(http, w.url, key).wait_key_active(timeout=60)
+        if args.client == "wrk":
+            drive_wrk(urls, keys, args.concurrency, args.warmup)
+            return drive_wrk(urls, keys, args.concurrency, args.duration)
         await drive(urls, keys, args.concurrency, args.warmup)
         return await drive(urls, keys, args.concurrency, args.duration)
     finally:
@@ -102,7 +161,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"settings: duration {args.duration:.0f} s per configuration (+{args.warmup:.0f} s warm-up), "
         f"concurrency {args.concurrency}, users {args.users}, partitions {args.partitions}, "
-        f"workers {counts}, roles pipeline, table store memory://, broker Tansu (in memory)"
+        f"workers {counts}, roles pipeline, table store memory://, broker Tansu (in memory), client {args.client}"
     )
     results: dict[int, dict[str, float]] = {}
     with LocalBroker() as broker:
@@ -126,4 +185,8 @@ if __name__ == "__main__":
     parser.add_argument("--users", type=int, default=200, help="users (one API key each)")
     parser.add_argument("--partitions", type=int, default=8, help="log partitions")
     parser.add_argument("--workers", default="1,2", help="worker counts to measure, e.g. 1,2")
+    parser.add_argument(
+        "--client", choices=["wrk", "aiohttp"], default="wrk" if shutil.which("wrk") else "aiohttp",
+        help="load generator (wrk: apt-get install wrk)",
+    )
     asyncio.run(main(parser.parse_args()))

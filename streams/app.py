@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import faust
+import mode.loop
 
 from inferstream.settings import Settings
 from streams import quirks
 
 settings = Settings.from_env()
+if settings.event_loop == "uvloop":
+    # Before the worker creates its loop (Faust imports the app while parsing the
+    # command line); the same as `faust -L uvloop`, without changing the command.
+    mode.loop.use("uvloop")
 
 
 def build_app(cfg: Settings) -> faust.App:

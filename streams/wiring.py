@@ -177,7 +177,10 @@ if not settings.has_pipeline:
 
 
 async def readiness() -> tuple[bool, dict[str, Any]]:
-    checks: dict[str, Any] = {"roles": sorted(settings.role_set)}
+    checks: dict[str, Any] = {
+        "roles": sorted(settings.role_set),
+        "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+    }
     ready = True
     if settings.has_pipeline:
         checks["tables_recovered"] = quirks.tables_recovered(app)
