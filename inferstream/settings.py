@@ -105,7 +105,7 @@ class Settings:
     ml_shutdown_grace_s: float = _setting(30.0, "On SIGTERM, how long in-flight work may take to finish.")
     # Sinks and notifications
     sink_batch_size: int = _setting(500, "Largest batch of rows the PostgreSQL sink writes at once.")
-    sink_batch_wait_ms: int = _setting(20, "How long the sink waits to fill a batch.")
+    sink_batch_wait_ms: int = _setting(5, "How long the sink and forward agents wait to fill a batch (latency vs batch size).")
     webhook_secret: str = _setting(
         "dev-insecure-webhook-secret", "HMAC-SHA256 secret signing webhook deliveries.", secret=True
     )
