@@ -15,54 +15,20 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from tests.support.modelserver import free_port
 from tests.support.pipeline import Api, Pipeline, wait_for
+from tests.support.services import postgres_stopped
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 OUTAGE_S = 20.0
-
-
-def _cluster() -> list[str]:
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[0]
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
-
-
-async def _pg_ctl(action: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *_cluster(), action, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, f"pg_ctlcluster {action}: {out.decode(errors='replace')}"
-
-
-async def _pg_up(dsn: str) -> bool:
-    try:
-        conn = await asyncpg.connect(dsn, timeout=2)
-    except (TimeoutError, OSError, asyncpg.PostgresError):
-        return False
-    await conn.close()
-    return True
-
-
-@contextlib.asynccontextmanager
-async def postgres_stopped(dsn: str) -> AsyncIterator[None]:
-    await _pg_ctl("stop")
-    try:
-        yield
-    finally:
-        if not await _pg_up(dsn):
-            await _pg_ctl("start")
-        await wait_for(lambda: _pg_up(dsn), timeout=60, interval=0.2, what="PostgreSQL back up")
 
 
 @contextlib.asynccontextmanager

@@ -20,6 +20,7 @@ from inferstream.ids import new_request_id
 from inferstream.settings import Settings
 from schemas.migrate import migrate
 from schemas.records import InferenceRequest, ResultEvent
+from tests.support.services import pg_ctl
 
 pytestmark = pytest.mark.integration
 DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -156,16 +157,6 @@ async def test_a_missing_table_is_raised_not_retried(settings: Settings) -> None
     finally:
         await store.close()
     assert sink.failures == 0
-
-
-async def pg_ctl(action: str) -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    proc = await asyncio.create_subprocess_exec(
-        "pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, f"pg_ctlcluster {action} failed: {out.decode()}"
 
 
 async def wait_postgres_up(within: float) -> None:
