@@ -147,41 +147,39 @@ def admission_of(state: QuotaState, plan: Plan, now: float) -> Admission:
     )
 
 
-def settle(state: QuotaState | None, request_id: str, status: str, used_tokens: int, now: float) -> QuotaState | None:
-    """Turn a reservation into usage; ``None`` when there is nothing to change (idempotent)."""
+def _without_reservation(state: QuotaState | None, request_id: str, now: float) -> tuple[QuotaState, int] | None:
+    """The current window's state with ``request_id``'s reservation taken out (tokens_reserved
+    lowered), and the amount that was reserved; ``None`` when there is no such reservation."""
     if state is None:
         return None
     st = current(state, now)
     reserved = st["reservations"].get(request_id)
     if reserved is None:
         return None
-    reservations = dict(st["reservations"])
-    del reservations[request_id]
+    reservations = {k: v for k, v in st["reservations"].items() if k != request_id}
+    return {**st, "tokens_reserved": max(0, st["tokens_reserved"] - reserved), "reservations": reservations}, reserved
+
+
+def settle(state: QuotaState | None, request_id: str, status: str, used_tokens: int, now: float) -> QuotaState | None:
+    """Turn a reservation into usage; ``None`` when there is nothing to change (idempotent)."""
+    found = _without_reservation(state, request_id, now)
+    if found is None:
+        return None
+    st, reserved = found
     charged = max(0, used_tokens) if status == "completed" else max(0, min(used_tokens, reserved))
-    return {
-        **st,
-        "tokens_reserved": max(0, st["tokens_reserved"] - reserved),
-        "tokens_used": st["tokens_used"] + charged,
-        "reservations": reservations,
-    }
+    return {**st, "tokens_used": st["tokens_used"] + charged}
 
 
 def release(state: QuotaState | None, request_id: str, now: float) -> QuotaState | None:
     """Undo an admission whose request never reached the log (the request is not charged)."""
-    if state is None:
+    found = _without_reservation(state, request_id, now)
+    if found is None:
         return None
-    st = current(state, now)
-    reserved = st["reservations"].get(request_id)
-    if reserved is None:
-        return None
-    reservations = dict(st["reservations"])
-    del reservations[request_id]
+    st, _ = found
     return {
         **st,
         "requests_used": max(0, st["requests_used"] - 1),
         "minute_count": max(0, st["minute_count"] - 1),
-        "tokens_reserved": max(0, st["tokens_reserved"] - reserved),
-        "reservations": reservations,
     }
 
 

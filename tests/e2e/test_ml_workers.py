@@ -42,11 +42,8 @@ class ModelAdmin:
 
 @pytest.fixture(scope="module")
 async def pipeline(broker_url: str, model_base_url: str) -> AsyncIterator[Pipeline]:
-    p = await Pipeline.create(broker_url, model_base_url + "/v1")
-    try:
+    async with Pipeline.session(broker_url, model_base_url + "/v1") as p:
         yield p
-    finally:
-        await p.cleanup()
 
 
 @pytest.fixture(scope="module")

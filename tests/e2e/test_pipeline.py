@@ -16,11 +16,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 @pytest.fixture(scope="module")
 async def pipeline(broker_url: str, model_base_url: str) -> AsyncIterator[Pipeline]:
-    p = await Pipeline.create(broker_url, model_base_url + "/v1", max_body_bytes="4096")
-    try:
+    async with Pipeline.session(broker_url, model_base_url + "/v1", max_body_bytes="4096") as p:
         yield p
-    finally:
-        await p.cleanup()
 
 
 @pytest.fixture(scope="module")

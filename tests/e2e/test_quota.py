@@ -32,11 +32,8 @@ Reply = tuple[int, Any, dict[str, str]]
 
 @pytest.fixture(scope="module")
 async def solo(broker_url: str, model_base_url: str) -> AsyncIterator[Pipeline]:
-    p = await Pipeline.create(broker_url, model_base_url + "/v1")
-    try:
+    async with Pipeline.session(broker_url, model_base_url + "/v1") as p:
         yield p
-    finally:
-        await p.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +44,8 @@ async def solo_worker(solo: Pipeline) -> WorkerProcess:
 @pytest.fixture(scope="module")
 async def pair(broker_url: str, model_base_url: str) -> AsyncIterator[Pipeline]:
     """Two pipeline-only workers sharing the partitions (no ML: nothing completes, nothing is refunded)."""
-    p = await Pipeline.create(broker_url, model_base_url + "/v1", roles="pipeline")
-    try:
+    async with Pipeline.session(broker_url, model_base_url + "/v1", roles="pipeline") as p:
         yield p
-    finally:
-        await p.cleanup()
 
 
 @pytest.fixture(scope="module")

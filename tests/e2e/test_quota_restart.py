@@ -25,11 +25,8 @@ LOADERS = 12
 @pytest.fixture(scope="module")
 async def pipeline(broker_url: str, model_base_url: str) -> AsyncIterator[Pipeline]:
     # No ML role: admission and the table are what is under test.
-    p = await Pipeline.create(broker_url, model_base_url + "/v1", roles="pipeline")
-    try:
+    async with Pipeline.session(broker_url, model_base_url + "/v1", roles="pipeline") as p:
         yield p
-    finally:
-        await p.cleanup()
 
 
 class Load:

@@ -41,11 +41,8 @@ async def rows(pipeline: Pipeline, ids: list[str]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 async def pipeline(broker_url: str, model_base_url: str) -> AsyncIterator[Pipeline]:
-    p = await Pipeline.create(broker_url, model_base_url + "/v1", ml_max_attempts="2")
-    try:
+    async with Pipeline.session(broker_url, model_base_url + "/v1", ml_max_attempts="2") as p:
         yield p
-    finally:
-        await p.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from bridges.webhooks import SIGNATURE_HEADER, verify_signature
 from inferstream.ids import new_request_id
 from schemas.records import ResultEvent
 from streams.replay import bootstrap_servers
-from tests.support.modelserver import free_port
+from tests.support.modelserver import free_port, model_faults
 from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -68,30 +67,10 @@ async def read_sse(
         return out
 
 
-@contextlib.asynccontextmanager
-async def model_faults(
-    http: aiohttp.ClientSession, model_base_url: str, **faults: Any
-) -> AsyncIterator[None]:
-    """Change the shared model server's faults for a block; always put them back."""
-    url = model_base_url + "/admin/faults"
-    async with http.get(url) as r:
-        saved = {k: v for k, v in (await r.json()).items() if k in faults}
-    async with http.post(url, json=faults) as r:
-        assert r.status == 200, await r.text()
-    try:
-        yield
-    finally:
-        async with http.post(url, json={**saved, "fail_next": 0}) as r:
-            assert r.status == 200
-
-
 @pytest.fixture(scope="module")
 async def pipeline(broker_url: str, model_base_url: str) -> AsyncIterator[Pipeline]:
-    p = await Pipeline.create(broker_url, model_base_url + "/v1")
-    try:
+    async with Pipeline.session(broker_url, model_base_url + "/v1") as p:
         yield p
-    finally:
-        await p.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -22,29 +22,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from tests.support.modelserver import free_port
+from tests.support.modelserver import free_port, model_faults
 from tests.support.pipeline import Api, Pipeline, wait_for
 from tests.support.services import postgres_stopped
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 OUTAGE_S = 20.0
-
-
-@contextlib.asynccontextmanager
-async def model_faults(
-    http: aiohttp.ClientSession, model_base_url: str, **faults: Any
-) -> AsyncIterator[None]:
-    url = model_base_url + "/admin/faults"
-    async with http.get(url) as r:
-        saved = {k: v for k, v in (await r.json()).items() if k in faults}
-    async with http.post(url, json=faults) as r:
-        assert r.status == 200, await r.text()
-    try:
-        yield
-    finally:
-        async with http.post(url, json=saved) as r:
-            assert r.status == 200
 
 
 async def statuses(pipeline: Pipeline, ids: list[str]) -> dict[str, int]:

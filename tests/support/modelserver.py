@@ -130,3 +130,18 @@ async def running_modelserver(*args: str, startup_timeout: float = 90.0) -> Asyn
         yield f"http://{HOST}:{port}"
     finally:
         stop_modelserver(proc)
+
+
+@asynccontextmanager
+async def model_faults(http: aiohttp.ClientSession, model_base_url: str, **faults: Any) -> AsyncIterator[None]:
+    """Change the shared model server's faults (``POST /admin/faults``) for a block; always put them back."""
+    url = model_base_url + "/admin/faults"
+    async with http.get(url) as r:
+        saved = {k: v for k, v in (await r.json()).items() if k in faults}
+    async with http.post(url, json=faults) as r:
+        assert r.status == 200, await r.text()
+    try:
+        yield
+    finally:
+        async with http.post(url, json={**saved, "fail_next": 0}) as r:
+            assert r.status == 200

@@ -7,13 +7,14 @@ RabbitMQ queues, Redis keys and PostgreSQL schema, removed by ``cleanup()``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,16 @@ class Pipeline:
         pipeline = cls(broker_url, model_url, **overrides)
         await migrate(pipeline.settings.postgres_dsn, pipeline.settings.db_schema)
         return pipeline
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def session(cls, broker_url: str, model_url: str, **overrides: str) -> AsyncIterator[Pipeline]:
+        """A pipeline for the block, cleaned up after it (the usual module fixture)."""
+        pipeline = await cls.create(broker_url, model_url, **overrides)
+        try:
+            yield pipeline
+        finally:
+            await pipeline.cleanup()
 
     async def start_worker(self, *, wait: bool = True, **overrides: str) -> WorkerProcess:
         port = int(overrides.pop("web_port", 0)) or free_port()
