@@ -131,7 +131,7 @@ if settings.has_pipeline:
     register_gateway(app, gateway)
     quirks.install(app, [settings.requests_topic, settings.results_topic])
     register_forward(app, settings, topics, rabbit)
-    register_settle(app, topics, quota_book)
+    register_settle(app, settings, topics, quota_book)
     register_sinks(app, settings, topics, ResultSink(settings, store, _on_applied))
 
     async def _produce_results(pairs: list[tuple[bytes, bytes]]) -> None:

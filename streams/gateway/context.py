@@ -58,7 +58,7 @@ class Gateway:
         pending = await self.topics.requests.send(key=req.user_id, value=req)
         cache = asyncio.ensure_future(self._cache_queued(req))
         try:
-            await pending
+            await asyncio.shield(pending)  # a timeout upstream must not cancel Faust's own future
         finally:
             await cache
 
