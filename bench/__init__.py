@@ -1,0 +1,1 @@
+"""Benchmarks: each prints its settings, figures and ratios from one run."""

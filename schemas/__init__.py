@@ -1,0 +1,1 @@
+"""Records, request validation, public documents, plans and SQL migrations: the contracts between parts."""

@@ -1,0 +1,1 @@
+"""Inferstream tests: unit/ (no services), integration/ (one part on real services), e2e/ (worker processes)."""

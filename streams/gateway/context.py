@@ -10,7 +10,7 @@ from typing import Any
 
 import faust
 
-from bridges.postgres import BROKEN_CONNECTION, Store, is_transient
+from bridges.postgres import BROKEN_CONNECTION, TRANSIENT, Store, is_transient
 from bridges.redis import CacheUnavailable, NotificationHub, OwnedDoc, RedisClient
 from inferstream import clock
 from inferstream.coalesce import CoalescedWrites
@@ -25,6 +25,9 @@ from tables.keys import KeyCache
 from tables.quota import QuotaBook
 
 log = logging.getLogger(__name__)
+
+
+STORE_DOWN = (*TRANSIENT, *BROKEN_CONNECTION)
 
 
 def raise_if_store_down(exc: BaseException) -> None:
@@ -81,7 +84,7 @@ class Gateway:
             return doc if owner == user_id else None
         try:
             row = await self.store.get_request(user_id, request_id)
-        except Exception as exc:
+        except STORE_DOWN as exc:
             raise_if_store_down(exc)
             raise
         return request_doc(row) if row is not None else None
@@ -91,7 +94,7 @@ class Gateway:
     ) -> list[dict[str, Any]]:
         try:
             return await self.store.list_requests(user_id, status, limit, after)
-        except Exception as exc:
+        except STORE_DOWN as exc:
             raise_if_store_down(exc)
             raise
 
