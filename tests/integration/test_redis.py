@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,14 +29,8 @@ def closed_port() -> int:
 
 
 @pytest.fixture
-async def settings() -> AsyncIterator[Settings]:
-    ns = f"t{uuid.uuid4().hex[:8]}"
-    yield Settings(namespace=ns, redis_url=REDIS_URL, result_ttl_s=60)
-    raw = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in raw.scan_iter(match=f"{ns}:*")]
-    if keys:
-        await raw.delete(*keys)
-    await raw.aclose()
+def settings(redis_settings: Settings) -> Settings:
+    return redis_settings
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from bridges.redis import NotificationHub, RedisClient
@@ -75,14 +73,8 @@ async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 
 @pytest.fixture
-async def settings() -> AsyncIterator[Settings]:
-    ns = f"t{uuid.uuid4().hex[:8]}"
-    yield Settings(namespace=ns, redis_url=REDIS_URL, result_ttl_s=60)
-    raw = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in raw.scan_iter(match=f"{ns}:*")]
-    if keys:
-        await raw.delete(*keys)
-    await raw.aclose()
+def settings(redis_settings: Settings) -> Settings:
+    return redis_settings
 
 
 @pytest.fixture
