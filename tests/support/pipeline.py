@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 
 from bridges.postgres import Store
 from bridges.rabbitmq import RabbitClient
@@ -195,6 +196,13 @@ class Pipeline:
         pool = await self.store.connect()
         await pool.execute(f'DROP SCHEMA IF EXISTS "{self.settings.db_schema}" CASCADE')
         await self.store.close()
+        redis = aioredis.Redis.from_url(self.settings.redis_url)
+        try:
+            keys = [k async for k in redis.scan_iter(match=f"{self.namespace}:*", count=1000)]
+            for i in range(0, len(keys), 1000):
+                await redis.delete(*keys[i : i + 1000])
+        finally:
+            await redis.aclose()
 
 
 class Api:
