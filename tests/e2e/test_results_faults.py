@@ -1,8 +1,7 @@
 """Results survive their stores failing: PostgreSQL stopped under load, Redis killed under a live pipeline.
 
-The PostgreSQL outage lasts about 20 s (the issue asks for a minute; the sink's
-backoff is capped at 5 s, so a longer outage exercises nothing more and would
-only slow the suite). PostgreSQL is shared by everything on the machine, so it
+The PostgreSQL outage lasts a minute, as the issue asks, under a steady load
+(about 600 requests accepted during and after it). PostgreSQL is shared by everything on the machine, so it
 is always started again in a ``finally``. Redis is not stopped: the Redis test
 runs its own ``redis-server`` on a free port and kills that.
 """
@@ -28,7 +27,7 @@ from tests.support.services import postgres_stopped
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
-OUTAGE_S = 20.0
+OUTAGE_S = 60.0  # the issue: "started again a minute later"
 
 
 async def statuses(pipeline: Pipeline, ids: list[str]) -> dict[str, int]:
