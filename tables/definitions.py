@@ -11,6 +11,7 @@ import faust
 from faust.types import FutureMessage
 
 from inferstream.settings import Settings
+from tables import rocksdb_store
 
 
 class AckedTable(faust.Table):
@@ -67,6 +68,7 @@ def _acked_table(app: faust.App, name: str, **kwargs: Any) -> AckedTable:
 
 
 def define_tables(app: faust.App, settings: Settings) -> StateTables:
+    rocksdb_store.install()
     # use_partitioner=True lets the owning worker write from a web view, and puts
     # each user on the partition the default partitioner picks for ``user_id``:
     # the same partition the requests and results topics (same key, same
