@@ -9,8 +9,6 @@ orjson, so rows come back with plain Python objects in them.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
@@ -21,6 +19,7 @@ import orjson
 
 from bridges.postgres_rows import UPSERT_REPORT_CURRENT_SQL, UPSERT_SQL, Event, collapse
 from inferstream import clock
+from inferstream.apikeys import hash_key
 from inferstream.errors import InvalidRequest
 from inferstream.settings import PRIORITIES, Settings
 from schemas.documents import REQUEST_COLUMNS
@@ -67,11 +66,6 @@ PERMANENT: tuple[type[BaseException], ...] = (
 def is_transient(exc: BaseException) -> bool:
     """Whether another attempt later may succeed: PostgreSQL down, restarting or overloaded."""
     return isinstance(exc, TRANSIENT) and not isinstance(exc, PERMANENT)
-
-
-def hash_key(secret: str, key: str) -> str:
-    """Hex HMAC-SHA256 of an API key: what is stored and what the gateway looks up."""
-    return hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()
 
 
 def _jsonb_encode(value: Any) -> bytes:

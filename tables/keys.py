@@ -8,17 +8,13 @@ compared in constant time. A revoked key disappears at the next refresh
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from inferstream.apikeys import hash_key
 from inferstream.errors import Unauthorized, Unavailable
 from schemas.plans import DEFAULT_PLAN, Plan
-
-
-def hash_key(secret: str, key: str) -> str:
-    return hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)

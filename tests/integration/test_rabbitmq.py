@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +12,7 @@ import pytest
 
 from bridges.rabbitmq import PublishError, RabbitClient, UnknownRoute
 from bridges.results_bridge import ResultsBridge
+from inferstream.localbroker import free_port
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 
@@ -71,9 +71,7 @@ async def test_topology_is_idempotent_and_priorities_order_a_backlog(rabbit: Rab
 async def test_unknown_route_and_unreachable_broker(rabbit: RabbitClient, settings: Settings) -> None:
     with pytest.raises(UnknownRoute):
         await rabbit.publish_requests([make_req(model="no-such-model")])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     down = RabbitClient(Settings(namespace=settings.namespace, rabbitmq_url=f"amqp://guest:guest@127.0.0.1:{port}/"))
     with pytest.raises(PublishError) as info:
         await down.publish_requests([make_req()])

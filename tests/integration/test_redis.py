@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridges.redis import CacheUnavailable, NotificationHub, RedisClient, Subscription
+from inferstream.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -20,12 +20,6 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 def doc(request_id: str, status: str, **extra: Any) -> dict[str, Any]:
     return {"request_id": request_id, "status": status, "task": "embed", "model": "m", **extra}
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

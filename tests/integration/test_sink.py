@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from bridges.postgres import Store
 from bridges.postgres_rows import Event
 from bridges.sink import ResultSink
 from inferstream.ids import new_request_id
+from inferstream.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 from schemas.migrate import migrate
 from schemas.records import InferenceRequest, ResultEvent
@@ -25,12 +25,6 @@ from tests.support.services import pg_ctl
 pytestmark = pytest.mark.integration
 DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 T0 = 1_800_000_000.0
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:

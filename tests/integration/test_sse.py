@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from bridges.redis import NotificationHub, RedisClient
+from inferstream.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 from streams.gateway.sse import stream_events
 
@@ -35,12 +35,6 @@ class Event:
 
 def doc(request_id: str, status: str, **extra: Any) -> dict[str, Any]:
     return {"request_id": request_id, "status": status, "task": "embed", "model": "m", **extra}
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def read_stream(resp: aiohttp.ClientResponse) -> AsyncIterator[Event]:

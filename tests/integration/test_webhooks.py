@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,6 +17,7 @@ from bridges.webhooks import (
     sign,
     verify_signature,
 )
+from inferstream.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -26,12 +26,6 @@ DOC = {"request_id": "req_w", "status": "completed", "result": {"text": "ok"}}
 
 Recorded = list[tuple[str, str, int, str | None]]
 Receiver = Callable[[list[int]], Awaitable[tuple[str, list[web.Request], list[bytes]]]]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

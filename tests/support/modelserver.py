@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from typing import Any
 
 import aiohttp
 
+from inferstream.localbroker import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 # Where each started server writes its output, so a failed start can show it.
@@ -37,12 +38,6 @@ _LOGS: dict[int, Path] = {}
 
 class ModelServerError(RuntimeError):
     """The model server died or did not become healthy in time."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def start_modelserver(
