@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 
 from tests.support.pipeline import Api, Pipeline, WorkerProcess
+from tests.support.sse import read_sse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -28,33 +28,6 @@ async def worker(pipeline: Pipeline) -> WorkerProcess:
 @pytest.fixture
 async def api(http: aiohttp.ClientSession, pipeline: Pipeline, worker: WorkerProcess) -> Api:
     return await Api(http, worker.url, await pipeline.create_key("alice")).wait_key_active()
-
-
-async def read_sse(
-    http: aiohttp.ClientSession, url: str, key: str, timeout: float = 30
-) -> list[dict[str, Any]]:
-    """Read a whole event stream (it ends after the terminal event)."""
-    events: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
-    async with http.get(
-        url,
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=aiohttp.ClientTimeout(total=timeout),
-    ) as r:
-        assert r.status == 200
-        assert r.headers["Content-Type"].startswith("text/event-stream")
-        async for raw in r.content:
-            line = raw.decode().rstrip("\n")
-            if not line:
-                if current:
-                    events.append(current)
-                current = {}
-            elif line.startswith(":"):
-                continue
-            else:
-                field, _, value = line.partition(": ")
-                current[field] = value
-    return events
 
 
 @pytest.mark.parametrize(
@@ -91,8 +64,10 @@ async def test_request_completes_through_api_postgres_and_sse(
     for h in ("Limit-Requests", "Remaining-Requests", "Limit-Tokens", "Remaining-Tokens", "Reset"):
         assert int(headers[f"X-RateLimit-{h}"]) >= 0
 
-    events = await read_sse(http, f"{worker.url}/v1/requests/{rid}/events", api.key or "")
-    ids = [int(e["id"]) for e in events]
+    sse = await read_sse(http, f"{worker.url}/v1/requests/{rid}/events", api.key or "")
+    assert sse.status == 200
+    events = sse.events
+    ids = [e["id"] for e in events]
     assert ids == sorted(set(ids)), events
     assert events[-1]["event"] == "completed"
     assert [e["event"] for e in events] == [
@@ -100,7 +75,7 @@ async def test_request_completes_through_api_postgres_and_sse(
         for s in ("queued", "dispatched", "running", "completed")
         if s in {e["event"] for e in events}
     ]
-    final_event = orjson.loads(events[-1]["data"])
+    final_event = events[-1]["data"]
 
     doc = await api.wait_status(rid, {"completed"})
     assert doc == final_event

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -20,51 +19,9 @@ from schemas.records import ResultEvent
 from streams.replay import bootstrap_servers
 from tests.support.modelserver import free_port, model_faults
 from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
+from tests.support.sse import read_sse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
-
-
-@dataclass
-class Sse:
-    status: int
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-
-async def read_sse(
-    http: aiohttp.ClientSession,
-    url: str,
-    key: str,
-    *,
-    last_event_id: str | None = None,
-    stop_after: int | None = None,
-    timeout: float = 45,
-) -> Sse:
-    """Events of a stream until it ends (or ``stop_after`` events, then disconnect)."""
-    headers = {"Authorization": f"Bearer {key}"}
-    if last_event_id is not None:
-        headers["Last-Event-ID"] = last_event_id
-    async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-        out = Sse(r.status)
-        if r.status != 200:
-            return out
-        assert r.headers["Content-Type"].startswith("text/event-stream")
-        current: dict[str, Any] = {}
-        async for raw in r.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith(":"):
-                continue
-            if line:
-                name, _, value = line.partition(": ")
-                current[name] = value
-                continue
-            if current:
-                current["id"] = int(current["id"])
-                current["data"] = orjson.loads(current["data"])
-                out.events.append(current)
-                current = {}
-                if stop_after is not None and len(out.events) >= stop_after:
-                    break
-        return out
 
 
 @pytest.fixture(scope="module")

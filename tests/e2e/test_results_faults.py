@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from tests.support.modelserver import free_port, model_faults
 from tests.support.pipeline import Api, Pipeline, wait_for
 from tests.support.services import postgres_stopped
+from tests.support.sse import read_sse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -193,9 +193,9 @@ async def test_redis_down_results_stored_get_and_sse_from_postgres(
             rid = accepted["request_id"]
             # Without the cache, the request is readable once the sink has written its first row.
             await api.wait_status(rid, {"queued", "dispatched", "running", "completed"})
-            events = await _read_events(
-                http, f"{worker.url}/v1/requests/{rid}/events", api.key or ""
-            )
+            sse = await read_sse(http, f"{worker.url}/v1/requests/{rid}/events", api.key or "")
+            assert sse.status == 200, sse
+            events = sse.events
         ids = [e["id"] for e in events]
         assert ids == sorted(set(ids)) and len(ids) >= 2, events  # followed live, by polling
         assert events[-1]["event"] == "completed" and events[-1]["data"]["result"]["text"]
@@ -208,29 +208,3 @@ async def test_redis_down_results_stored_get_and_sse_from_postgres(
         assert doc == events[-1]["data"]
     finally:
         await pipeline.cleanup()
-
-
-async def _read_events(http: aiohttp.ClientSession, url: str, key: str) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
-    async with http.get(
-        url, headers={"Authorization": f"Bearer {key}"}, timeout=aiohttp.ClientTimeout(total=45)
-    ) as r:
-        assert r.status == 200, await r.text()
-        async for raw in r.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith(":"):
-                continue
-            if line:
-                name, _, value = line.partition(": ")
-                current[name] = value
-            elif current:
-                events.append(
-                    {
-                        "id": int(current["id"]),
-                        "event": current["event"],
-                        "data": orjson.loads(current["data"]),
-                    }
-                )
-                current = {}
-    return events

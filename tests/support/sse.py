@@ -1,0 +1,52 @@
+"""A test client of the event stream (``GET /v1/requests/{id}/events``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+
+@dataclass
+class Sse:
+    status: int
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def read_sse(
+    http: aiohttp.ClientSession,
+    url: str,
+    key: str,
+    *,
+    last_event_id: str | None = None,
+    stop_after: int | None = None,
+    timeout: float = 45,
+) -> Sse:
+    """Events of a stream until it ends (or ``stop_after`` events, then disconnect)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        out = Sse(r.status)
+        if r.status != 200:
+            return out
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        current: dict[str, Any] = {}
+        async for raw in r.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith(":"):
+                continue
+            if line:
+                name, _, value = line.partition(": ")
+                current[name] = value
+                continue
+            if current:
+                current["id"] = int(current["id"])
+                current["data"] = orjson.loads(current["data"])
+                out.events.append(current)
+                current = {}
+                if stop_after is not None and len(out.events) >= stop_after:
+                    break
+        return out
