@@ -16,56 +16,52 @@ from streams.gateway.http import guarded
 Endpoint = Callable[..., Awaitable[web.StreamResponse]]
 
 
-def register_gateway(app: faust.App, gw: Gateway) -> None:
-    submit = guarded(requests.submit)
-    list_mine = guarded(requests.list_mine)
-    get_one = guarded(requests.get_one)
-    cancel = guarded(requests.cancel)
-    events = guarded(requests.events)
-    quota = guarded(requests.quota)
+def _endpoint(gw: Gateway, route: str | None, fun: Endpoint) -> Endpoint:
+    """``fun`` bound to ``gw``, its errors answered as JSON, timed per route (event streams are not)."""
+    safe = guarded(fun)
 
-    def observe(route: str, request: web.Request, started: float, response: web.StreamResponse) -> None:
-        metrics.HTTP_LATENCY.labels(route, request.method, str(response.status)).observe(
-            time.perf_counter() - started
-        )
+    async def handle(request: web.Request, *args: str) -> web.StreamResponse:
+        started = time.perf_counter()
+        response = await safe(gw, request, *args)
+        if route is not None:
+            metrics.HTTP_LATENCY.labels(route, request.method, str(response.status)).observe(
+                time.perf_counter() - started
+            )
+        return response
+
+    return handle
+
+
+def register_gateway(app: faust.App, gw: Gateway) -> None:
+    submit = _endpoint(gw, "/v1/requests", requests.submit)
+    list_mine = _endpoint(gw, "/v1/requests", requests.list_mine)
+    get_one = _endpoint(gw, "/v1/requests/{id}", requests.get_one)
+    cancel = _endpoint(gw, "/v1/requests/{id}", requests.cancel)
+    events = _endpoint(gw, None, requests.events)
+    quota = _endpoint(gw, "/v1/quota", requests.quota)
 
     @app.page("/v1/requests")
     class RequestsView(View):
         async def post(self, request: web.Request) -> web.StreamResponse:
-            t = time.perf_counter()
-            response = await submit(gw, request)
-            observe("/v1/requests", request, t, response)
-            return response
+            return await submit(request)
 
         async def get(self, request: web.Request) -> web.StreamResponse:
-            t = time.perf_counter()
-            response = await list_mine(gw, request)
-            observe("/v1/requests", request, t, response)
-            return response
+            return await list_mine(request)
 
     @app.page("/v1/requests/{request_id}")
     class RequestView(View):
         async def get(self, request: web.Request, request_id: str) -> web.StreamResponse:
-            t = time.perf_counter()
-            response = await get_one(gw, request, request_id)
-            observe("/v1/requests/{id}", request, t, response)
-            return response
+            return await get_one(request, request_id)
 
         async def delete(self, request: web.Request, request_id: str) -> web.StreamResponse:
-            t = time.perf_counter()
-            response = await cancel(gw, request, request_id)
-            observe("/v1/requests/{id}", request, t, response)
-            return response
+            return await cancel(request, request_id)
 
     @app.page("/v1/requests/{request_id}/events")
     class EventsView(View):
         async def get(self, request: web.Request, request_id: str) -> web.StreamResponse:
-            return await events(gw, request, request_id)
+            return await events(request, request_id)
 
     @app.page("/v1/quota")
     class QuotaView(View):
         async def get(self, request: web.Request) -> web.StreamResponse:
-            t = time.perf_counter()
-            response = await quota(gw, request)
-            observe("/v1/quota", request, t, response)
-            return response
+            return await quota(request)
