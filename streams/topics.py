@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import faust
 
@@ -32,3 +34,10 @@ def define_topics(app: faust.App, settings: Settings) -> Topics:
         partitions=settings.partitions,
     )
     return Topics(requests=requests, results=results)
+
+
+async def send_and_wait(topic: faust.TopicT, messages: Iterable[tuple[str, Any]], **options: Any) -> None:
+    """Send ``(key, value)`` messages (the producer batches them) and return once the broker acked all."""
+    pending = [await topic.send(key=key, value=value, **options) for key, value in messages]
+    for fut in pending:
+        await fut

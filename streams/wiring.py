@@ -37,7 +37,7 @@ from streams.gateway.context import Gateway
 from streams.gateway.ops import register_ops
 from streams.gateway.routing import OwnerRouter
 from streams.gateway.views import register_gateway
-from streams.topics import define_topics
+from streams.topics import define_topics, send_and_wait
 from tables.definitions import define_tables
 from tables.idempotency import IdempotencyBook
 from tables.keys import KeyCache
@@ -98,9 +98,9 @@ async def _on_applied(rows: Sequence[dict[str, Any]]) -> None:
         await redis.cache_and_publish(docs)
     except CacheUnavailable as exc:
         log.warning("%d docs not cached/published (Redis): %r", len(docs), exc)
-    for r in rows:
+    for r, (_, doc) in zip(rows, docs, strict=True):
         if r.get("callback_url") and r["status"] in TERMINAL:
-            webhooks.submit(r["request_id"], r["callback_url"], request_doc(r))
+            webhooks.submit(r["request_id"], r["callback_url"], doc)
 
 
 async def _record_webhook(request_id: str, state: str, attempts: int, last_error: str | None) -> None:
@@ -135,11 +135,8 @@ if settings.has_pipeline:
     register_sinks(app, settings, topics, ResultSink(settings, store, _on_applied))
 
     async def _produce_results(pairs: list[tuple[bytes, bytes]]) -> None:
-        pending = [
-            await topics.results.send(key=k.decode(), value=v, value_serializer="raw") for k, v in pairs
-        ]
-        for fut in pending:
-            await fut
+        # Bodies pass through as they are: the ML worker already wrote ResultEvent JSON.
+        await send_and_wait(topics.results, ((k.decode(), v) for k, v in pairs), value_serializer="raw")
 
     quirks.run_with_app(app, ResultsBridge(settings, rabbit, _produce_results))
     quirks.run_with_app(app, DeadLetterRecorder(settings, rabbit, store))

@@ -21,7 +21,7 @@ from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from streams.agents.guard import until_done
 from streams.gateway import metrics
-from streams.topics import Topics
+from streams.topics import Topics, send_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,7 @@ async def publish_confirmed(rabbit: RabbitClient, batch: Sequence[InferenceReque
 
 async def send_events(topics: Topics, events: Sequence[ResultEvent]) -> None:
     """Write status events to the results topic and wait for the broker's acks."""
-    pending = [await topics.results.send(key=e.user_id, value=e) for e in events]
-    for fut in pending:
-        await fut
+    await send_and_wait(topics.results, ((e.user_id, e) for e in events))
 
 
 def register_forward(app: faust.App, settings: Settings, topics: Topics, rabbit: RabbitClient) -> None:
