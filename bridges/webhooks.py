@@ -7,6 +7,9 @@ and full jitter (a ``Retry-After`` header is honoured, capped) up to
 ``settings.webhook_max_attempts``; any other status fails at once. After every attempt the
 delivery state goes to the injected ``record`` callback: ``pending`` while a retry is due,
 then ``delivered`` or ``failed``.
+
+Targets pass :mod:`inferstream.egress` at connect time (an internal address fails at once);
+redirects are not followed; the response body is never read.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import Any, Literal
 
 import aiohttp
 import orjson
+from yarl import URL
 
+from inferstream.egress import EgressPolicy, EgressRefused, GuardedResolver
 from inferstream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,7 +84,7 @@ class WebhookSender:
         settings: Settings,
         *,
         record: RecordDelivery,
-        session: aiohttp.ClientSession | None = None,
+        resolver: aiohttp.abc.AbstractResolver | None = None,
         concurrency: int = 32,
         timeout_s: float = 10.0,
         base_delay_s: float = 1.0,
@@ -87,8 +92,11 @@ class WebhookSender:
     ) -> None:
         self.settings = settings
         self._record = record
-        self._session = session
-        self._own_session = session is None
+        self._policy = EgressPolicy.parse(settings.webhook_allow)
+        self._inner_resolver = resolver
+        # The sender owns its session: every connection goes through the guarded resolver.
+        self._session: aiohttp.ClientSession | None = None
+        self._resolver: GuardedResolver | None = None
         self._semaphore = asyncio.Semaphore(concurrency)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._base_delay_s = base_delay_s
@@ -108,7 +116,11 @@ class WebhookSender:
         if self._session is None:
             async with self._lock:
                 if self._session is None:
-                    self._session = aiohttp.ClientSession(timeout=self._timeout)
+                    self._resolver = GuardedResolver(self._policy, self._inner_resolver)
+                    connector = aiohttp.TCPConnector(resolver=self._resolver)
+                    self._session = aiohttp.ClientSession(
+                        timeout=self._timeout, connector=connector, trust_env=False
+                    )
         return self._session
 
     def submit(
@@ -171,7 +183,18 @@ class WebhookSender:
             TIMESTAMP_HEADER: str(int(time.time())),
         }
         try:
-            async with session.post(url, data=body, headers=headers, timeout=self._timeout) as resp:
+            host = URL(url).raw_host or ""
+        except ValueError as exc:
+            raise _Rejected(f"invalid callback_url: {exc}") from exc
+        try:
+            # aiohttp skips its resolver for an IP literal: check that here (a name is checked
+            # by the resolver, on the address it is about to connect to).
+            self._policy.check_literal(host)
+            # The body is never read: an unread response closes its connection, so a
+            # receiver cannot make us read more than its headers (aiohttp bounds those).
+            async with session.post(
+                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+            ) as resp:
                 if resp.status < 300:
                     return
                 if resp.status >= 500 or resp.status in _RETRY_STATUSES:
@@ -183,6 +206,8 @@ class WebhookSender:
             raise _Retry(f"{type(exc).__name__}: {exc}") from exc
         except aiohttp.InvalidURL as exc:
             raise _Rejected(f"invalid callback_url: {exc}") from exc
+        except EgressRefused as exc:
+            raise _Rejected(f"callback_url {exc}") from exc
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         ceiling = min(self._max_delay_s, self._base_delay_s * 2 ** (attempt - 1))
@@ -204,6 +229,8 @@ class WebhookSender:
             for task in pending:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._own_session and self._session is not None:
+        if self._session is not None:
             await self._session.close()
-        self._session = None
+        if self._resolver is not None:
+            await self._resolver.close()  # a connector closes only a resolver it made itself
+        self._session = self._resolver = None

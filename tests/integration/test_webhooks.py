@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from bridges.webhooks import (
     SIGNATURE_HEADER,
@@ -57,14 +60,57 @@ async def receiver() -> AsyncIterator[Receiver]:
         await runner.cleanup()
 
 
-def sender(recorded: Recorded, max_attempts: int = 6) -> WebhookSender:
+LOOPBACK = "127.0.0.0/8,::1,localhost"
+
+
+def sender(
+    recorded: Recorded,
+    max_attempts: int = 6,
+    allow: str = LOOPBACK,
+    resolver: AbstractResolver | None = None,
+) -> WebhookSender:
+    """A sender allowed to reach loopback (where these tests' receivers listen) unless told otherwise."""
+
     async def record(request_id: str, state: str, attempts: int, last_error: str | None) -> None:
         recorded.append((request_id, state, attempts, last_error))
 
-    settings = Settings(webhook_secret=SECRET, webhook_max_attempts=max_attempts)
-    return WebhookSender(
-        settings, record=record, base_delay_s=0.01, max_delay_s=0.05, timeout_s=2.0
+    settings = Settings(
+        webhook_secret=SECRET, webhook_max_attempts=max_attempts, webhook_allow=allow
     )
+    return WebhookSender(
+        settings,
+        record=record,
+        resolver=resolver,
+        base_delay_s=0.01,
+        max_delay_s=0.05,
+        timeout_s=2.0,
+    )
+
+
+class RebindingResolver(AbstractResolver):
+    """DNS that answers every name with one address (here: loopback, where a receiver listens)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.asked: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.asked.append(host)
+        return [
+            {
+                "hostname": host,
+                "host": self.address,
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
+
+    async def close(self) -> None:
+        return None
 
 
 def test_verify_signature() -> None:
@@ -159,3 +205,111 @@ async def test_close_waits_for_background_deliveries(receiver: Receiver) -> None
         d["request_id"] for d in docs
     )
     assert len(seen) == 20
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "http://127.0.0.1:{port}/hook",
+        "http://localhost:{port}/hook",
+        "http://[::ffff:127.0.0.1]:{port}/hook",
+        "http://0x7f.1:{port}/hook",
+        "http://0177.0.0.1:{port}/hook",
+        "http://2130706433:{port}/hook",
+        "http://127.1:{port}/hook",
+    ],
+)
+async def test_loopback_receiver_gets_nothing_without_an_allow_entry(
+    receiver: Receiver, spelling: str
+) -> None:
+    url, seen, _ = await receiver([200])
+    port = url.split(":")[2].split("/")[0]
+    recorded: Recorded = []
+    hooks = sender(recorded, allow="")
+    try:
+        state = await hooks.deliver("req_w", spelling.format(port=port), DOC)
+    finally:
+        await hooks.close()
+    assert seen == []
+    assert state == "failed"
+    # Refused for good at once (no retry would ever be allowed), with the reason recorded.
+    assert len(recorded) == 1 and recorded[0][:3] == ("req_w", "failed", 1)
+    assert recorded[0][3] is not None and "refused" in recorded[0][3]
+
+
+async def test_redirects_are_not_followed(receiver: Receiver) -> None:
+    target, seen, _ = await receiver([200])
+    runner_app = web.Application()
+
+    async def bounce(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(target)
+
+    runner_app.router.add_post("/hook", bounce)
+    runner = web.AppRunner(runner_app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    recorded: Recorded = []
+    hooks = sender(recorded)
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+        assert await hooks.deliver("req_w", url, DOC) == "failed"
+    finally:
+        await hooks.close()
+        await runner.cleanup()
+    assert seen == []
+    assert recorded == [("req_w", "failed", 1, "HTTP 307")]
+
+
+async def test_an_endless_response_body_is_not_read() -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200)
+        await resp.prepare(request)
+        chunk = b"x" * 65536
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100_000):  # 6.5 GB if anyone read it all
+                await resp.write(chunk)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/hook", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    recorded: Recorded = []
+    hooks = sender(recorded)
+    started = time.monotonic()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+        assert await hooks.deliver("req_w", url, DOC) == "delivered"
+    finally:
+        await hooks.close()
+        await runner.cleanup()
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(("allow", "expected"), [("", "failed"), ("127.0.0.0/8", "delivered")])
+async def test_a_name_is_checked_on_the_address_it_connects_to(
+    receiver: Receiver, allow: str, expected: str
+) -> None:
+    """DNS rebinding: a public-looking name that resolves to loopback when the delivery connects."""
+    url, seen, _ = await receiver([200])
+    port = url.split(":")[2].split("/")[0]
+    dns = RebindingResolver("127.0.0.1")
+    recorded: Recorded = []
+    hooks = sender(recorded, allow=allow, resolver=dns)
+    try:
+        state = await hooks.deliver("req_w", f"http://hooks.example.com:{port}/hook", DOC)
+    finally:
+        await hooks.close()
+    assert dns.asked == ["hooks.example.com"]
+    assert state == expected
+    assert len(seen) == (1 if expected == "delivered" else 0)
+    if expected == "failed":
+        assert recorded == [
+            (
+                "req_w",
+                "failed",
+                1,
+                "callback_url host 'hooks.example.com' (127.0.0.1) refused: loopback address",
+            )
+        ]
