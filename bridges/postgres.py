@@ -20,7 +20,7 @@ import orjson
 from bridges.postgres_rows import UPSERT_REPORT_CURRENT_SQL, UPSERT_SQL, Event, collapse
 from inferstream import clock
 from inferstream.apikeys import hash_key
-from inferstream.errors import InvalidRequest
+from inferstream.errors import InvalidRequest, Unavailable
 from inferstream.settings import PRIORITIES, Settings
 from schemas.documents import REQUEST_COLUMNS
 from schemas.migrate import migrate, quote_ident
@@ -162,12 +162,15 @@ class Store:
         pool = await self.connect()
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         try:
+            # The notification (sent at commit) drops a cached "unknown" answer for the digest.
             await pool.execute(
-                "INSERT INTO api_keys (key_hash, key_prefix, user_id, plan) VALUES ($1, $2, $3, $4)",
+                "WITH k AS (INSERT INTO api_keys (key_hash, key_prefix, user_id, plan) VALUES ($1, $2, $3, $4)"
+                " RETURNING key_hash) SELECT pg_notify($5, 'key:' || key_hash) FROM k",
                 hash_key(self.settings.key_secret, key),
                 key[:8],
                 user_id,
                 plan,
+                self.keys_channel,
             )
         except asyncpg.ForeignKeyViolationError:
             known = sorted(await self.load_plans())
@@ -179,11 +182,36 @@ class Store:
     async def revoke_key(self, key: str) -> bool:
         """True if an active key was revoked."""
         pool = await self.connect()
-        status = await pool.execute(
-            "UPDATE api_keys SET revoked_at = now() WHERE key_hash = $1 AND revoked_at IS NULL",
+        # One statement: the revocation and its notification commit together (workers drop the
+        # digest on the notification; none can miss a committed revocation while listening).
+        revoked = await pool.fetch(
+            "WITH r AS (UPDATE api_keys SET revoked_at = now() WHERE key_hash = $1 AND revoked_at IS NULL"
+            " RETURNING key_hash) SELECT pg_notify($2, 'key:' || key_hash) FROM r",
             hash_key(self.settings.key_secret, key),
+            self.keys_channel,
         )
-        return status.endswith(" 1")
+        return len(revoked) == 1
+
+    @property
+    def keys_channel(self) -> str:
+        """The LISTEN/NOTIFY channel of key and plan changes: ``key:<digest>`` or ``plan:<name>``."""
+        return f"{self.schema}_keys"
+
+    async def find_key(self, digest: str) -> tuple[KeyRecord, Plan | None] | None:
+        """The active key with this digest and its plan's row, for a cache miss; Unavailable if PostgreSQL is down."""
+        try:
+            row = await self._fetchrow(
+                "SELECT k.user_id, k.plan AS key_plan, p.* FROM api_keys k LEFT JOIN plans p ON p.name = k.plan"
+                " WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+                digest,
+            )
+        except TRANSIENT as exc:
+            if not is_transient(exc):
+                raise
+            raise Unavailable("API key cannot be checked right now (PostgreSQL is unavailable)", retry_after=1) from exc
+        if row is None:
+            return None
+        return KeyRecord(user_id=row["user_id"], plan=row["key_plan"]), (_plan(row) if row["name"] else None)
 
     async def load_keys(self) -> dict[str, KeyRecord]:
         """Active keys by hash."""
@@ -208,16 +236,17 @@ class Store:
             raise InvalidRequest("plan limits must not be negative")
         pool = await self.connect()
         row = await pool.fetchrow(
-            "INSERT INTO plans (name, requests_per_day, tokens_per_day, requests_per_minute, max_priority)"
+            "WITH p AS (INSERT INTO plans (name, requests_per_day, tokens_per_day, requests_per_minute, max_priority)"
             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET"
             " requests_per_day = EXCLUDED.requests_per_day, tokens_per_day = EXCLUDED.tokens_per_day,"
             " requests_per_minute = EXCLUDED.requests_per_minute, max_priority = EXCLUDED.max_priority,"
-            " updated_at = now() RETURNING *",
+            " updated_at = now() RETURNING *) SELECT p.*, pg_notify($6, 'plan:' || p.name) FROM p",
             name,
             requests_per_day,
             tokens_per_day,
             requests_per_minute,
             max_priority,
+            self.keys_channel,
         )
         return _plan(row)
 

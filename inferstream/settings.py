@@ -71,7 +71,23 @@ class Settings:
     key_secret: str = _setting(
         "dev-insecure-key-secret", "Server secret for HMAC-SHA256 key hashing. Set it in production.", secret=True
     )
-    key_refresh_s: float = _setting(2.0, "How often each worker reloads keys and plans (a revocation's delay).")
+    key_refresh_s: float = _setting(
+        30.0,
+        "How often each worker reloads every key and plan: a safety net, since new keys are looked up on "
+        "first use and revocations and plan changes are pushed (LISTEN/NOTIFY) within milliseconds.",
+    )
+    key_negative_ttl_s: float = _setting(
+        10.0, "How long a worker remembers that a key digest is unknown (a new key clears it at once)."
+    )
+    key_lookups_per_s: float = _setting(
+        20.0,
+        "PostgreSQL lookups of unknown keys per second per worker; past it (and the burst) an unknown key "
+        "gets 503 `unavailable`, so a flood of bad keys cannot load the database.",
+    )
+    key_lookup_burst: float = _setting(20.0, "Lookups of unknown keys a worker may make at once before the rate applies.")
+    key_lookup_timeout_s: float = _setting(
+        2.0, "How long a lookup of an unknown key may take before the request gets 503 `unavailable`."
+    )
     max_body_bytes: int = _setting(1_048_576, "Largest accepted request body, in bytes (413 above).")
     default_max_tokens: int = _setting(256, "`max_tokens` assumed for generate when the request omits it.")
     models: str = _setting(

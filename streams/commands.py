@@ -48,7 +48,7 @@ def register(app: faust.App, settings: Settings, store: Store) -> None:
                     raise click.UsageError("keys revoke needs the KEY")
                 if not await store.revoke_key(key):
                     raise click.ClickException("no such active key")
-                self.say("revoked; every worker stops accepting it within a few seconds")
+                self.say("revoked; running workers refuse it within a second")
         finally:
             await store.close()
 
@@ -69,7 +69,7 @@ def register(app: faust.App, settings: Settings, store: Store) -> None:
         requests_per_minute: int,
         max_priority: str,
     ) -> None:
-        """Create or change a plan (``plans set NAME ...``); workers pick it up within seconds."""
+        """Create or change a plan (``plans set NAME ...``); running workers apply it within a second."""
         try:
             await store.set_plan(name, requests_per_day, tokens_per_day, requests_per_minute, max_priority)
             self.say(

@@ -11,6 +11,7 @@ is first used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ import asyncpg
 import mode
 
 from bridges.dead_letters import DeadLetterRecorder
+from bridges.key_events import KeyEvents
 from bridges.model import ModelClient
 from bridges.postgres import Store
 from bridges.rabbitmq import RabbitClient
@@ -50,7 +52,7 @@ store = Store(settings)
 redis = RedisClient(settings)
 rabbit = RabbitClient(settings)
 model = ModelClient(settings)
-keys = KeyCache(settings.key_secret)
+keys = KeyCache.from_settings(settings, store.find_key)
 _health: dict[str, Any] = {"postgres": False}
 
 
@@ -80,16 +82,21 @@ gateway: Gateway | None = None
 ml_worker: MLWorker | None = None
 
 
+_key_reload = asyncio.Lock()  # one full reload at a time: each leaves out what was invalidated after it began
+
+
 async def _refresh_keys_once() -> None:
-    try:
-        loaded, plans = await asyncio.gather(store.load_keys(), store.load_plans())
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # Keep the last good cache: a PostgreSQL outage must not lock every client out.
-        _health["postgres"] = False
-        log.warning("key refresh failed, keeping %s cache: %r", "the last" if keys.loaded else "an empty", exc)
-        return
-    keys.replace({h: (k.user_id, k.plan) for h, k in loaded.items()}, plans)
-    _health["postgres"] = True
+    async with _key_reload:
+        as_of = keys.epoch
+        try:
+            loaded, plans = await asyncio.gather(store.load_keys(), store.load_plans())
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Keep the last good cache: a PostgreSQL outage must not lock every client out.
+            _health["postgres"] = False
+            log.warning("key refresh failed, keeping %s cache: %r", "the last" if keys.loaded else "an empty", exc)
+            return
+        keys.replace({h: (k.user_id, k.plan) for h, k in loaded.items()}, plans, as_of=as_of)
+        _health["postgres"] = True
 
 
 async def _on_applied(rows: Sequence[dict[str, Any]]) -> None:
@@ -155,9 +162,28 @@ if settings.has_pipeline:
 
     @app.task
     async def refresh_keys() -> None:
-        while True:
-            await _refresh_keys_once()
-            await asyncio.sleep(settings.key_refresh_s)
+        """Pushed key and plan changes (one LISTEN connection), and a full reload every KEY_REFRESH_S."""
+        plan_changed = asyncio.Event()
+        events = KeyEvents(
+            settings.postgres_dsn,
+            store.keys_channel,
+            on_key=keys.invalidate,
+            on_plan=lambda _name: plan_changed.set(),
+            on_connected=_refresh_keys_once,  # the first load, and after an outage: notifications were missed
+        )
+        listening = asyncio.ensure_future(events.run())
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(plan_changed.wait(), settings.key_refresh_s)
+                plan_changed.clear()
+                await _refresh_keys_once()
+                if listening.done():
+                    # Not transient (a bad DSN, refused credentials): keep trying, loudly, on the reload's beat.
+                    log.error("key notifications stopped (%r); restarting the listener", listening.exception())
+                    listening = asyncio.ensure_future(events.run())
+        finally:
+            listening.cancel()
 
 
 if settings.has_ml:

@@ -30,7 +30,7 @@ MAX_IDEMPOTENCY_KEY = 255
 
 async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
     """``POST /v1/requests``: decided on the worker that owns the user's quota partition."""
-    principal = gw.keys.authenticate(api_key(request))
+    principal = await gw.keys.authenticate(api_key(request))
     body = await read_body(request, gw.settings.max_body_bytes)
     owner = gw.router.owner(principal.user_id)
     if owner is not None:
@@ -125,12 +125,12 @@ async def _owned_doc(gw: Gateway, user_id: str, request_id: str) -> dict[str, An
 
 
 async def get_one(gw: Gateway, request: web.Request, request_id: str) -> web.StreamResponse:
-    principal = gw.keys.authenticate(api_key(request))
+    principal = await gw.keys.authenticate(api_key(request))
     return json_response(await _owned_doc(gw, principal.user_id, request_id))
 
 
 async def list_mine(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    principal = gw.keys.authenticate(api_key(request))
+    principal = await gw.keys.authenticate(api_key(request))
     status = request.query.get("status")
     if status is not None and status not in ("queued", "dispatched", "running", *TERMINAL):
         raise InvalidRequest(f"unknown status {status!r}", field="status")
@@ -147,7 +147,7 @@ async def list_mine(gw: Gateway, request: web.Request) -> web.StreamResponse:
 
 
 async def cancel(gw: Gateway, request: web.Request, request_id: str) -> web.StreamResponse:
-    principal = gw.keys.authenticate(api_key(request))
+    principal = await gw.keys.authenticate(api_key(request))
     doc = await _owned_doc(gw, principal.user_id, request_id)
     if doc["status"] in TERMINAL:
         raise Conflict(f"request already {doc['status']}", status=doc["status"])
@@ -157,7 +157,7 @@ async def cancel(gw: Gateway, request: web.Request, request_id: str) -> web.Stre
 
 
 async def events(gw: Gateway, request: web.Request, request_id: str) -> web.StreamResponse:
-    principal = gw.keys.authenticate(api_key(request))
+    principal = await gw.keys.authenticate(api_key(request))
     await _owned_doc(gw, principal.user_id, request_id)
 
     async def load() -> dict[str, Any] | None:
@@ -174,7 +174,7 @@ async def events(gw: Gateway, request: web.Request, request_id: str) -> web.Stre
 
 
 async def quota(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    principal = gw.keys.authenticate(api_key(request))
+    principal = await gw.keys.authenticate(api_key(request))
     owner = gw.router.owner(principal.user_id)
     if owner is not None:
         return await gw.router.forward(request, owner, b"")
