@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,14 +11,17 @@ from typing import Any
 import asyncpg
 import pytest
 
+from bridges.key_events import KeyEvents
 from bridges.postgres import Store, hash_key
-from inferstream.errors import InvalidRequest
+from inferstream.errors import InvalidRequest, Unavailable
 from inferstream.ids import new_request_id
+from inferstream.localbroker import free_port
 from inferstream.settings import Settings
 from schemas.documents import request_doc
 from schemas.migrate import migrate, migrations
 from schemas.plans import DEFAULT_PLAN, KeyRecord, Plan
 from schemas.records import InferenceRequest, ResultEvent
+from tests.support.pipeline import wait_for
 
 pytestmark = pytest.mark.integration
 DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -100,6 +104,75 @@ async def test_keys_are_stored_hashed_loaded_and_revoked(store: Store) -> None:
     assert digest not in await store.load_keys()
     with pytest.raises(InvalidRequest, match="unknown plan 'gold'"):
         await store.create_key("alice", plan="gold")
+
+
+async def test_key_and_plan_changes_are_notified_on_commit_and_found_by_digest(store: Store) -> None:
+    conn = await asyncpg.connect(DSN)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await conn.add_listener(store.keys_channel, lambda _c, _pid, _ch, payload: heard.put_nowait(payload))
+    try:
+        key = await store.create_key("ivy")
+        digest = hash_key(store.settings.key_secret, key)
+        assert await asyncio.wait_for(heard.get(), 5) == f"key:{digest}"
+        found = await store.find_key(digest)
+        assert found is not None and found[0] == KeyRecord(user_id="ivy", plan="default")
+        assert found[1] == DEFAULT_PLAN
+        assert await store.revoke_key(key)
+        assert await asyncio.wait_for(heard.get(), 5) == f"key:{digest}"
+        assert await store.find_key(digest) is None
+        assert not await store.revoke_key(key)  # nothing revoked, nothing notified
+        await store.set_plan("notified", 5, 5, 5)
+        assert await asyncio.wait_for(heard.get(), 5) == "plan:notified"
+        assert heard.empty()
+        assert await store.find_key(hash_key(store.settings.key_secret, "isk_never")) is None
+    finally:
+        await conn.close()
+
+
+async def test_a_key_lookup_with_postgres_down_is_unavailable() -> None:
+    down = Store(Settings(postgres_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"))
+    try:
+        with pytest.raises(Unavailable) as info:
+            await down.find_key("0" * 64)
+        assert info.value.status == 503 and info.value.retry_after == 1
+    finally:
+        await down.close()
+
+
+async def test_key_events_reconnect_and_reload_after_the_connection_is_killed(store: Store) -> None:
+    digests: list[str] = []
+    connects: list[float] = []
+
+    async def connected() -> None:
+        connects.append(asyncio.get_running_loop().time())
+
+    events = KeyEvents(
+        DSN, store.keys_channel, on_key=digests.append, on_plan=lambda _n: None, on_connected=connected, ping_s=0.5
+    )
+    running = asyncio.ensure_future(events.run())
+    try:
+        await wait_for(lambda: _true(events.connected), timeout=10, what="listener connected")
+        key = await store.create_key("jay")
+        await wait_for(lambda: _true(digests), timeout=5, what="the create notification")
+        pool = await store.connect()
+        killed = await pool.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE query LIKE 'LISTEN %' AND query LIKE $1",
+            f"%{store.keys_channel}%",
+        )
+        assert killed >= 1
+        await wait_for(lambda: _true(len(connects) >= 2 and events.connected), timeout=15, what="reconnected")
+        await store.revoke_key(key)
+        await wait_for(lambda: _true(len(digests) >= 2), timeout=5, what="a notification after reconnecting")
+        assert digests == [hash_key(store.settings.key_secret, key)] * 2
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
+async def _true(value: object) -> bool:
+    return bool(value)
 
 
 async def test_plans_default_set_and_update(store: Store) -> None:
