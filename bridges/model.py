@@ -4,9 +4,10 @@ Only the documented OpenAI wire format is used (``POST {base}/embeddings`` and
 ``POST {base}/completions``), so swapping the service is a change of
 ``INFERSTREAM_MODEL_URL`` and ``INFERSTREAM_MODEL_API_KEY`` alone.
 
-Failures map onto the error tree: timeouts, connection errors, 429 and 5xx
-raise :class:`RetryableModelError` (with the ``Retry-After`` seconds, if sent);
-other 4xx and answers that do not parse raise :class:`FatalModelError`.
+Failures map onto the error tree: timeouts, connection errors, 408, 409,
+425, 429 and 5xx raise :class:`RetryableModelError` (with the ``Retry-After``
+seconds, if sent); other 4xx (400, 401, 403, 404, 422, ...) and answers that
+do not parse raise :class:`FatalModelError`: the same request would fail again.
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ from mode import Service
 from inferstream.errors import FatalModelError, RetryableModelError
 from inferstream.settings import Settings
 
-__all__ = ["ModelClient", "parse_retry_after"]
+__all__ = ["ModelClient", "is_retryable_status", "parse_retry_after"]
 
 log = logging.getLogger(__name__)
 
 Usage = dict[str, int]
+
+
+# 4xx that say "not now" rather than "not this": timeout, conflict, too early, too many requests.
+RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+
+
+def is_retryable_status(status: int) -> bool:
+    """Whether an HTTP error status from the model is worth another attempt."""
+    return status >= 500 or status in RETRYABLE_4XX
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -116,7 +126,7 @@ class ModelClient(Service):
             raise RetryableModelError(f"model call timed out after {self.settings.ml_call_timeout_s}s") from exc
         except aiohttp.ClientError as exc:
             raise RetryableModelError(f"model service unreachable: {exc!r}") from exc
-        if status == 429 or status >= 500:
+        if status >= 400 and is_retryable_status(status):
             raise RetryableModelError(_error_text(body), status=status, retry_after=retry_after)
         if status >= 400:
             raise FatalModelError(_error_text(body), status=status)

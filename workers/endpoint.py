@@ -6,6 +6,9 @@ request's deadline, the call. Taking the slot first means callers queued behind
 a breaker that just opened do not rush the dead model when it is half-open.
 The deadline is checked last because a prefetched message can wait there for
 many seconds behind a backlog: it must not reach the model once it expired.
+An open breaker is a pause, not a failure, but a bounded one: the wait ends at
+the request's deadline (:class:`DeadlinePassed`) or at the end of its retry
+budget (:class:`RetryBudgetSpent`), whichever comes first.
 """
 
 from __future__ import annotations
@@ -25,11 +28,27 @@ from workers.breaker import STATE_VALUE, BreakerState, CircuitBreaker
 from workers.ratelimit import TokenBucket
 
 T = TypeVar("T")
+R = TypeVar("R")
 BATCHED_TASKS = frozenset({"embed"})
 
 
 class DeadlinePassed(Exception):  # noqa: N818 - control flow, not an error: the request expires
     """The request's deadline passed while it waited for the endpoint; no call was made."""
+
+
+class RetryBudgetSpent(Exception):  # noqa: N818 - control flow: the request fails with what it has
+    """The request's retry budget ended while it waited for the endpoint; no call was made."""
+
+    def __init__(self, waiting_for: str) -> None:
+        super().__init__(f"retry budget spent waiting for {waiting_for}")
+        self.waiting_for = waiting_for
+
+
+def _limit_passed(deadline_at: float | None, budget_end: float | None, waiting_for: str) -> Exception:
+    """The exception for a wait that reached the earlier of the two limits."""
+    if deadline_at is not None and (budget_end is None or deadline_at <= budget_end):
+        return DeadlinePassed()
+    return RetryBudgetSpent(waiting_for)
 
 
 class Endpoint:
@@ -66,18 +85,34 @@ class Endpoint:
     def batched(self) -> bool:
         return self.task in BATCHED_TASKS
 
-    async def call(self, fn: Callable[[], Awaitable[T]], deadline_at: float | None = None) -> T:
-        async with self.slots:
-            probe = await self.breaker.acquire()
+    async def call(
+        self, fn: Callable[[], Awaitable[T]], deadline_at: float | None = None, budget_end: float | None = None
+    ) -> T:
+        """One model call. Waiting for a slot, the breaker and the rate limit ends at the earlier limit."""
+        limits = [t for t in (deadline_at, budget_end) if t is not None]
+        limit = min(limits) if limits else None
+
+        async def wait(step: Awaitable[R], waiting_for: str) -> R:
+            try:
+                async with asyncio.timeout(None if limit is None else limit - clock.now()):
+                    return await step
+            except TimeoutError:
+                raise _limit_passed(deadline_at, budget_end, waiting_for) from None
+
+        await wait(self.slots.acquire(), "a free call slot")
+        try:
+            probe = await wait(self.breaker.acquire(), "the circuit breaker to close")
             outcome = "cancelled"
             try:
-                await self.limiter.acquire()
-                if deadline_at is not None and clock.now() >= deadline_at:
-                    outcome = "expired"
-                    raise DeadlinePassed
+                await wait(self.limiter.acquire(), "the rate limit")
+                if limit is not None and clock.now() >= limit:  # the waits above may not have blocked
+                    raise _limit_passed(deadline_at, budget_end, "the endpoint")
                 started = time.perf_counter()
                 result = await fn()
                 outcome = "ok"
+            except (DeadlinePassed, RetryBudgetSpent):
+                outcome = "not_called"
+                raise
             except RetryableModelError:
                 outcome = "retryable"
                 self.breaker.on_failure(probe)
@@ -88,13 +123,15 @@ class Endpoint:
                 self.breaker.on_success(probe)
                 raise
             finally:
-                if outcome != "expired":
+                if outcome != "not_called":
                     metrics.MODEL_CALLS.labels(self.label, outcome).inc()
-                if outcome in ("cancelled", "expired"):
+                if outcome in ("cancelled", "not_called"):
                     self.breaker.release(probe)
-            self.breaker.on_success(probe)
-            metrics.MODEL_CALL_SECONDS.labels(self.label).observe(time.perf_counter() - started)
-            return result
+        finally:
+            self.slots.release()
+        self.breaker.on_success(probe)
+        metrics.MODEL_CALL_SECONDS.labels(self.label).observe(time.perf_counter() - started)
+        return result
 
     def _batcher(self, model: str) -> Batcher:
         batcher = self._batchers.get(model)
@@ -114,22 +151,33 @@ class Endpoint:
         return batcher
 
     async def infer(
-        self, model: str, texts: list[str], params: dict[str, Any] | None, deadline_at: float | None = None
+        self,
+        model: str,
+        texts: list[str],
+        params: dict[str, Any] | None,
+        deadline_at: float | None = None,
+        budget_end: float | None = None,
     ) -> tuple[dict[str, Any], Usage]:
-        """One attempt for one request: its ``result`` and ``usage``; :class:`DeadlinePassed` if it expired first.
+        """One attempt for one request: its ``result`` and ``usage``.
 
-        Generation joins several input strings with a newline into one prompt.
-        ``max_tokens`` defaults to ``settings.default_max_tokens``, the figure
-        admission reserved, so usage never exceeds the estimate by default.
-        Embeddings check the deadline when they join a batch (a batch goes out
-        within ``ml_batch_wait_ms``), not per request once the batch has a slot.
+        Raises :class:`DeadlinePassed` or :class:`RetryBudgetSpent` when a limit
+        passed before the call went out. Generation joins several input strings
+        with a newline into one prompt. ``max_tokens`` defaults to
+        ``settings.default_max_tokens``, the figure admission reserved, so usage
+        never exceeds the estimate by default. An embedding shares its call with
+        its batch, so only the retry budget bounds it (a batch goes out within
+        ``ml_batch_wait_ms``); the worker checks the deadline between attempts.
         """
         if self.batched:
-            vectors, usage = await self._batcher(model).submit(texts)
+            try:
+                async with asyncio.timeout(None if budget_end is None else budget_end - clock.now()):
+                    vectors, usage = await self._batcher(model).submit(texts)
+            except TimeoutError:
+                raise RetryBudgetSpent("a batched call") from None
             return {"embeddings": vectors}, usage
         prompt = "\n".join(texts)
         merged = {"max_tokens": self.settings.default_max_tokens, **(params or {})}
-        text, usage = await self.call(lambda: self.model.generate(model, prompt, merged), deadline_at)
+        text, usage = await self.call(lambda: self.model.generate(model, prompt, merged), deadline_at, budget_end)
         return {"text": text}, usage
 
     async def close(self) -> None:

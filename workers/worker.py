@@ -4,9 +4,11 @@ Per message: decode (undecodable -> rejected to the dead-letter exchange);
 expired or already cancelled -> that terminal status, no model call; else a
 best-effort ``running`` event (only when the work outlasts
 ``ml_running_after_ms``), then attempts with backoff until an answer, a
-fatal error, or ``ml_max_attempts``. The message is acked only after the
-terminal event (and, for ``failed``, the dead letter) is confirmed published;
-a worker that dies before that leaves it unacked, so RabbitMQ redelivers it.
+fatal error, or the end of the retry budget (``workers/retry.py``); a failed
+request's ``error`` carries why it stopped and every attempt's failure. The
+message is acked only after the terminal event (and, for ``failed``, the dead
+letter) is confirmed published; a worker that dies before that leaves it
+unacked, so RabbitMQ redelivers it.
 
 While an endpoint's breaker is open its queues are not consumed; messages
 already held wait for the breaker instead of bouncing through the broker.
@@ -33,8 +35,8 @@ from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from workers import metrics
 from workers.breaker import BreakerState
-from workers.endpoint import DeadlinePassed, Endpoint
-from workers.retry import Backoff, attempt_record, error_info
+from workers.endpoint import DeadlinePassed, Endpoint, RetryBudgetSpent
+from workers.retry import GiveUp, RetryPolicy, attempt_record, error_info, failure_info
 
 __all__ = ["IsCancelled", "MLWorker", "no_cancellations"]
 
@@ -79,7 +81,7 @@ class MLWorker(Service):
         self.rabbit = rabbit
         self.model = model
         self.is_cancelled: IsCancelled = CoalescedLookup(is_cancelled)
-        self.backoff = Backoff.from_settings(settings)
+        self.retry = RetryPolicy.from_settings(settings)
         self.running_after_s = settings.ml_running_after_ms / 1000
         self.endpoints: dict[str, Endpoint] = {}
         self._consumers: dict[str, list[Consumer]] = {}
@@ -268,28 +270,52 @@ class MLWorker(Service):
         await self._settle(job.message)
 
     async def _attempts(self, job: _Job) -> tuple[ResultEvent, bool]:
-        """Attempts until an answer or a final failure: (terminal event, whether to dead-letter)."""
-        req, endpoint = job.req, job.endpoint
+        """Attempts until an answer or a final failure: (terminal event, whether to dead-letter).
+
+        The retry budget runs from the first attempt; waits for an open breaker count against it.
+        """
+        req, endpoint, policy = job.req, job.endpoint, self.retry
+        first_at = clock.now()
+        budget_end = policy.budget_end(first_at)
+        last: dict[str, Any] | None = None
         while True:
             if req.deadline_at is not None and clock.now() >= req.deadline_at:
                 return self._event(job, "expired"), False
             job.attempts += 1
             try:
-                result, usage = await endpoint.infer(req.model, list(req.input), req.params, req.deadline_at)
+                result, usage = await endpoint.infer(
+                    req.model, list(req.input), req.params, req.deadline_at, budget_end
+                )
             except DeadlinePassed:
                 job.attempts -= 1  # it expired waiting for the endpoint: no call was made
                 return self._event(job, "expired"), False
+            except RetryBudgetSpent as spent:
+                job.attempts -= 1
+                error = last or {"type": "retry_budget_spent", "message": str(spent)}
+                return self._failed(job, error, "retry_budget_spent", first_at), True
             except ModelError as err:
-                retry = self.backoff.should_retry(err, job.attempts)
-                delay = self.backoff.delay(job.attempts, err.retry_after) if retry else None
-                job.history.append(attempt_record(job.attempts, clock.now(), err, delay))
-                if delay is None:
-                    log.warning("request %s failed after %d attempts: %s", req.request_id, job.attempts, err.message)
-                    return self._event(job, "failed", error=error_info(err)), True
+                now = clock.now()
+                decision = policy.decide(err, job.attempts, now=now, budget_end=budget_end, deadline_at=req.deadline_at)
+                job.history.append(attempt_record(job.attempts, now, err, decision.delay))
+                last = error_info(err)
+                if decision.reason == "deadline":
+                    return self._event(job, "expired"), False
+                if decision.delay is None:
+                    assert decision.reason is not None
+                    return self._failed(job, last, decision.reason, first_at), True
                 metrics.RETRIES.labels(endpoint.label).inc()
-                await asyncio.sleep(delay)
+                await asyncio.sleep(decision.delay)
                 continue
             return self._event(job, "completed", result=result, usage=usage or None), False
+
+    def _failed(self, job: _Job, error: dict[str, Any], reason: GiveUp, first_at: float) -> ResultEvent:
+        elapsed = clock.now() - first_at
+        log.warning(
+            "request %s failed (%s) after %d attempts in %.1fs: %s",
+            job.req.request_id, reason, job.attempts, elapsed, error.get("message"),
+        )
+        info = failure_info(error, reason, attempts=job.attempts, elapsed_s=elapsed, history=job.history)
+        return self._event(job, "failed", error=info)
 
     def _event(self, job: _Job, status: str, **extra: Any) -> ResultEvent:
         # An expiry found before any attempt never ran; everything else says when work began.
@@ -314,7 +340,9 @@ class MLWorker(Service):
         while True:
             try:
                 if not dead_sent:
-                    await self.rabbit.publish_dead_letter(job.req, job.history, event.error or {})
+                    # The attempt history travels in its own header, not twice.
+                    error = {k: v for k, v in (event.error or {}).items() if k != "history"}
+                    await self.rabbit.publish_dead_letter(job.req, job.history, error)
                     dead_sent = True
                 await self.rabbit.publish_result(event)
                 return

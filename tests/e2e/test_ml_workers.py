@@ -3,8 +3,11 @@ deadlines and scaling out, checked through the HTTP API, PostgreSQL, the quota a
 
 from __future__ import annotations
 
+import json
 import signal
+import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +21,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 SLOW_MS = 3000
 TERMINAL_TIMEOUT = 60.0
+TERMINAL = {"completed", "failed", "cancelled", "expired"}
+# The shipped retry and breaker settings; the harness's fast test values would flatter a flaky model.
+REALISTIC = {"ml_retry_base_s": "0.2", "ml_retry_max_s": "10", "ml_breaker_threshold": "5", "ml_breaker_reset_s": "5"}
 
 
 class ModelAdmin:
@@ -80,8 +86,10 @@ async def api(http: aiohttp.ClientSession, pipeline: Pipeline, pipeline_worker: 
     return await Api(http, pipeline_worker.url, key).wait_key_active()
 
 
-async def start_ml(pipeline: Pipeline, started: list[WorkerProcess], ml_concurrency: int = 16) -> WorkerProcess:
-    worker = await pipeline.start_worker(roles="ml", ml_concurrency=str(ml_concurrency))
+async def start_ml(
+    pipeline: Pipeline, started: list[WorkerProcess], ml_concurrency: int = 16, **overrides: str
+) -> WorkerProcess:
+    worker = await pipeline.start_worker(roles="ml", ml_concurrency=str(ml_concurrency), **overrides)
     started.append(worker)
     return worker
 
@@ -256,3 +264,58 @@ async def test_two_ml_workers_share_the_work(
         assert doc["status"] == "completed", doc
     per_worker = [(await model_calls(http, w)).get("ok", 0) for w in (first, second)]
     assert sum(per_worker) == len(ids) and min(per_worker) > 0, per_worker
+
+
+async def test_model_failing_half_its_calls_completes_every_request(
+    pipeline: Pipeline, api: Api, admin: ModelAdmin, ml_workers: list[WorkerProcess],
+) -> None:
+    """50% 503 (with Retry-After: 1): retries within the budget, and breaker pauses, complete all 40."""
+    await admin.faults(error_rate=0.5, error_status=503)
+    await start_ml(pipeline, ml_workers, **REALISTIC)
+    started = time.monotonic()
+    ids = [await submit_generate(api, f"flaky {i}") for i in range(40)]
+    docs = [await api.wait_status(rid, TERMINAL, timeout=240) for rid in ids]
+    elapsed = time.monotonic() - started
+    statuses = Counter(d["status"] for d in docs)
+    attempts = sorted(d["attempts"] for d in docs)
+    print(f"50% 503, 40 requests: {dict(statuses)} in {elapsed:.1f}s; attempts {attempts}")
+    assert statuses == {"completed": 40}, (statuses, [d.get("error") for d in docs if d["status"] != "completed"])
+    assert max(attempts) > 1  # the model really failed calls
+    quota = await settled_quota(api)
+    assert quota["tokens"]["used"] == sum(d["usage"]["total_tokens"] for d in docs), quota
+
+
+async def test_model_failing_every_call_fails_once_the_budget_is_spent(
+    pipeline: Pipeline, api: Api, admin: ModelAdmin, ml_workers: list[WorkerProcess],
+) -> None:
+    """100% 503: `failed` after the retry budget (10 s here), with its attempts, refunded, dead-lettered."""
+    budget = 10.0
+    await admin.faults(error_rate=1.0, error_status=503)
+    await start_ml(pipeline, ml_workers, **REALISTIC, ml_retry_budget_s=str(budget))
+    submitted = time.monotonic()
+    ids = [await submit_generate(api, f"doomed {i}") for i in range(3)]
+    docs = [await api.wait_status(rid, TERMINAL, timeout=budget + 60) for rid in ids]
+    took = time.monotonic() - submitted
+    print(f"100% 503: 3 requests failed after {took:.1f}s (budget {budget}s); attempts {[d['attempts'] for d in docs]}")
+    assert {d["status"] for d in docs} == {"failed"}, docs
+    assert budget <= took < budget + 15, took  # not before the budget, not long after it
+    for doc in docs:
+        assert doc["error"]["type"] == "model_http_503", doc
+        assert doc["attempts"] >= 3, doc  # retried for the budget, not a fixed handful of tries
+        history = doc["error"]["history"]
+        assert len(history) == doc["attempts"] and {h["status"] for h in history} == {503}, doc
+        assert history[-1]["at"] - history[0]["at"] <= budget, history
+    quota = await settled_quota(api)
+    assert quota["tokens"]["used"] == 0 and quota["requests"]["used"] == 3, quota  # refunded
+
+    pool = await pipeline.store.connect()
+
+    async def dead_lettered() -> dict[str, Any]:
+        rows = await pool.fetch("SELECT request_id, history FROM dead_letters WHERE request_id = ANY($1::text[])", ids)
+        return {r["request_id"]: r for r in rows} if len(rows) == len(ids) else {}
+
+    dead = await wait_for(dead_lettered, timeout=TERMINAL_TIMEOUT, what="dead letters recorded")
+    for doc in docs:
+        history = dead[doc["request_id"]]["history"]
+        history = json.loads(history) if isinstance(history, str) else history
+        assert len(history) == doc["attempts"], history

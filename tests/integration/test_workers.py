@@ -217,9 +217,60 @@ async def test_always_failing_model_fails_and_dead_letters_with_history(admin: A
     assert dead is not None
     info = RabbitClient.dead_letter_info(dead)
     assert info["request"]["request_id"] == req.request_id
-    assert [a["attempt"] for a in info["history"]] == [1, 2, 3] and info["error"] == event.error
+    assert [a["attempt"] for a in info["history"]] == [1, 2, 3]
+    assert info["error"] == {k: v for k, v in event.error.items() if k != "history"}
+    assert event.error["reason"] == "max_attempts" and event.error["history"] == info["history"]
     assert (await admin.stats())["generate_calls"] == 3
     assert await h.rabbit.message_count(h.rabbit.work_queue_name("generate", "sim-gpt")) == 0  # acked
+
+
+async def test_always_failing_model_fails_when_the_retry_budget_is_spent(admin: Admin, harness_factory: Any) -> None:
+    h = await harness_factory(f"{admin.url}/v1", ml_max_attempts=1000, ml_retry_budget_s=1.5)
+    await admin.faults(error_rate=1.0, error_status=503)  # with Retry-After: 1
+    await h.worker()
+    req = make_req()
+    started = time.monotonic()
+    await h.rabbit.publish_requests([req])
+    event = (await h.results.wait_terminal([req.request_id]))[req.request_id]
+    took = time.monotonic() - started
+    assert event.status == "failed" and event.attempts == 2, event  # at 0 s and 1 s; Retry-After 1 ends past 1.5
+    assert event.error and event.error["reason"] == "retry_budget_spent" and event.error["type"] == "model_http_503"
+    assert [a["status"] for a in event.error["history"]] == [503, 503]
+    assert took < 5, took  # it stopped when the next retry could not start inside the budget
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 502])
+async def test_transient_4xx_and_5xx_are_retried(admin: Admin, harness_factory: Any, status: int) -> None:
+    h = await harness_factory(f"{admin.url}/v1")
+    await h.worker()
+    await admin.faults(fail_next=2, error_status=status)
+    req = make_req(params={"max_tokens": 4})
+    await h.rabbit.publish_requests([req])
+    event = (await h.results.wait_terminal([req.request_id]))[req.request_id]
+    assert event.status == "completed" and event.attempts == 3, event
+
+
+async def test_half_failing_model_pauses_on_the_breaker_and_completes_every_request(
+    admin: Admin, harness_factory: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """50% failures open a 3-failure breaker again and again: requests wait for it, none fails."""
+    h = await harness_factory(
+        f"{admin.url}/v1", ml_max_attempts=50, ml_retry_budget_s=60, ml_breaker_threshold=3,
+        ml_breaker_reset_s=0.2, ml_concurrency=8,
+    )
+    await admin.faults(fail_next=3, error_rate=0.5, error_status=500)  # the first 3 open the breaker for sure
+    caplog.set_level("INFO", logger="workers.breaker")
+    worker = await h.worker()
+    reqs = [make_req(params={"max_tokens": 4}) for _ in range(40)]
+    await h.rabbit.publish_requests(reqs)
+    done = await h.results.wait_terminal([r.request_id for r in reqs], within=90)
+    statuses = [e.status for e in done.values()]
+    assert statuses.count("completed") == 40, [e.error for e in done.values() if e.status != "completed"]
+    opened = [r for r in caplog.records if "-> open" in r.getMessage()]
+    closed = [r for r in caplog.records if "half_open -> closed" in r.getMessage()]
+    assert opened and closed, "the breaker opened and closed again"
+    assert max(e.attempts for e in done.values()) > 1
+    await until(lambda: worker.endpoints["generate"].breaker.state == "closed" and worker.health()["consuming"])
 
 
 async def test_a_400_fails_at_once_without_retry(admin: Admin, harness_factory: Any) -> None:

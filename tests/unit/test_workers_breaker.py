@@ -1,10 +1,16 @@
-"""Circuit breaker state machine, with a fake clock."""
+"""Circuit breaker state machine (fake clock), and an open breaker as a bounded pause of an endpoint call."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from bridges.model import ModelClient
+from inferstream import clock
+from inferstream.settings import Settings
 from workers.breaker import CircuitBreaker
+from workers.endpoint import DeadlinePassed, Endpoint, RetryBudgetSpent
 
 
 class FakeClock:
@@ -75,3 +81,45 @@ async def test_late_success_of_a_non_probe_does_not_close_an_open_breaker() -> N
     b.on_failure(False)
     b.on_success(False)
     assert b.state == "open"
+
+
+# ---- the breaker as a pause inside an endpoint call -------------------------
+
+
+def _open_endpoint(reset_s: float) -> Endpoint:
+    settings = Settings(ml_breaker_threshold=1, ml_breaker_reset_s=reset_s)
+    endpoint = Endpoint(settings, ModelClient(settings), "generate")
+    endpoint.breaker.on_failure(False)
+    assert endpoint.breaker.state == "open"
+    return endpoint
+
+
+async def _never_called() -> str:
+    raise AssertionError("no call may go out while the breaker is open")
+
+
+async def test_an_open_breaker_pauses_a_call_until_its_budget_ends_then_gives_up() -> None:
+    endpoint = _open_endpoint(reset_s=60)
+    started = clock.now()
+    with pytest.raises(RetryBudgetSpent) as spent:
+        await endpoint.call(_never_called, deadline_at=None, budget_end=started + 0.3)
+    waited = clock.now() - started
+    assert 0.25 <= waited < 2.0, waited  # it waited for the breaker, then gave up at the budget's end
+    assert "circuit breaker" in spent.value.waiting_for
+    assert endpoint.slots._value == endpoint.settings.ml_concurrency  # the call slot was given back
+
+
+async def test_a_deadline_before_the_budget_expires_the_paused_call() -> None:
+    endpoint = _open_endpoint(reset_s=60)
+    with pytest.raises(DeadlinePassed):
+        await endpoint.call(_never_called, deadline_at=clock.now() + 0.1, budget_end=clock.now() + 30)
+
+
+async def test_a_paused_call_goes_out_when_the_breaker_half_opens_within_the_budget() -> None:
+    endpoint = _open_endpoint(reset_s=0.2)
+
+    async def answer() -> str:
+        return "ok"
+
+    assert await endpoint.call(answer, budget_end=clock.now() + 10) == "ok"
+    assert endpoint.breaker.state == "closed"  # it was the probe, and its success closed the breaker

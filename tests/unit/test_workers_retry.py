@@ -1,40 +1,110 @@
-"""Backoff with full jitter, Retry-After, and the retry decision."""
+"""The retry policy: a time budget from the first attempt, full jitter, Retry-After, and which errors retry."""
 
 from __future__ import annotations
 
 import random
 
-from bridges.model import parse_retry_after
-from inferstream.errors import FatalModelError, RetryableModelError
+import pytest
+
+from bridges.model import is_retryable_status, parse_retry_after
+from inferstream.errors import FatalModelError, ModelError, RetryableModelError
 from inferstream.settings import Settings
-from workers.retry import Backoff, attempt_record
+from workers.retry import RetryPolicy, attempt_record, failure_info
+
+BUSY = RetryableModelError("busy", status=503, retry_after=1.0)  # what the reference server sends
 
 
-def test_delay_is_full_jitter_doubling_up_to_the_cap() -> None:
-    b = Backoff(base_s=0.1, cap_s=1.0, max_attempts=5, rng=random.Random(1))
+def policy(**kw: float) -> RetryPolicy:
+    args = {"base_s": 0.2, "cap_s": 10.0, "max_attempts": 50, "budget_s": 120.0, **kw}
+    return RetryPolicy(args["base_s"], args["cap_s"], int(args["max_attempts"]), args["budget_s"], random.Random(7))
+
+
+def run(p: RetryPolicy, fails: list[bool], error: ModelError = BUSY, call_s: float = 0.05) -> tuple[str, int, float]:
+    """Drive one request through ``p`` on a fake clock: (outcome, attempts, seconds from its first attempt)."""
+    now, attempts = 0.0, 0
+    end = p.budget_end(now)
+    for failed in fails:
+        attempts += 1
+        now += call_s
+        if not failed:
+            return "completed", attempts, now
+        decision = p.decide(error, attempts, now=now, budget_end=end)
+        if decision.delay is None:
+            return str(decision.reason), attempts, now
+        assert now + decision.delay <= end, "no wait ends past the budget"
+        now += decision.delay
+    raise AssertionError("ran out of scripted outcomes")
+
+
+def test_backoff_is_full_jitter_doubling_up_to_the_cap() -> None:
+    p = policy(base_s=0.1, cap_s=1.0)
     for attempt, ceiling in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (9, 1.0)]:
-        delays = [b.delay(attempt) for _ in range(200)]
+        delays = [p.backoff(attempt) for _ in range(200)]
         assert all(0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.8  # jitter spans the range
 
 
-def test_retry_after_is_a_floor_bounded_by_the_cap() -> None:
-    b = Backoff(base_s=0.01, cap_s=2.0, max_attempts=3)
-    assert 1.5 <= b.delay(1, retry_after=1.5) <= 2.0
-    assert b.delay(1, retry_after=60) == 2.0
+def test_retry_after_is_a_floor_honoured_past_the_cap_within_the_budget() -> None:
+    p = policy(base_s=0.01, cap_s=2.0)
+    assert p.decide(RetryableModelError("x", retry_after=1.5), 1, now=0, budget_end=120).delay == 1.5
+    assert p.decide(RetryableModelError("x", retry_after=30), 1, now=0, budget_end=120).delay == 30
+    stop = p.decide(RetryableModelError("x", retry_after=60), 1, now=100, budget_end=120)
+    assert stop.delay is None and stop.reason == "retry_budget_spent"  # retrying before it asked is pointless
 
 
-def test_only_retryable_errors_retry_and_only_below_max_attempts() -> None:
-    b = Backoff.from_settings(Settings(ml_max_attempts=3))
-    err = RetryableModelError("busy", status=503)
-    assert b.should_retry(err, 1) and b.should_retry(err, 2)
-    assert not b.should_retry(err, 3)
-    assert not b.should_retry(FatalModelError("bad", status=400), 1)
+def test_transient_failures_retry_for_the_whole_budget_not_a_fixed_count() -> None:
+    outcome, attempts, elapsed = run(policy(), [True] * 1000)
+    assert outcome == "retry_budget_spent"
+    assert 115 <= elapsed <= 120.05 and attempts > 10, (attempts, elapsed)
+    outcome, attempts, _ = run(policy(budget_s=10), [True] * 1000)
+    assert outcome == "retry_budget_spent" and 3 <= attempts <= 11
 
 
-def test_attempt_record_carries_type_message_status() -> None:
+def test_max_attempts_is_an_upper_bound() -> None:
+    assert run(policy(max_attempts=3), [True] * 10)[:2] == ("max_attempts", 3)
+
+
+def test_fatal_errors_fail_at_once() -> None:
+    for status in (400, 401, 403, 404, 422):
+        assert run(policy(), [True] * 10, FatalModelError("no", status=status))[:2] == ("fatal", 1)
+
+
+def test_a_deadline_before_the_budget_ends_retrying_as_expired() -> None:
+    p = policy()
+    assert p.decide(BUSY, 1, now=10, budget_end=130, deadline_at=10.5).reason == "deadline"  # Retry-After 1 > 0.5
+    delay = p.decide(RetryableModelError("x"), 5, now=10, budget_end=130, deadline_at=10.3).delay
+    assert delay is not None and delay <= 0.3 + 1e-9
+    assert p.decide(BUSY, 1, now=10, budget_end=11.5, deadline_at=500).delay == 1.0  # the budget binds
+
+
+def test_a_model_failing_half_its_calls_almost_never_exhausts_the_defaults() -> None:
+    """The issue's case: 50% 503 with Retry-After 1. Four attempts failed ~6%; the budget fails none."""
+    rng = random.Random(1)
+    outcomes = [run(RetryPolicy.from_settings(Settings()), [rng.random() < 0.5 for _ in range(100)])[0]
+                for _ in range(5000)]
+    assert outcomes.count("completed") == 5000
+    old = RetryPolicy.from_settings(Settings(ml_max_attempts=4))
+    old_outcomes = [run(old, [rng.random() < 0.5 for _ in range(100)])[0] for _ in range(5000)]
+    assert 0.04 < old_outcomes.count("max_attempts") / 5000 < 0.085
+
+
+@pytest.mark.parametrize("status", [408, 409, 425, 429, 500, 502, 503, 504])
+def test_transient_statuses_are_retryable(status: int) -> None:
+    assert is_retryable_status(status)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 413, 422])
+def test_other_4xx_are_fatal(status: int) -> None:
+    assert not is_retryable_status(status)
+
+
+def test_attempt_record_and_failure_info_carry_their_data() -> None:
     rec = attempt_record(2, 10.0, RetryableModelError("busy", status=429, retry_after=1), 0.5)
     assert rec == {"attempt": 2, "at": 10.0, "type": "model_http_429", "message": "busy", "status": 429, "retry_in_s": 0.5}
+    info = failure_info({"type": "model_http_429", "message": "busy"}, "retry_budget_spent",
+                        attempts=2, elapsed_s=1.23456, history=[rec])
+    assert info == {"type": "model_http_429", "message": "busy", "reason": "retry_budget_spent",
+                    "attempts": 2, "elapsed_s": 1.235, "history": [rec]}
 
 
 def test_parse_retry_after() -> None:
