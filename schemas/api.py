@@ -5,17 +5,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
+from yarl import URL
 
+from inferstream.egress import EgressPolicy, EgressRefused, Resolve
 from inferstream.errors import InvalidRequest
+from inferstream.settings import Settings
 from schemas.records import PRIORITY_LEVEL
 
 TASKS = ("generate", "embed")
 MAX_INPUTS = 2048
 MAX_DEADLINE_S = 7 * 86_400
 MAX_TOKENS_LIMIT = 1_000_000
+MAX_CALLBACK_URL = 2048
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,7 @@ def parse_submission(body: bytes, model_routes: dict[str, list[str]]) -> Submiss
 
     callback_url = data.get("callback_url")
     if callback_url is not None:
-        parts = urlsplit(callback_url) if isinstance(callback_url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            raise _fail("'callback_url' must be an http(s) URL", "callback_url")
+        _callback_url(callback_url)
 
     unknown = set(data) - {"task", "model", "input", "params", "priority", "deadline_s", "metadata", "callback_url"}
     if unknown:
@@ -127,3 +128,50 @@ def parse_submission(body: bytes, model_routes: dict[str, list[str]]) -> Submiss
         metadata=metadata,
         callback_url=callback_url,
     )
+
+
+def _callback_url(value: Any) -> URL:
+    """The shape of a ``callback_url``, read by the parser the webhook sender uses (yarl, as aiohttp)."""
+    if not isinstance(value, str) or len(value) > MAX_CALLBACK_URL:
+        raise _fail(
+            f"'callback_url' must be an http(s) URL of at most {MAX_CALLBACK_URL} characters",
+            "callback_url",
+        )
+    try:
+        url = URL(value)
+        port = url.port
+    except ValueError as exc:
+        raise _fail(f"'callback_url' is not a valid URL: {exc}", "callback_url") from None
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        raise _fail("'callback_url' must be an http(s) URL", "callback_url")
+    if url.raw_user is not None or url.raw_password is not None:
+        # Credentials in the URL would be sent to the receiver and logged with the row.
+        raise _fail("'callback_url' must not carry credentials", "callback_url")
+    if port is None or not 0 < port < 65536:
+        raise _fail("'callback_url' has an invalid port", "callback_url")
+    return url
+
+
+async def check_callback_url(url: str, settings: Settings, *, resolve: Resolve | None = None) -> None:
+    """Refuse (400, field ``callback_url``) a URL whose host is, or resolves to, an internal address.
+
+    Awaited by the gateway after :func:`parse_submission` (which stays pure): a
+    hostname is resolved, within ``settings.webhook_resolve_timeout_s``.
+    """
+    parsed = _callback_url(url)
+    policy = EgressPolicy.parse(settings.webhook_allow)
+    try:
+        await policy.check_host(
+            parsed.raw_host or "",
+            parsed.port or 0,
+            timeout_s=settings.webhook_resolve_timeout_s,
+            resolve=resolve,
+        )
+    except EgressRefused as exc:
+        raise InvalidRequest(
+            f"'callback_url' {exc}; webhooks go to public addresses only "
+            "(INFERSTREAM_WEBHOOK_ALLOW lists exceptions)",
+            field="callback_url",
+            host=exc.host,
+            address=exc.address,
+        ) from None

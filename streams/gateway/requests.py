@@ -14,7 +14,7 @@ from inferstream import clock
 from inferstream.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, Unavailable
 from inferstream.ids import is_request_id, new_request_id
 from inferstream.tokens import estimate_tokens
-from schemas.api import parse_submission
+from schemas.api import check_callback_url, parse_submission
 from schemas.documents import request_doc
 from schemas.records import TERMINAL, InferenceRequest
 from streams.gateway import metrics
@@ -38,6 +38,8 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
         return await gw.router.forward(request, owner, body)
 
     sub = parse_submission(body, gw.model_routes)
+    if sub.callback_url is not None:
+        await check_callback_url(sub.callback_url, gw.settings)  # may resolve its host: before admission
     user, plan = principal.user_id, principal.plan
     idem_key = request.headers.get("Idempotency-Key")
     body_fp = ""

@@ -281,3 +281,54 @@ async def test_list_filters_by_status_and_pages_own_requests_only(
 async def _listed(api: Api, status: str, n: int) -> bool:
     code, page, _ = await api.call("GET", f"/v1/requests?status={status}&limit=100")
     return code == 200 and len(page["data"]) >= n
+INTERNAL_CALLBACKS = [
+    "http://127.0.0.1:{port}/hook",
+    "http://localhost:{port}/hook",
+    "http://[::ffff:127.0.0.1]:{port}/hook",
+    "http://[::1]:{port}/hook",
+    "http://2130706433:{port}/hook",
+    "http://0177.0.0.1:{port}/hook",
+    "http://0x7f.1:{port}/hook",
+    "http://169.254.169.254/latest/meta-data/",  # refused before any connection is tried
+]
+
+
+async def test_internal_callback_urls_are_refused_at_submit(
+    broker_url: str, model_base_url: str, http: aiohttp.ClientSession
+) -> None:
+    """SSRF: without an allow-list entry, every spelling of loopback is a 400 and costs nothing."""
+    calls: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        calls.append(await request.read())
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with Pipeline.session(broker_url, model_base_url + "/v1", webhook_allow="") as strict:
+            worker = await strict.start_worker()
+            api = await Api(http, worker.url, await strict.create_key("mallory")).wait_key_active()
+            for spelling in INTERNAL_CALLBACKS:
+                url = spelling.format(port=port)
+                status, body, _ = await api.submit(
+                    {"task": "embed", "input": "x", "callback_url": url}
+                )
+                assert status == 400, (url, body)
+                assert body["error"]["type"] == "invalid_request", body
+                assert body["error"]["field"] == "callback_url", body
+            # The same worker accepts the same request without the callback.
+            status, accepted, _ = await api.submit({"task": "embed", "input": "x"})
+            assert status == 202, accepted
+            await api.wait_status(accepted["request_id"], {"completed"}, timeout=60)
+            _, quota, _ = await api.call("GET", "/v1/quota")
+            assert quota["requests"]["used"] == 1  # the refused ones were never admitted
+    finally:
+        await runner.cleanup()
+    assert calls == []
+
+

@@ -133,6 +133,7 @@ class Pipeline:
             "INFERSTREAM_KEY_REFRESH_S": "1",
             "INFERSTREAM_ML_RETRY_BASE_S": "0.05",
             "INFERSTREAM_ML_BREAKER_RESET_S": "1",
+            "INFERSTREAM_WEBHOOK_ALLOW": "127.0.0.0/8,::1,localhost",  # test receivers are local
             "PYTHONUNBUFFERED": "1",
             **{f"INFERSTREAM_{k.upper()}": v for k, v in overrides.items()},
         }
