@@ -8,6 +8,7 @@ from the same metadata (``python -m inferstream.settings``).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from collections.abc import Mapping
@@ -195,6 +196,22 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
+    # ---- safety ----------------------------------------------------------
+    def insecure_defaults(self) -> list[str]:
+        """Why this worker must not serve a non-loopback address as configured (empty: it may).
+
+        The default secrets are published in this repository: with them anyone can
+        forge webhook signatures, and key digests lose the protection of a server secret.
+        """
+        if _is_loopback(self.web_host):
+            return []
+        return [
+            f"{PREFIX}{name.upper()} is the published default while the web server binds "
+            f"{self.web_host!r} (not loopback): set {PREFIX}{name.upper()} to a long random secret"
+            for name in _PUBLISHED_SECRETS
+            if getattr(self, name) == _DEFAULTS[name]
+        ]
+
             raw = env.get(PREFIX + f.name.upper())
             if raw is None:
                 continue
@@ -223,6 +240,18 @@ def markdown_table() -> str:
     for f in fields(Settings):
         rows.append(f"| `{PREFIX}{f.name.upper()}` | `{f.default}` | {f.metadata['doc']} |")
     return "\n".join(rows)
+_PUBLISHED_SECRETS = ("key_secret", "webhook_secret")
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        name = host.rstrip(".").lower()
+        return name == "localhost" or name.endswith(".localhost")
+
+
 
 
 if __name__ == "__main__":  # pragma: no cover

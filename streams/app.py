@@ -11,6 +11,9 @@ from streams import quirks
 settings = Settings.from_env()
 if settings.event_loop == "uvloop":
     # Before the worker creates its loop (Faust imports the app while parsing the
+if _insecure := settings.insecure_defaults():
+    # Before anything binds or connects: a clear message and exit status 1, not a traceback.
+    raise SystemExit("inferstream refuses to start: " + "; ".join(_insecure))
     # command line); the same as `faust -L uvloop`, without changing the command.
     mode.loop.use("uvloop")
 
