@@ -190,12 +190,6 @@ class Settings:
             routes.setdefault(task.strip(), []).append(model.strip())
         return routes
 
-    # ---- construction --------------------------------------------------
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
     # ---- safety ----------------------------------------------------------
     def insecure_defaults(self) -> list[str]:
         """Why this worker must not serve a non-loopback address as configured (empty: it may).
@@ -212,6 +206,12 @@ class Settings:
             if getattr(self, name) == _DEFAULTS[name]
         ]
 
+    # ---- construction --------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
             raw = env.get(PREFIX + f.name.upper())
             if raw is None:
                 continue
@@ -234,12 +234,6 @@ class Settings:
         }
 
 
-def markdown_table() -> str:
-    """The README's settings table."""
-    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
-    for f in fields(Settings):
-        rows.append(f"| `{PREFIX}{f.name.upper()}` | `{f.default}` | {f.metadata['doc']} |")
-    return "\n".join(rows)
 _PUBLISHED_SECRETS = ("key_secret", "webhook_secret")
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)}
 
@@ -252,6 +246,12 @@ def _is_loopback(host: str) -> bool:
         return name == "localhost" or name.endswith(".localhost")
 
 
+def markdown_table() -> str:
+    """The README's settings table."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        rows.append(f"| `{PREFIX}{f.name.upper()}` | `{f.default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,11 +9,11 @@ from inferstream.settings import Settings
 from streams import quirks
 
 settings = Settings.from_env()
-if settings.event_loop == "uvloop":
-    # Before the worker creates its loop (Faust imports the app while parsing the
 if _insecure := settings.insecure_defaults():
     # Before anything binds or connects: a clear message and exit status 1, not a traceback.
     raise SystemExit("inferstream refuses to start: " + "; ".join(_insecure))
+if settings.event_loop == "uvloop":
+    # Before the worker creates its loop (Faust imports the app while parsing the
     # command line); the same as `faust -L uvloop`, without changing the command.
     mode.loop.use("uvloop")
 
