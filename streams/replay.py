@@ -1,7 +1,7 @@
 """``faust -A streams replay``: re-project a range of the log into PostgreSQL, idempotently.
 
 A throwaway aiokafka consumer without a group (nothing is committed, no worker
-is disturbed) is assigned every partition of the topic, seeks each to the
+is disturbed; :mod:`streams.logread`) is assigned every partition of the topic, seeks each to the
 start (an offset, or the first record at or after a time), and reads up to the
 log's end as of its first fetch, or up to ``--until`` (exclusive: records
 before that offset or time). The end comes from the fetch's high watermark and
@@ -12,6 +12,7 @@ and written through the same :class:`ResultSink` and ``Store.upsert_events``,
 so the rank rule holds: a replay can fill gaps and move rows forward, never back.
 Rows that changed are refreshed in Redis (cache and notification, best effort).
 Webhooks are not sent: rows that replay makes terminal keep ``webhook_state='pending'``.
+Nothing is written to the log, so a replay cannot change a quota audit.
 """
 
 from __future__ import annotations
@@ -36,13 +37,19 @@ from bridges.sink import ResultSink
 from inferstream.settings import Settings
 from schemas.documents import request_doc
 from schemas.records import InferenceRequest, ResultEvent
+from streams.logread import (  # noqa: F401  (bootstrap_servers: redrive and tests import it from here)
+    PartitionRange,
+    assign_all,
+    bootstrap_servers,
+    group_less_consumer,
+    read_ranges,
+)
 
 log = logging.getLogger(__name__)
 
 Position = int | datetime
 """A log position: an offset (the same in every partition) or a point in time."""
 Decode = Callable[[bytes], Event]
-_IDLE_POLLS = 5
 
 
 def parse_position(value: str) -> Position:
@@ -66,55 +73,6 @@ def resolve_topic(settings: Settings, name: str) -> tuple[str, Decode]:
     raise click.BadParameter(
         f"unknown topic {name!r}: use requests, results, {settings.requests_topic} or {settings.results_topic}"
     )
-
-
-def bootstrap_servers(broker_url: str) -> str:
-    """``kafka://h1:9092;h2:9092`` -> ``h1:9092,h2:9092`` (aiokafka's form)."""
-    hosts = [h.strip().removeprefix("kafka://") for h in broker_url.replace(";", ",").split(",")]
-    return ",".join(h for h in hosts if h)
-
-
-@dataclass
-class PartitionRange:
-    """One partition's share: offsets ``[start, stop)``, narrowed by record times when the broker cannot."""
-
-    partition: int
-    start: int
-    stop: int  # exclusive
-    open_end: bool = False  # ``stop`` is the log's end: the first fetch's high watermark settles it
-    not_before_ms: int | None = None  # skip records until the first one at or after this time
-    stop_at_ms: int | None = None  # stop at the first record at or after this time
-    end_known: bool = False
-    first: int | None = None
-    last: int | None = None
-    read: int = 0
-
-    @property
-    def pending(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def learn_end(self, highwater: int) -> None:
-        """The fetch's high watermark, which is exact (Tansu 0.6's ListOffsets lags after batches)."""
-        if not self.end_known:
-            self.stop = max(self.stop, highwater) if self.open_end else min(self.stop, highwater)
-            self.end_known = True
-
-    def admit(self, offset: int, timestamp_ms: int) -> bool | None:
-        """True to replay the record, False to skip it, None when the range ends before it."""
-        if offset >= self.stop or (self.stop_at_ms is not None and timestamp_ms >= self.stop_at_ms):
-            self.stop = min(self.stop, offset)
-            self.open_end, self.end_known = False, True
-            return None
-        if self.not_before_ms is not None:
-            if timestamp_ms < self.not_before_ms:
-                return False
-            self.not_before_ms = (
-                None  # Kafka's rule: from the first record at or after the time, all
-            )
-        self.first = offset if self.first is None else self.first
-        self.last = offset
-        self.read += 1
-        return True
 
 
 @dataclass
@@ -211,21 +169,10 @@ async def replay_range(
     """Read ``[start, until)`` of every partition of ``topic`` through ``sink``; see the module docstring."""
     began = time.monotonic()
     summary = ReplaySummary(topic=topic)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers(settings.broker_url),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=batch_size,
-    )
-    await consumer.start()
-    try:
-        await consumer.topics()  # loads the metadata partitions_for_topic reads
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
+    async with group_less_consumer(settings.broker_url, batch_size) as consumer:
+        tps = await assign_all(consumer, topic)
+        if not tps:
             raise click.ClickException(f"topic {topic} does not exist (or has no partitions)")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
         begins = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
         starts = await _offsets_at(consumer, tps, start, begins, ends)
@@ -238,56 +185,21 @@ async def replay_range(
         summary.partitions = list(ranges.values())
         if on_plan is not None:
             on_plan(sum(r.pending for r in ranges.values()))
-        # An open-ended partition is fetched at least once, to learn where it really ends.
-        active = {tp for tp, r in ranges.items() if r.pending or r.open_end}
-        for tp in tps:
-            if tp in active:
-                consumer.seek(tp, ranges[tp].start)
-            else:
-                consumer.pause(tp)
-        idle = 0
-        while active:
-            fetched = await consumer.getmany(*active, timeout_ms=1000, max_records=batch_size)
+        async for fetched in read_ranges(consumer, ranges, batch_size):
             batch: list[Event] = []
-            for tp in active:
-                highwater = consumer.highwater(tp)
-                if highwater is not None:
-                    ranges[tp].learn_end(highwater)
-            for tp, records in fetched.items():
-                rng = ranges[tp]
-                seen = 0
-                for rec in records:
-                    verdict = rng.admit(rec.offset, rec.timestamp)
-                    if verdict is None:
-                        break
-                    seen += 1
-                    if not verdict:
-                        continue
-                    summary.read += 1
-                    try:
-                        if rec.value is None:
-                            raise ValueError("no value (a tombstone)")
-                        batch.append(decode(rec.value))
-                    except (orjson.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
-                        summary.undecodable += 1
-                        log.warning("replay: %s offset %d undecodable: %r", tp, rec.offset, exc)
-                if progress is not None:
-                    progress(seen)
+            for tp, rec in fetched.records:
+                summary.read += 1
+                try:
+                    if rec.value is None:
+                        raise ValueError("no value (a tombstone)")
+                    batch.append(decode(rec.value))
+                except (orjson.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
+                    summary.undecodable += 1
+                    log.warning("replay: %s offset %d undecodable: %r", tp, rec.offset, exc)
+            if progress is not None:
+                progress(fetched.seen)
             await sink.write(batch)
             summary.batches += bool(batch)
-            # Done with a partition once its position reaches the stop (gaps and markers included).
-            for tp in list(active):
-                if ranges[tp].end_known and await consumer.position(tp) >= ranges[tp].stop:
-                    active.discard(tp)
-                    consumer.pause(tp)
-            idle = 0 if fetched else idle + 1
-            if idle >= _IDLE_POLLS:
-                raise click.ClickException(
-                    f"no records for {_IDLE_POLLS}s before the end of partitions "
-                    f"{sorted(tp.partition for tp in active)}; is the broker healthy?"
-                )
-    finally:
-        await consumer.stop()
     summary.rows_changed = sink.rows_changed
     summary.elapsed_s = time.monotonic() - began
     return summary
