@@ -281,6 +281,8 @@ async def test_list_filters_by_status_and_pages_own_requests_only(
 async def _listed(api: Api, status: str, n: int) -> bool:
     code, page, _ = await api.call("GET", f"/v1/requests?status={status}&limit=100")
     return code == 200 and len(page["data"]) >= n
+
+
 INTERNAL_CALLBACKS = [
     "http://127.0.0.1:{port}/hook",
     "http://localhost:{port}/hook",
