@@ -6,7 +6,9 @@ PostgreSQL sees each id once and the whole batch is one statement. In the
 database the same rule holds between batches: a row's status only moves up
 the lifecycle, a stale or repeated event can only fill fields that are still
 empty (the request's input arriving after its result), and only rows whose
-status actually advanced are returned.
+status actually advanced are returned. :func:`passed_through` then tells, for
+each returned row, which earlier statuses the batch's own events carried, so
+each status change can still be announced once, in order.
 """
 
 from __future__ import annotations
@@ -145,6 +147,30 @@ def collapse(items: Iterable[Event]) -> list[Row]:
         row["webhook_state"] = "pending" if terminal and row.get("callback_url") else None
         out.append({k: v for k, v in row.items() if v is not None})
     return out
+
+
+def passed_through(items: Iterable[Event], rows: Iterable[Row]) -> None:
+    """Set ``row["passed"]`` to the statuses below the row's own that ``items`` carried, in rank order.
+
+    Each entry is ``{"status", "at"}``, the first event of that rank in the batch (as in
+    :func:`collapse`). Only events count: a terminal event's ``started_at`` implies a
+    ``running`` history entry, but fast work announces no ``running`` and neither does this.
+    """
+    wanted = {row["request_id"]: row for row in rows}
+    seen: dict[str, dict[int, dict[str, Any]]] = {}
+    for item in items:
+        row = wanted.get(item.request_id)
+        if row is None:
+            continue
+        if isinstance(item, InferenceRequest):
+            status, at = "queued", item.created_at
+        else:
+            status, at = item.status, item.at
+        rank = STATUS_RANK.get(status)
+        if rank is not None and rank < row.get("status_rank", 0):
+            seen.setdefault(item.request_id, {}).setdefault(rank, {"status": status, "at": at})
+    for request_id, ranks in seen.items():
+        wanted[request_id]["passed"] = [ranks[r] for r in sorted(ranks)]
 
 
 def _recordset_types() -> str:

@@ -3,7 +3,9 @@
 Keys and channels all start with ``{namespace}:``:
 
 - ``{ns}:req:{request_id}``    hash ``r`` (status rank) and ``v`` (``{"user_id", "doc"}`` JSON), TTL
-  ``result_ttl_s``; a write never replaces a document of a later status.
+  ``result_ttl_s``; a write never replaces a document of a later status. Fields ``e1``..``e3``
+  keep the first document of each earlier rank (queued, dispatched, running): the event
+  history an SSE resume replays, gone with the rest of the entry.
 - ``{ns}:cancel:{request_id}`` set for 24 h once a request is cancelled.
 - ``{ns}:events:{request_id}`` pub/sub channel carrying the document JSON on every status change.
 
@@ -41,10 +43,15 @@ OwnedDoc = tuple[str, Mapping[str, Any]]
 CANCEL_TTL_S = 86_400
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
-# Keeps the cache monotonic when events arrive out of order or two sinks race.
-_SET_IF_NOT_OLDER = """
+TERMINAL_RANK = max(STATUS_RANK.values())
+_HISTORY_FIELDS = [f"e{rank}" for rank in range(1, TERMINAL_RANK)]
+# Keeps the cache monotonic when events arrive out of order or two sinks race; records the
+# first document of every non-terminal rank, even a late one (the terminal one is ``v``).
+_SET_IF_NOT_OLDER = f"""
+local rank = tonumber(ARGV[1])
+if rank >= 1 and rank < {TERMINAL_RANK} then redis.call('HSETNX', KEYS[1], 'e' .. ARGV[1], ARGV[2]) end
 local cur = redis.call('HGET', KEYS[1], 'r')
-if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
+if cur and tonumber(cur) > rank then return 0 end
 redis.call('HSET', KEYS[1], 'r', ARGV[1], 'v', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -164,6 +171,20 @@ class RedisClient:
         entry = orjson.loads(raw)
         return entry["user_id"], entry["doc"]
 
+    async def history(self, request_id: str) -> list[dict[str, Any]]:
+        """The documents of every status recorded for a request, in rank order, ending with the
+        current one; empty when nothing is cached (expired, evicted, or never written here)."""
+        redis = await self._client()
+        with _guard("history"):
+            raw = await redis.hmget(self.doc_key(request_id), [*_HISTORY_FIELDS, "v"])
+        by_rank: dict[int, dict[str, Any]] = {}
+        for value in raw:
+            if value is not None:
+                doc = orjson.loads(value)["doc"]
+                # The first document of a rank wins: it is the one streams heard first.
+                by_rank.setdefault(STATUS_RANK.get(doc.get("status"), 0), doc)
+        return [by_rank[rank] for rank in sorted(by_rank) if rank > 0]
+
     # ---- cancellations -----------------------------------------------------
     async def mark_cancelled(self, request_id: str) -> None:
         redis = await self._client()
@@ -222,12 +243,14 @@ class NotificationHub:
 
     ``healthy`` is True while the subscription is live. On every connect and disconnect all
     subscriptions receive None, so listeners reload the state (or switch to polling).
+    :meth:`history` reads what a listener missed, through ``cache`` (or a client of its own).
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
+        cache: RedisClient | None = None,
         queue_size: int = 16,
         ping_interval_s: float = 2.0,
         backoff_max_s: float = 5.0,
@@ -243,6 +266,8 @@ class NotificationHub:
         self._task: asyncio.Task[None] | None = None
         self._healthy = False
         self._healthy_event = asyncio.Event()
+        self._own_cache = cache is None
+        self.cache = cache if cache is not None else RedisClient(settings)
         self.reconnects = 0
 
     @property
@@ -269,6 +294,12 @@ class NotificationHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._set_healthy(False)
+        if self._own_cache:
+            await self.cache.close()
+
+    async def history(self, request_id: str) -> list[dict[str, Any]]:
+        """See :meth:`RedisClient.history`; raises :class:`CacheUnavailable`."""
+        return await self.cache.history(request_id)
 
     async def wait_healthy(self, timeout_s: float) -> bool:
         """Wait until the subscription is live (for startup and tests); False on timeout."""

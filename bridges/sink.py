@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from bridges.postgres import BROKEN_CONNECTION, TRANSIENT, is_transient
-from bridges.postgres_rows import Event
+from bridges.postgres_rows import Event, passed_through
 from inferstream.errors import InferstreamError
 from inferstream.settings import Settings
 
@@ -46,7 +46,12 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 
 class ResultSink:
-    """Writes batches to PostgreSQL through ``store``; calls ``on_applied`` with the changed rows."""
+    """Writes batches to PostgreSQL through ``store``; calls ``on_applied`` with the changed rows.
+
+    A row that the batch moved through several statuses carries them, below its own, in
+    ``row["passed"]`` (see :func:`bridges.postgres_rows.passed_through`): the stored row
+    keeps only the last, and listeners must still hear each one.
+    """
 
     def __init__(
         self,
@@ -102,6 +107,7 @@ class ResultSink:
         self.events_written += len(items)
         self.rows_changed += len(rows)
         if rows and self.on_applied is not None:
+            passed_through(items, rows)
             await self._notify(rows)
 
     async def _sleep(self, delay: float) -> None:

@@ -88,3 +88,19 @@ def request_doc(row: Mapping[str, Any]) -> dict[str, Any]:
 def event_id(status: str) -> int:
     """SSE ``id:`` of a status event: its rank, increasing along the lifecycle."""
     return STATUS_RANK[status]
+
+
+# What only a terminal state has: an earlier state's document never shows them.
+_OUTCOME_FIELDS = ("result", "error", "usage", "completed_at")
+
+
+def earlier_doc(row: Mapping[str, Any], status: str, at: Any) -> dict[str, Any]:
+    """The document of ``row`` as it was at an earlier, non-terminal ``status`` reached at ``at``.
+
+    A sink batch can carry a request through several statuses at once and store only the
+    last; this rebuilds what the intermediate ones looked like, so each can be announced.
+    """
+    then = {**row, "status": status, "updated_at": at, "attempts": 0}
+    for name in _OUTCOME_FIELDS:
+        then[name] = None
+    return request_doc(then)

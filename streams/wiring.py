@@ -28,7 +28,7 @@ from bridges.redis import CacheUnavailable, NotificationHub, RedisClient
 from bridges.results_bridge import ResultsBridge
 from bridges.sink import ResultSink
 from bridges.webhooks import WebhookSender
-from schemas.documents import request_doc
+from schemas.documents import earlier_doc, request_doc
 from schemas.records import TERMINAL
 from streams import commands, quirks
 from streams.agents.forward import register_forward
@@ -100,12 +100,18 @@ async def _refresh_keys_once() -> None:
 
 
 async def _on_applied(rows: Sequence[dict[str, Any]]) -> None:
-    docs = [(r["user_id"], request_doc(r)) for r in rows]
+    # Every status a row went through in this batch, in order, so each stream hears each once.
+    finals = [request_doc(r) for r in rows]
+    docs = [
+        (r["user_id"], doc)
+        for r, final in zip(rows, finals, strict=True)
+        for doc in (*(earlier_doc(r, p["status"], p["at"]) for p in r.get("passed", ())), final)
+    ]
     try:
         await redis.cache_and_publish(docs)
     except CacheUnavailable as exc:
         log.warning("%d docs not cached/published (Redis): %r", len(docs), exc)
-    for r, (_, doc) in zip(rows, docs, strict=True):
+    for r, doc in zip(rows, finals, strict=True):
         if r.get("callback_url") and r["status"] in TERMINAL:
             webhooks.submit(r["request_id"], r["callback_url"], doc)
 

@@ -2,14 +2,22 @@
 
 Each event is ``id: <rank>``, ``event: <status>``, ``data: <document JSON>``; the ids are the
 status ranks (queued 1, dispatched 2, running 3, terminal 4), so they increase along the
-lifecycle and ``Last-Event-ID`` says which states the client has seen. The stream sends only
-states newer than the last id it sent, so no id is sent twice; states the client missed while
-disconnected, or that were superseded before it heard of them, collapse into the current one
-(a client that reconnects during ``running`` gets one ``running`` event, not ``dispatched``
-first). It ends right after a terminal state.
+lifecycle and ``Last-Event-ID`` says which states the client has seen. No id is sent twice on
+one stream. A new stream starts with the current state; from then on it hears every status
+change once, in order (the sink announces each status a batch went through).
+
+A resumed stream (``Last-Event-ID: N``) first replays, in order, the events after N from the
+history kept with the cached document (``RedisClient.history``), then goes live. When the
+history cannot serve N (an id that is no number or beyond the terminal one, or no history
+left: expired, evicted, Redis down) the stream sends one event with the current state whose
+data carries ``"replayed": "snapshot"``: statuses in between may be missing. The same holds
+when a live stream has to reload the state (the hub reconnected, the stream fell behind, or
+polling) and finds it more than one step ahead. Fast work has no ``running`` event at all
+(``ML_RUNNING_AFTER_MS``), so a jump from 2 to 4 alone is no gap. It ends right after a
+terminal state.
 
 Per client this costs the handler's own task, one in-process :class:`Subscription` and a timer:
-no extra task and no Redis connection.
+no extra task and no Redis connection; a resume costs one more Redis read.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from inferstream.errors import InferstreamError
 from schemas.documents import event_id
 from schemas.records import STATUS_RANK, TERMINAL
 
+TERMINAL_RANK = max(STATUS_RANK.values())
+
 log = logging.getLogger(__name__)
 
 LoadDoc = Callable[[], Awaitable[dict[str, Any] | None]]
@@ -34,14 +44,19 @@ KEEP_ALIVE = b": keep-alive\n\n"
 _TIMED_OUT: Any = object()
 
 
-def parse_last_event_id(value: str | None) -> int:
-    """The client's ``Last-Event-ID`` as a rank; anything unreadable means it has seen nothing."""
-    if not value:
+LoadHistory = Callable[[], Awaitable[list[dict[str, Any]]]]
+SNAPSHOT = "snapshot"
+
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """The client's ``Last-Event-ID`` as a rank, 0 when absent, None when no state has that id."""
+    if value is None or not value.strip():
         return 0
     try:
-        return max(0, int(value.strip()))
+        rank = int(value.strip())
     except ValueError:
-        return 0
+        return None
+    return rank if 0 <= rank <= TERMINAL_RANK else None
 
 
 def format_event(doc: dict[str, Any]) -> bytes:
@@ -51,6 +66,13 @@ def format_event(doc: dict[str, Any]) -> bytes:
         status.encode(),
         orjson.dumps(doc),
     )
+
+
+def _rank(doc: dict[str, Any]) -> int | None:
+    rank = STATUS_RANK.get(doc.get("status", ""))
+    if rank is None:
+        log.warning("ignoring a document with unknown status %r", doc.get("status"))
+    return rank
 
 
 class _Emitter:
@@ -63,17 +85,47 @@ class _Emitter:
         self.last_id = last_id
         self.written_at = asyncio.get_running_loop().time()
 
-    async def send(self, doc: dict[str, Any]) -> bool:
+    async def send(self, doc: dict[str, Any], *, snapshot: bool = False) -> bool:
         """Send ``doc`` if it is news; True when the stream is over (the state is terminal)."""
-        status = doc.get("status")
-        if status not in STATUS_RANK:
-            log.warning("ignoring a document with unknown status %r", status)
+        rank = _rank(doc)
+        if rank is None:
             return False
-        rank = event_id(status)
         if rank > self.last_id:
-            await self._write(format_event(doc))
+            await self._write(format_event({**doc, "replayed": SNAPSHOT} if snapshot else doc))
             self.last_id = rank
-        return status in TERMINAL
+        return doc["status"] in TERMINAL
+
+    async def catch_up(
+        self,
+        doc: dict[str, Any],
+        load_history: LoadHistory,
+        request_id: str,
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Send what happened after ``last_id`` up to ``doc``: replayed from the history, or one
+        snapshot of ``doc`` when the history cannot serve it (``force``: the client's id is
+        unknown, so nothing it claims to have seen counts). True when the stream is over."""
+        rank = _rank(doc)
+        if rank is None:
+            return False
+        if not force and (self.last_id == 0 or rank <= self.last_id + 1):
+            return await self.send(doc)  # a new stream starts at the current state; or no gap
+        history: list[dict[str, Any]] = []
+        if not force:
+            try:
+                history = await load_history()
+            except InferstreamError as exc:
+                log.warning("sse %s: no history to replay: %s", request_id, exc)
+        # It serves only if it has reached the state the client is about to get.
+        if history and (_rank(history[-1]) or 0) >= rank:
+            for item in history:
+                if await self.send(item):
+                    return True
+            return await self.send(doc)
+        if force:
+            self.last_id = 0
+        return await self.send(doc, snapshot=True)
 
     async def keep_alive(self) -> None:
         await self._write(KEEP_ALIVE)
@@ -107,6 +159,10 @@ async def stream_events(
     ``load_doc()`` propagate before any byte is sent, so they still become an HTTP error.
     """
     last_id = parse_last_event_id(request.headers.get("Last-Event-ID"))
+
+    async def load_history() -> list[dict[str, Any]]:
+        return await hub.history(request_id)
+
     # Subscribe before reading the state: anything published after the read is then queued.
     sub = hub.subscribe(request_id)
     try:
@@ -120,9 +176,11 @@ async def stream_events(
         )
         try:
             await resp.prepare(request)
-            emitter = _Emitter(resp, last_id)
-            if doc is None or not await emitter.send(doc):
-                await _pump(request, emitter, sub, load_doc, hub, heartbeat_s, poll_s)
+            emitter = _Emitter(resp, last_id or 0)
+            if doc is None or not await emitter.catch_up(
+                doc, load_history, request_id, force=last_id is None
+            ):
+                await _pump(request, emitter, sub, load_doc, load_history, hub, heartbeat_s, poll_s)
         except ConnectionResetError:
             pass  # the client went away: nothing to report, the subscription is dropped below
     finally:
@@ -135,6 +193,7 @@ async def _pump(
     emitter: _Emitter,
     sub: Subscription,
     load_doc: LoadDoc,
+    load_history: LoadHistory,
     hub: NotificationHub,
     heartbeat_s: float,
     poll_s: float,
@@ -156,11 +215,12 @@ async def _pump(
         if item is not _TIMED_OUT and item is not None and await emitter.send(item):
             return
         now = loop.time()
-        # None from the hub: it (re)connected or lost Redis, or we fell behind: reload the state.
+        # None from the hub: it (re)connected or lost Redis, or we fell behind: reload the state
+        # and replay what was missed. Live items need no history: every change is published.
         if item is None or (not hub.healthy and now >= next_poll):
             next_poll = now + poll_s
             doc = await _reload(load_doc, sub.request_id)
-            if doc is not None and await emitter.send(doc):
+            if doc is not None and await emitter.catch_up(doc, load_history, sub.request_id):
                 return
         if now >= emitter.written_at + heartbeat_s:
             await emitter.keep_alive()

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
@@ -52,16 +53,23 @@ async def row_of(pipeline: Pipeline, request_id: str) -> dict[str, Any] | None:
     return dict(found) if found is not None else None
 
 
-async def produce_results(pipeline: Pipeline, events: list[ResultEvent]) -> None:
+async def produce_results(
+    pipeline: Pipeline, events: list[ResultEvent], *, together: bool = False
+) -> None:
+    """Produce ``events`` in order; ``together`` sends them as one record batch (one sink batch)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(pipeline.settings.broker_url))
     await producer.start()
     try:
+        sent = []
         for event in events:
-            await producer.send_and_wait(
-                pipeline.settings.results_topic,
-                key=orjson.dumps(event.user_id),
-                value=event.to_bytes(),
-            )
+            key, value = orjson.dumps(event.user_id), event.to_bytes()
+            if together:  # queued in the producer's buffer, not awaited one by one
+                sent.append(
+                    await producer.send(pipeline.settings.results_topic, key=key, value=value)
+                )
+            else:
+                await producer.send_and_wait(pipeline.settings.results_topic, key=key, value=value)
+        await asyncio.gather(*sent)
     finally:
         await producer.stop()
 
@@ -194,6 +202,111 @@ async def test_sse_across_workers_resume_and_ownership(
             await read_sse(http, f"{w.url}/v1/requests/{rid}/events", keys[users[2]])
         ).status == 404
         assert (await Api(http, w.url, keys[users[2]]).get(rid))[0] == 404
+
+
+async def _sse_user(
+    http: aiohttp.ClientSession, pipeline: Pipeline, w: WorkerProcess, user: str
+) -> tuple[Api, str]:
+    key = await pipeline.create_key(user)
+    return await Api(http, w.url, key).wait_key_active(), key
+
+
+async def test_sse_open_while_queued_hears_each_status_once_even_when_one_batch_holds_them(
+    http: aiohttp.ClientSession, pipeline: Pipeline, workers: tuple[WorkerProcess, WorkerProcess]
+) -> None:
+    """dispatched, running and completed land in one sink batch; every open stream still hears all three."""
+    a, b = workers
+    api, key = await _sse_user(http, pipeline, a, "batched")
+    await Api(http, b.url, key).wait_key_active()
+    rid, t0 = new_request_id(), time.time()
+    o = dict(
+        request_id=rid,
+        user_id="batched",
+        task="generate",
+        model="sim-gpt",
+        created_at=t0,
+        estimated_tokens=9,
+    )
+    await produce_results(pipeline, [ResultEvent(**o, status="queued", at=t0)])
+    await api.wait_status(rid, {"queued"})
+    opened = [asyncio.Event() for _ in range(4)]
+    streams = [
+        asyncio.ensure_future(read_sse(http, f"{w.url}/v1/requests/{rid}/events", key, opened=ev))
+        for w, ev in zip((a, b, a, b), opened, strict=True)
+    ]
+    async with asyncio.timeout(30):
+        for ev in opened:
+            await ev.wait()
+    rest = [
+        ResultEvent(**o, status="dispatched", at=t0 + 0.001),
+        ResultEvent(**o, status="running", at=t0 + 0.002),
+        ResultEvent(**o, status="completed", at=t0 + 0.003, result={"text": "x"}, attempts=1),
+    ]
+    await produce_results(pipeline, rest, together=True)
+    for got in await asyncio.gather(*streams):
+        assert [(e["id"], e["event"]) for e in got.events] == [
+            (1, "queued"),
+            (2, "dispatched"),
+            (3, "running"),
+            (4, "completed"),
+        ], got.events
+        assert [e["data"]["status"] for e in got.events] == [e["event"] for e in got.events]
+        assert got.events[-1]["data"]["result"] == {"text": "x"}
+        assert "result" not in got.events[2]["data"] and "replayed" not in got.events[2]["data"]
+
+
+async def test_sse_resume_replays_missed_events_then_live_and_snapshots_what_it_cannot_serve(
+    http: aiohttp.ClientSession,
+    pipeline: Pipeline,
+    workers: tuple[WorkerProcess, WorkerProcess],
+    model_base_url: str,
+) -> None:
+    a, b = workers
+    api, key = await _sse_user(http, pipeline, a, "resumer")
+    await Api(http, b.url, key).wait_key_active()
+    async with model_faults(http, model_base_url, latency_ms=2500):
+        status, body, _ = await api.submit(
+            {"task": "generate", "input": "resume me", "params": {"max_tokens": 4}}
+        )
+        assert status == 202, body
+        rid = body["request_id"]
+        url_a, url_b = (f"{w.url}/v1/requests/{rid}/events" for w in (a, b))
+        live = asyncio.ensure_future(read_sse(http, url_b, key))
+        first = await read_sse(http, url_a, key, stop_after=1)
+        first_id = first.events[0]["id"]
+        assert first_id in (1, 2), first.events
+        await api.wait_status(rid, {"running"})
+        # Resumed during `running`: the missed events are replayed, then `completed` arrives live.
+        during = await read_sse(http, url_a, key, last_event_id=str(first_id))
+        full = await live
+    after = await read_sse(http, url_b, key, last_event_id=str(first_id))
+    expected = list(range(first_id + 1, 5))
+    for got in (during, after):
+        assert [e["id"] for e in got.events] == expected, got.events
+        assert [e["event"] for e in got.events][-2:] == ["running", "completed"]
+    heard = {e["id"]: e["data"] for e in full.events}
+    assert [e["id"] for e in full.events] == list(range(full.events[0]["id"], 5))
+    for e in during.events + after.events:
+        assert "replayed" not in e["data"]
+        if e["id"] in heard:  # a replayed event is the very document the live stream heard
+            assert e["data"] == heard[e["id"]]
+
+    # Ids the history cannot serve get one event with the current state, marked as a snapshot.
+    _, current, _ = await api.get(rid)
+    for bad in ("99", "-1", "not-a-number"):
+        got = await read_sse(http, url_a, key, last_event_id=bad)
+        assert [(e["id"], e["event"]) for e in got.events] == [(4, "completed")], (bad, got.events)
+        assert got.events[0]["data"] == {**current, "replayed": "snapshot"}
+    # The history is gone with the cache (TTL, eviction, a Redis restart): PostgreSQL serves the state.
+    raw = aioredis.Redis.from_url(pipeline.settings.redis_url)
+    try:
+        assert await raw.delete(f"{pipeline.namespace}:req:{rid}") == 1
+    finally:
+        await raw.aclose()
+    got = await read_sse(http, url_b, key, last_event_id=str(first_id))
+    assert [(e["id"], e["event"]) for e in got.events] == [(4, "completed")]
+    assert got.events[0]["data"] == {**current, "replayed": "snapshot"}
+    assert (await read_sse(http, url_b, key, last_event_id="4")).events == []
 
 
 async def test_webhook_is_signed_retried_and_recorded(alice: Api, pipeline: Pipeline) -> None:
@@ -332,5 +445,3 @@ async def test_internal_callback_urls_are_refused_at_submit(
     finally:
         await runner.cleanup()
     assert calls == []
-
-

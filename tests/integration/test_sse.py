@@ -1,4 +1,4 @@
-"""The SSE stream over real HTTP and a real Redis: order, resume, heartbeats, polling fallback, 1,000 clients."""
+"""The SSE stream over real HTTP and a real Redis: order, resume and replay, heartbeats, polling fallback, 1,000 clients."""
 
 from __future__ import annotations
 
@@ -173,6 +173,109 @@ async def test_resume_with_last_event_id(
         # A fresh client gets the terminal state alone, collapsed, and the end.
         async with http.get(f"{base}/events/req_2") as resp:
             assert [(e.id, e.event) for e in await events_until_end(resp)] == [(4, "failed")]
+
+
+async def test_resume_replays_missed_events_from_history_then_goes_live(
+    serve: Serve, hub: NotificationHub, publisher: RedisClient
+) -> None:
+    lifecycle = [
+        doc("req_8", s, updated_at=f"t{i}")
+        for i, s in enumerate(("queued", "dispatched", "running"))
+    ]
+    store: Store = {}
+    await advance(store, publisher, *lifecycle)
+    base = await serve(hub, store)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/events/req_8", headers={"Last-Event-ID": "1"}) as resp:
+            stream = read_stream(resp)
+            replayed = [await anext(stream), await anext(stream)]
+            assert [(e.id, e.event, e.data) for e in replayed] == [
+                (2, "dispatched", lifecycle[1]),
+                (3, "running", lifecycle[2]),
+            ]
+            # Live from here; a repeated `running` (replay and live overlapping) is not sent again.
+            done = doc("req_8", "completed", result={"text": "ok"})
+            await advance(store, publisher, lifecycle[2], done)
+            rest = await events_until_end(resp)
+        assert [(e.id, e.event, e.data) for e in rest] == [(4, "completed", done)]
+        # After the end, a resume from the first id is pure replay, the same documents in order.
+        async with http.get(f"{base}/events/req_8", headers={"Last-Event-ID": "1"}) as resp:
+            again = await events_until_end(resp)
+        assert [(e.id, e.data) for e in again] == [(2, lifecycle[1]), (3, lifecycle[2]), (4, done)]
+        # Fast work never had `running`: a resume from `dispatched` replays only what there was.
+        quick = [doc("req_9", "queued"), doc("req_9", "dispatched"), doc("req_9", "completed")]
+        await advance(store, publisher, *quick)
+        async with http.get(f"{base}/events/req_9", headers={"Last-Event-ID": "1"}) as resp:
+            assert [(e.id, e.data) for e in await events_until_end(resp)] == [
+                (2, quick[1]),
+                (4, quick[2]),
+            ]
+
+
+async def test_resume_the_history_cannot_serve_gets_one_marked_snapshot(
+    serve: Serve, hub: NotificationHub, publisher: RedisClient, settings: Settings
+) -> None:
+    running = doc("req_10", "running")
+    store: Store = {"req_10": running}  # known to the store only: no history in Redis
+    base = await serve(hub, store)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/events/req_10", headers={"Last-Event-ID": "1"}) as resp:
+            stream = read_stream(resp)
+            first = await anext(stream)
+            assert (first.id, first.event, first.data) == (
+                3,
+                "running",
+                {**running, "replayed": "snapshot"},
+            )
+            done = doc("req_10", "completed")
+            await advance(store, publisher, done)
+            assert [(e.id, e.data) for e in await events_until_end(resp)] == [
+                (4, done)
+            ]  # live again
+        # Ids no state has: the current state, marked; a recorded history does not change that.
+        for bad in ("5", "-1", "soon"):
+            async with http.get(f"{base}/events/req_10", headers={"Last-Event-ID": bad}) as resp:
+                got = await events_until_end(resp)
+            assert [(e.id, e.data) for e in got] == [(4, {**done, "replayed": "snapshot"})], bad
+    # Redis down: the store still answers, the history does not.
+    dead = NotificationHub(
+        Settings(namespace=settings.namespace, redis_url=f"redis://127.0.0.1:{closed_port()}/0")
+    )
+    try:
+        base = await serve(dead, store, poll_s=0.05)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{base}/events/req_10", headers={"Last-Event-ID": "2"}) as resp,
+        ):
+            got = await events_until_end(resp)
+        assert [(e.id, e.data) for e in got] == [(4, {**done, "replayed": "snapshot"})]
+    finally:
+        await dead.stop()
+
+
+async def test_a_stream_that_falls_behind_replays_instead_of_skipping(
+    serve: Serve, settings: Settings, publisher: RedisClient
+) -> None:
+    # A one-slot queue overflows at once: the stream reloads and must fill the gap from history.
+    hub = NotificationHub(settings, queue_size=1)
+    try:
+        assert await hub.wait_healthy(5.0)
+        store: Store = {"req_11": doc("req_11", "queued")}
+        base = await serve(hub, store)
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/events/req_11") as resp:
+            stream = read_stream(resp)
+            assert (await anext(stream)).event == "queued"
+            burst = [doc("req_11", "dispatched"), *[doc("req_11", "running")] * 30]
+            await advance(store, publisher, *burst, doc("req_11", "completed"))
+            rest = await events_until_end(resp)
+        assert [(e.id, e.event) for e in rest] == [
+            (2, "dispatched"),
+            (3, "running"),
+            (4, "completed"),
+        ]
+        assert all("replayed" not in e.data for e in rest)
+    finally:
+        await hub.stop()
 
 
 async def test_heartbeat_comment(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +24,13 @@ async def read_sse(
     last_event_id: str | None = None,
     stop_after: int | None = None,
     timeout: float = 45,
+    opened: asyncio.Event | None = None,
 ) -> Sse:
-    """Events of a stream until it ends (or ``stop_after`` events, then disconnect)."""
+    """Events of a stream until it ends (or ``stop_after`` events, then disconnect).
+
+    ``opened`` is set once the first event has arrived: the server is subscribed by then, so
+    whatever happens to the request afterwards must reach this stream.
+    """
     headers = {"Authorization": f"Bearer {key}"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = last_event_id
@@ -47,6 +53,8 @@ async def read_sse(
                 current["data"] = orjson.loads(current["data"])
                 out.events.append(current)
                 current = {}
+                if opened is not None:
+                    opened.set()
                 if stop_after is not None and len(out.events) >= stop_after:
                     break
         return out

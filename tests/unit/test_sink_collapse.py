@@ -1,10 +1,11 @@
-"""Collapsing a batch of events to one row per request, before the one-statement upsert."""
+"""Collapsing a batch of events to one row per request, and the statuses the batch passed through."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bridges.postgres_rows import collapse, merge, row_of
+from bridges.postgres_rows import collapse, merge, passed_through, row_of
+from schemas.documents import earlier_doc, request_doc
 from schemas.records import InferenceRequest, ResultEvent
 
 T0 = 1_800_000_000.0
@@ -106,3 +107,47 @@ def test_unknown_status_is_ignored_and_rows_sorted_by_id() -> None:
     weird = ResultEvent(request_id="req_z", user_id="alice", status="exploded", at=T0)
     rows = collapse([request("req_b"), weird, request("req_a")])
     assert [r["request_id"] for r in rows] == ["req_a", "req_b"]
+
+
+def test_a_collapsed_row_reports_each_status_its_events_carried_in_order() -> None:
+    req = request()
+    done = event(req, "completed", 3, result={"text": "hi"}, started_at=T0 + 2)
+    items = [done, event(req, "dispatched", 1), req, event(req, "dispatched", 1.5)]
+    (row,) = collapse(items)
+    passed_through(items, [row])
+    # First event of each rank wins; `running` is only implied by started_at: no event, no entry.
+    assert row["passed"] == [{"status": "queued", "at": T0}, {"status": "dispatched", "at": T0 + 1}]
+    assert [h["status"] for h in row["history"]] == ["queued", "dispatched", "running", "completed"]
+
+
+def test_rows_at_their_only_status_and_rows_not_returned_get_no_passed() -> None:
+    a, b = request("req_a"), request("req_b")
+    items = [a, b, event(b, "dispatched", 1)]
+    rows = [r for r in collapse(items) if r["request_id"] == "req_a"]  # req_b did not advance
+    passed_through(items, rows)
+    assert "passed" not in rows[0]
+
+
+def test_an_earlier_doc_has_no_outcome_and_its_own_time() -> None:
+    req = request()
+    (row,) = collapse(
+        [
+            req,
+            event(
+                req, "completed", 3, result={"text": "hi"}, usage={"total_tokens": 4}, attempts=2
+            ),
+        ]
+    )
+    then = earlier_doc(row, "dispatched", T0 + 1)
+    final = request_doc(row)
+    assert then["status"] == "dispatched" and then["attempts"] == 0
+    assert (
+        then["updated_at"] == "2027-01-15T08:00:01.000Z"
+        and final["updated_at"] == "2027-01-15T08:00:03.000Z"
+    )
+    assert not {"result", "usage", "error", "completed_at"} & then.keys()
+    assert {k: v for k, v in final.items() if k not in then} == {
+        "result": {"text": "hi"},
+        "usage": {"total_tokens": 4},
+        "completed_at": final["completed_at"],
+    }
