@@ -137,6 +137,15 @@ class Settings:
         "dev-insecure-webhook-secret", "HMAC-SHA256 secret signing webhook deliveries.", secret=True
     )
     webhook_max_attempts: int = _setting(6, "Webhook delivery attempts before it is marked failed.")
+    webhook_allow: str = _setting(
+        "",
+        "Comma-separated hostnames and CIDRs a `callback_url` may reach although they are internal "
+        "(loopback, private, link-local, ...); empty: public addresses only. For development: "
+        "`scripts/up` sets `127.0.0.0/8,::1,localhost`.",
+    )
+    webhook_resolve_timeout_s: float = _setting(
+        2.0, "How long submit waits for a `callback_url` host to resolve before refusing it (400)."
+    )
     sse_heartbeat_s: float = _setting(15.0, "Seconds between SSE heartbeat comments.")
     sse_poll_s: float = _setting(1.0, "SSE poll interval of the store when Redis pub/sub is unavailable.")
 
@@ -164,15 +173,6 @@ class Settings:
     @property
     def db_schema(self) -> str:
         return self.namespace.replace("-", "_").replace(".", "_")
-    webhook_allow: str = _setting(
-        "",
-        "Comma-separated hostnames and CIDRs a `callback_url` may reach although they are internal "
-        "(loopback, private, link-local, ...); empty: public addresses only. For development: "
-        "`scripts/up` sets `127.0.0.0/8,::1,localhost`.",
-    )
-    webhook_resolve_timeout_s: float = _setting(
-        2.0, "How long submit waits for a `callback_url` host to resolve before refusing it (400)."
-    )
 
     @property
     def canonical_url(self) -> str:
