@@ -12,6 +12,8 @@
     │   ├── IdempotencyMismatch        422 idempotency_key_mismatch
     │   └── QuotaExceeded              429 request_quota_exceeded | token_quota_exceeded | rate_limited
     ├── Unavailable                    503 unavailable (retry_after): admission cannot be decided now
+    ├── ConfigurationError             a worker refuses to start: the message names what to change
+    │   └── TopologyError              a topic's partition count breaks co-partitioning (topic, expected, actual)
     └── ModelError                     a model call failed
         ├── RetryableModelError        timeouts, connection errors, 429, 5xx (retry_after)
         └── FatalModelError            other 4xx, malformed answers: fail at once
@@ -81,6 +83,18 @@ class Unavailable(ClientError):
 
     def __init__(self, message: str, *, retry_after: float = 1.0, **details: Any) -> None:
         super().__init__(message, retry_after=retry_after, **details)
+
+
+class ConfigurationError(InferstreamError):
+    """The deployment cannot run as configured (a worker refuses to start); the message says what to change."""
+
+
+class TopologyError(ConfigurationError):
+    """The log's topics do not match the configuration: a wrong partition count breaks co-partitioning."""
+
+    def __init__(self, message: str, *, topic: str, expected: int | None = None, actual: int | None = None) -> None:
+        super().__init__(message)
+        self.topic, self.expected, self.actual = topic, expected, actual
 
 
 class ModelError(InferstreamError):

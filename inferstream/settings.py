@@ -171,6 +171,12 @@ class Settings:
         return f"{self.namespace}.inference.results"
 
     @property
+    def bootstrap_servers(self) -> list[str]:
+        """``kafka://h1:9092;kafka://h2:9092`` -> ``["h1:9092", "h2:9092"]`` for plain aiokafka clients."""
+        parts = self.broker_url.replace(",", ";").split(";")
+        return [p.strip().split("://", 1)[-1].rstrip("/") for p in parts if p.strip()]
+
+    @property
     def db_schema(self) -> str:
         return self.namespace.replace("-", "_").replace(".", "_")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import faust
 import mode.loop
 
@@ -18,9 +20,24 @@ if settings.event_loop == "uvloop":
     mode.loop.use("uvloop")
 
 
-def build_app(cfg: Settings) -> faust.App:
+class InferstreamApp(faust.App):
+    """The Faust app, with checks that must pass before it touches the log (``preflight``)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # Run once, before the producer, the consumer or any service starts: a
+        # worker that must refuse to run (wrong partition counts) stops here.
+        self.preflight: list[Callable[[], Awaitable[object]]] = []
+
+    async def on_first_start(self) -> None:
+        await super().on_first_start()
+        for check in self.preflight:
+            await check()
+
+
+def build_app(cfg: Settings) -> InferstreamApp:
     quirks.set_fetch_max_wait(cfg.fetch_max_wait_ms)
-    return faust.App(
+    return InferstreamApp(
         cfg.namespace,
         broker=cfg.broker_url,
         store=cfg.table_store,

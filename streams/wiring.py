@@ -40,6 +40,7 @@ from streams.gateway.ops import register_ops
 from streams.gateway.routing import OwnerRouter
 from streams.gateway.views import register_gateway
 from streams.topics import define_topics, send_and_wait
+from streams.topology import install_topology
 from tables.definitions import define_tables
 from tables.idempotency import IdempotencyBook
 from tables.keys import KeyCache
@@ -76,6 +77,7 @@ class Clients(mode.Service):
 
 quirks.run_with_app(app, Clients())
 commands.register(app, settings, store)
+install_topology(app, settings)
 
 topics = define_topics(app, settings)
 gateway: Gateway | None = None

@@ -171,6 +171,16 @@ class Pipeline:
             await worker.wait_ready()
         return worker
 
+    async def cli(self, *args: str, timeout: float = 120.0) -> tuple[int, str]:
+        """Run ``faust -A streams ARGS`` as an operator would, in this namespace: exit code and output."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "faust", "-A", "streams", *args,
+            cwd=ROOT, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(errors="replace")
+
     async def create_key(self, user_id: str, plan: str = "default") -> str:
         return await self.store.create_key(user_id, plan)
 
