@@ -20,13 +20,21 @@ Rules, per UTC day (``window``):
   event seen twice after a crash changes nothing, and counters never go below
   zero;
 * a reservation made on an earlier day is dropped when that day's window is
-  reset; its usage is not charged to the new day.
+  reset; its usage is not charged to the new day;
+* an admission is *pending* (``pending``: request id -> ``created_at``) until
+  the forward agent reads its request from the log and confirms it. A worker
+  killed between the reservation's changelog ack and the request's write leaves
+  a pending entry that no result will ever settle: :func:`orphans` finds it
+  (pending past the admission timeout, and either a later request of the user
+  already confirmed or pending past a long bound) and :func:`release` gives it
+  back. A released request that reaches the log after all (``released``) is
+  charged again when confirmed, so the table keeps matching the log.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +44,8 @@ from schemas.plans import Plan
 from tables.definitions import changelog_written
 
 QuotaState = dict[str, Any]  # JSON-friendly: it is what the changelog carries
+# Allowance for clock skew between the worker that admitted a request and the one that sweeps it.
+ORPHAN_GRACE_S = 2.0
 
 
 def empty_state(day: str) -> QuotaState:
@@ -47,6 +57,9 @@ def empty_state(day: str) -> QuotaState:
         "reservations": {},
         "minute": 0,
         "minute_count": 0,
+        "pending": {},
+        "confirmed_upto": 0.0,
+        "released": {},
     }
 
 
@@ -55,6 +68,8 @@ def current(state: QuotaState | None, now: float) -> QuotaState:
     day = clock.utc_day(now)
     if state is None or state.get("day") != day:
         return empty_state(day)
+    if "pending" not in state:  # written before admissions were confirmed: nothing is pending
+        return {**empty_state(day), **state}
     return state
 
 
@@ -123,13 +138,12 @@ def decide(
             retry_after=seconds_to_reset(now),
             **_details(st, plan, estimated),
         )
-    reservations = dict(st["reservations"])
-    reservations[request_id] = estimated
     new = {
         **st,
         "requests_used": st["requests_used"] + 1,
         "tokens_reserved": st["tokens_reserved"] + estimated,
-        "reservations": reservations,
+        "reservations": {**st["reservations"], request_id: estimated},
+        "pending": {**st["pending"], request_id: now},
         "minute": minute,
         "minute_count": minute_count + 1,
     }
@@ -157,7 +171,9 @@ def _without_reservation(state: QuotaState | None, request_id: str, now: float) 
     if reserved is None:
         return None
     reservations = {k: v for k, v in st["reservations"].items() if k != request_id}
-    return {**st, "tokens_reserved": max(0, st["tokens_reserved"] - reserved), "reservations": reservations}, reserved
+    pending = {k: v for k, v in st["pending"].items() if k != request_id}
+    new = {**st, "tokens_reserved": max(0, st["tokens_reserved"] - reserved), "reservations": reservations}
+    return {**new, "pending": pending}, reserved
 
 
 def settle(state: QuotaState | None, request_id: str, status: str, used_tokens: int, now: float) -> QuotaState | None:
@@ -171,7 +187,11 @@ def settle(state: QuotaState | None, request_id: str, status: str, used_tokens: 
 
 
 def release(state: QuotaState | None, request_id: str, now: float) -> QuotaState | None:
-    """Undo an admission whose request never reached the log (the request is not charged)."""
+    """Undo a pending admission whose request never reached the log (the request is not charged).
+
+    ``None`` when it is not pending: settled, or confirmed (it is in the log and will be processed)."""
+    if state is None or request_id not in current(state, now)["pending"]:
+        return None
     found = _without_reservation(state, request_id, now)
     if found is None:
         return None
@@ -180,7 +200,51 @@ def release(state: QuotaState | None, request_id: str, now: float) -> QuotaState
         **st,
         "requests_used": max(0, st["requests_used"] - 1),
         "minute_count": max(0, st["minute_count"] - 1),
+        "released": {**st["released"], request_id: now},
     }
+
+
+def confirm(
+    state: QuotaState | None, requests: Iterable[tuple[str, float, int]], now: float
+) -> QuotaState | None:
+    """``(request_id, created_at, estimated)`` of requests read from the log: pending ones are confirmed,
+    released ones charged again; ``None`` when nothing changes (a replay of settled requests)."""
+    st = current(state, now)
+    pending, released = st["pending"], st["released"]
+    found = [r for r in requests if r[0] in pending or r[0] in released]
+    if not found:
+        return None
+    pending, released, reservations = dict(pending), dict(released), dict(st["reservations"])
+    used, reserved, upto = st["requests_used"], st["tokens_reserved"], st["confirmed_upto"]
+    for request_id, created_at, estimated in found:
+        if pending.pop(request_id, None) is None and released.pop(request_id, None) is not None:
+            reservations[request_id] = estimated
+            used, reserved = used + 1, reserved + estimated
+        upto = max(upto, created_at)
+    return {
+        **st,
+        "requests_used": used,
+        "tokens_reserved": reserved,
+        "reservations": reservations,
+        "pending": pending,
+        "released": released,
+        "confirmed_upto": upto,
+    }
+
+
+def orphans(state: QuotaState | None, now: float, admission_timeout_s: float, orphan_after_s: float) -> list[str]:
+    """Pending admissions whose request will not reach the log now: past the admission timeout (the
+    gateway has stopped trying) and either overtaken by a later confirmed request or past the long bound."""
+    if state is None:
+        return []
+    st = current(state, now)
+    settled_by = admission_timeout_s + ORPHAN_GRACE_S
+    return [
+        request_id
+        for request_id, created_at in st["pending"].items()
+        if now - created_at > settled_by
+        and (st["confirmed_upto"] > created_at + settled_by or now - created_at > orphan_after_s)
+    ]
 
 
 def quota_doc(user_id: str, plan: Plan, state: QuotaState | None, now: float) -> dict[str, Any]:
@@ -230,6 +294,25 @@ class QuotaBook:
             return False
         self.table[user_id] = new
         return True
+
+    def confirm(self, user_id: str, requests: Iterable[tuple[str, float, int]]) -> bool:
+        """One write for all of ``user_id``'s ``(request_id, created_at, estimated)`` read from the log."""
+        new = confirm(self.table.get(user_id), requests, self.now())
+        if new is None:
+            return False
+        self.table[user_id] = new
+        return True
+
+    def release_orphans(self, user_id: str, admission_timeout_s: float, orphan_after_s: float) -> list[str]:
+        """Release ``user_id``'s orphaned admissions in one write; their request ids."""
+        now = self.now()
+        state = self.table.get(user_id)
+        found = orphans(state, now, admission_timeout_s, orphan_after_s)
+        for request_id in found:
+            state = release(state, request_id, now) or state
+        if found and state is not None:
+            self.table[user_id] = state
+        return found
 
     def written(self, user_id: str) -> Awaitable[Any]:
         """Resolves once the broker holds this user's latest write: await it before answering 202."""

@@ -10,7 +10,19 @@ import pytest
 
 from inferstream.errors import QuotaExceeded, Unavailable
 from schemas.plans import DEFAULT_PLAN, Plan
-from tables.quota import QuotaBook, QuotaState, decide, empty_state, quota_doc, release, settle
+from tables.quota import (
+    ORPHAN_GRACE_S,
+    QuotaBook,
+    QuotaState,
+    confirm,
+    current,
+    decide,
+    empty_state,
+    orphans,
+    quota_doc,
+    release,
+    settle,
+)
 
 # 2025-03-14 12:00:30 UTC: mid-day, 30 s into a minute.
 NOON = datetime(2025, 3, 14, 12, 0, 30, tzinfo=UTC).timestamp()
@@ -212,7 +224,7 @@ def test_counters_never_go_below_zero() -> None:
     settled = settle(state, "a", "failed", -7, NOON)
     assert settled is not None
     assert settled["tokens_reserved"] == 0 and settled["tokens_used"] == 0
-    state = {**empty_state("2025-03-14"), "requests_used": 0, "reservations": {"a": 5}}
+    state = {**empty_state("2025-03-14"), "requests_used": 0, "reservations": {"a": 5}, "pending": {"a": NOON}}
     released = release(state, "a", NOON)
     assert released is not None
     assert released["requests_used"] == 0 and released["minute_count"] == 0
@@ -268,6 +280,133 @@ def test_quota_doc_matches_the_contract() -> None:
 def test_plan_caps_priority() -> None:
     plan = Plan("n", requests_per_day=1, tokens_per_day=1, requests_per_minute=1, max_priority="normal")
     assert [plan.cap_priority(p) for p in ("high", "normal", "low")] == ["normal", "normal", "low"]
+
+
+# ---- pending admissions: confirmed from the log, orphans released ---------------------------
+
+TIMEOUT, LONG = 5.0, 300.0
+SETTLED_BY = TIMEOUT + ORPHAN_GRACE_S
+
+
+def test_admission_is_pending_until_confirmed() -> None:
+    qb, table, _ = book()
+    qb.admit("u", PLAN, "a", 10)
+    assert table["u"]["pending"] == {"a": NOON}
+    assert qb.confirm("u", [("a", NOON, 10)])
+    assert table["u"]["pending"] == {} and table["u"]["confirmed_upto"] == NOON
+    # Confirmed is still reserved: the result settles it.
+    assert table["u"]["reservations"] == {"a": 10} and table["u"]["tokens_reserved"] == 10
+    assert table["u"]["requests_used"] == 1
+
+
+def test_confirm_writes_once_per_user_and_a_replay_writes_nothing() -> None:
+    qb, table, _ = book()
+    qb.admit("u", PLAN, "a", 10)
+    qb.admit("u", PLAN, "b", 20)
+    writes: list[str] = []
+
+    class Counting(dict[str, QuotaState]):
+        def __setitem__(self, key: str, value: QuotaState) -> None:
+            writes.append(key)
+            super().__setitem__(key, value)
+
+    qb.table = Counting(table)
+    assert qb.confirm("u", [("a", NOON, 10), ("b", NOON + 1, 20)])
+    assert writes == ["u"] and qb.table["u"]["confirmed_upto"] == NOON + 1
+    qb.settle("u", "a", "completed", 7)
+    writes.clear()
+    # The batch again after a crash (offsets not committed): settled and confirmed requests change nothing.
+    assert not qb.confirm("u", [("a", NOON, 10), ("b", NOON + 1, 20)])
+    assert writes == []
+    assert qb.doc("u", PLAN)["requests"]["used"] == 2 and qb.doc("u", PLAN)["tokens"] == {
+        "used": 7, "reserved": 20, "limit": 1_000, "remaining": 973
+    }  # fmt: skip
+
+
+def _admitted(*created: float) -> QuotaState:
+    state: QuotaState | None = None
+    for i, at in enumerate(created):
+        state, _ = decide(state, PLAN, f"r{i}", 10, at)
+    assert state is not None
+    return state
+
+
+def test_no_orphan_before_the_admission_timeout_and_grace() -> None:
+    state = _admitted(NOON)
+    state = confirm(state, [("r9", NOON + 100, 1)], NOON) or state  # unknown id: no change
+    assert orphans(state, NOON + SETTLED_BY, TIMEOUT, LONG) == []
+    late = {**state, "confirmed_upto": NOON + 100}  # even when later requests were confirmed
+    assert orphans(late, NOON + SETTLED_BY, TIMEOUT, LONG) == []
+    assert orphans(late, NOON + SETTLED_BY + 0.1, TIMEOUT, LONG) == ["r0"]
+
+
+def test_orphan_once_a_request_admitted_after_its_timeout_is_confirmed() -> None:
+    state = _admitted(NOON, NOON + 1, NOON + SETTLED_BY + 1)
+    now = NOON + 60
+    # r1 confirmed, admitted within r0's timeout: r0's write could still have been behind it.
+    st = confirm(state, [("r1", NOON + 1, 10)], now)
+    assert st is not None and orphans(st, now, TIMEOUT, LONG) == []
+    st = confirm(st, [("r2", NOON + SETTLED_BY + 1, 10)], now)
+    assert st is not None and orphans(st, now, TIMEOUT, LONG) == ["r0"]
+
+
+def test_orphan_after_the_long_bound_without_later_requests() -> None:
+    state = _admitted(NOON)
+    assert orphans(state, NOON + LONG, TIMEOUT, LONG) == []
+    assert orphans(state, NOON + LONG + 0.1, TIMEOUT, LONG) == ["r0"]
+
+
+def test_release_orphans_gives_back_request_and_tokens_and_remembers_them() -> None:
+    qb, table, clock = book()
+    qb.admit("u", PLAN, "a", 100)
+    qb.admit("u", PLAN, "b", 50)
+    qb.confirm("u", [("b", NOON, 50)])
+    clock.t = NOON + LONG + 1
+    assert qb.release_orphans("u", TIMEOUT, LONG) == ["a"]
+    st = table["u"]
+    assert (st["requests_used"], st["tokens_reserved"], st["reservations"]) == (1, 50, {"b": 50})
+    assert st["pending"] == {} and list(st["released"]) == ["a"]
+    assert qb.release_orphans("u", TIMEOUT, LONG) == []  # nothing left to release
+    assert qb.release_orphans("nobody", TIMEOUT, LONG) == [] and "nobody" not in table
+
+
+def test_a_released_request_that_reaches_the_log_after_all_is_charged_again_once() -> None:
+    qb, table, clock = book()
+    qb.admit("u", PLAN, "a", 100)
+    clock.t = NOON + LONG + 1
+    qb.release_orphans("u", TIMEOUT, LONG)
+    assert qb.confirm("u", [("a", NOON, 100)])
+    st = table["u"]
+    assert (st["requests_used"], st["tokens_reserved"], st["reservations"]) == (1, 100, {"a": 100})
+    assert st["released"] == {} and st["pending"] == {}
+    assert not qb.confirm("u", [("a", NOON, 100)])  # seen again: charged once
+    assert qb.settle("u", "a", "completed", 30)
+    assert qb.doc("u", PLAN)["tokens"]["used"] == 30 and qb.doc("u", PLAN)["requests"]["used"] == 1
+
+
+def test_the_gateway_releases_only_what_is_still_pending() -> None:
+    # A confirmed request is in the log and will run: a late timeout in the gateway must not refund it.
+    qb, table, _ = book()
+    qb.admit("u", PLAN, "a", 100)
+    qb.confirm("u", [("a", NOON, 100)])
+    assert not qb.release("u", "a")
+    assert table["u"]["requests_used"] == 1 and table["u"]["tokens_reserved"] == 100
+
+
+def test_a_state_written_before_pending_existed_still_decodes() -> None:
+    old = {
+        "day": "2025-03-14", "requests_used": 2, "tokens_used": 5, "tokens_reserved": 10,
+        "reservations": {"a": 10}, "minute": 0, "minute_count": 0,
+    }  # fmt: skip
+    st = current(old, NOON)
+    assert st["pending"] == {} and st["released"] == {} and st["confirmed_upto"] == 0.0
+    assert st["requests_used"] == 2 and st["reservations"] == {"a": 10}
+    assert orphans(old, NOON + LONG * 10, TIMEOUT, LONG) == []
+    assert confirm(old, [("a", NOON, 10)], NOON) is None
+    new, _ = decide(old, PLAN, "b", 1, NOON)
+    assert new["pending"] == {"b": NOON} and new["requests_used"] == 3
+    settled = settle(old, "a", "completed", 4, NOON)
+    assert settled is not None and settled["tokens_used"] == 9 and settled["tokens_reserved"] == 0
 
 
 # ---- owner lookup: 503 instead of a guess --------------------------------------------------
