@@ -119,6 +119,29 @@ async def test_write_waits_for_an_unreachable_postgres(settings: Settings) -> No
     await assert_all_completed(settings, reqs)
 
 
+async def test_a_batch_replayed_after_a_crash_still_reaches_the_cache(settings: Settings) -> None:
+    """kill -9 between the PostgreSQL commit and the Redis write: the restarted worker re-reads the batch.
+
+    Its rows are already applied, so an upsert that reports only changed rows
+    reported nothing and the cache kept the ``queued`` document it got at
+    admission: GET (Redis first) showed ``queued`` for the cache's TTL, and SSE
+    never sent the terminal event (seen in the crash matrix as requests
+    "stranded" in ``queued``).
+    """
+    reqs, done = lifecycle(16)
+    store = Store(settings)
+    try:
+        # The worker that crashed: rows committed, its on_applied never ran.
+        await ResultSink(settings, store, None).write([*reqs, *done])
+        collector = Collector()
+        # The restarted worker replays the uncommitted offsets: the same events.
+        await ResultSink(settings, store, collector).write([*reqs, *done])
+    finally:
+        await store.close()
+    assert sorted(r["request_id"] for r in collector.rows) == sorted(r.request_id for r in reqs)
+    assert {r["status"] for r in collector.rows} == {"completed"}
+
+
 async def test_killed_connections_and_a_closed_pool_are_replaced(settings: Settings) -> None:
     store = Store(settings, min_size=1, max_size=1)
     sink = ResultSink(settings, store, retry_base_s=0.01, retry_max_s=0.05)
