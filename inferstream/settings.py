@@ -99,6 +99,11 @@ class Settings:
     result_ttl_s: int = _setting(3600, "How long results stay in the Redis cache.")
     idempotency_ttl_s: int = _setting(86_400, "How long an Idempotency-Key is remembered.")
     admission_timeout_s: float = _setting(5.0, "How long admission waits for the owner or the log before 503.")
+    orphan_reservation_s: float = _setting(
+        300.0,
+        "How long an admission may stay unconfirmed (its request not read from the log) before its "
+        "reservation is released as an orphan of a crash, when no later request of the user shows it sooner.",
+    )
     # ML workers
     ml_prefetch: int = _setting(64, "RabbitMQ prefetch per ML worker queue consumer.")
     ml_concurrency: int = _setting(16, "Concurrent model calls per model endpoint in one ML worker.")

@@ -32,6 +32,7 @@ from schemas.documents import earlier_doc, request_doc
 from schemas.records import TERMINAL
 from streams import commands, quirks
 from streams.agents.forward import register_forward
+from streams.agents.orphans import register_orphan_sweep
 from streams.agents.settle import register_settle
 from streams.agents.sink import register_sinks
 from streams.app import app, settings
@@ -145,8 +146,9 @@ if settings.has_pipeline:
     )
     register_gateway(app, gateway)
     quirks.install(app, [settings.requests_topic, settings.results_topic])
-    register_forward(app, settings, topics, rabbit)
+    register_forward(app, settings, topics, rabbit, quota_book)
     register_settle(app, settings, topics, quota_book)
+    register_orphan_sweep(app, settings, tables.quota, quota_book)
     register_sinks(app, settings, topics, ResultSink(settings, store, _on_applied))
 
     async def _produce_results(pairs: list[tuple[bytes, bytes]]) -> None:

@@ -5,12 +5,21 @@ it (the partition waits meanwhile: that is the back-pressure). Faust acks the
 batch's offsets only after this body returns, so a crash re-publishes the batch;
 duplicates are harmless because everything downstream is idempotent by request id.
 Then a ``dispatched`` status event per request goes to the results topic.
+
+Before publishing, the batch's requests are confirmed in the quota table (this
+worker owns their users' quota partitions: the topics are co-partitioned with
+its changelog): an admission still pending when its request is in the log is
+no orphan (:mod:`streams.agents.orphans`). The offsets wait for those writes'
+acks too, so a crash replays a confirmation (idempotent) but never loses one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import faust
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -22,6 +31,7 @@ from schemas.records import InferenceRequest, ResultEvent
 from streams.agents.guard import until_done
 from streams.gateway import metrics
 from streams.topics import Topics, send_and_wait
+from tables.quota import QuotaBook
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +56,31 @@ async def send_events(topics: Topics, events: Sequence[ResultEvent]) -> None:
     await send_and_wait(topics.results, ((e.user_id, e) for e in events))
 
 
-def register_forward(app: faust.App, settings: Settings, topics: Topics, rabbit: RabbitClient) -> None:
+def confirm_batch(book: QuotaBook, batch: Sequence[InferenceRequest]) -> list[asyncio.Future[Any]]:
+    """Confirm every request of the batch, one table write per user; the acks of its users' latest writes.
+
+    Every user's, not only those written now: a retried batch confirms nothing new, and must
+    still wait for the write its first attempt made."""
+    per_user: dict[str, list[tuple[str, float, int]]] = defaultdict(list)
+    for r in batch:
+        per_user[r.user_id].append((r.request_id, r.created_at, r.estimated_tokens))
+    for user, requests in per_user.items():
+        book.confirm(user, requests)
+    return [asyncio.ensure_future(book.written(user)) for user in per_user]
+
+
+def register_forward(
+    app: faust.App, settings: Settings, topics: Topics, rabbit: RabbitClient, book: QuotaBook
+) -> None:
     routes = set(rabbit.routes())
 
     async def forward(batch: Sequence[InferenceRequest]) -> None:
+        confirmed = confirm_batch(book, batch)
         routable = [r for r in batch if (r.task, r.model) in routes]
         if routable:
             await publish_confirmed(rabbit, routable)
             metrics.FORWARD_BATCHES.inc(len(routable))
+        await asyncio.gather(*confirmed)
         now = clock.now()
         events = [ResultEvent.for_request(r, "dispatched", at=now) for r in routable]
         # Admitted by a gateway configured with a model this worker has no queue for:

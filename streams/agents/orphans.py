@@ -1,0 +1,71 @@
+"""Timer: releases quota reservations whose request never reached the log (a crash between charge and write).
+
+Admission awaits the reservation's changelog ack, then writes the request to
+the log. A worker killed between the two leaves a reservation no result will
+settle, and the user's allowance leaks until the day ends. The forward agent
+confirms every admission whose request it reads (:mod:`streams.agents.forward`);
+this sweep releases the ones that stay pending past the rules of
+:func:`tables.quota.orphans`. Every pipeline worker runs it, for the users of
+the partitions it actively owns (never for a standby replica's: only the owner
+writes a user's quota), and only once its tables are recovered.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+from faust.types import TableT
+from prometheus_client import Counter
+
+from inferstream.settings import Settings
+from streams.quirks import known_to_producer, tables_recovered
+from tables.quota import QuotaBook, orphans
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 5.0
+
+ORPHANS_RELEASED = Counter(
+    "inferstream_quota_orphans_released_total",
+    "Admissions released because their request never reached the log (a crash after the charge)",
+)
+
+
+def owns(app: faust.App, table: TableT, user_id: str) -> bool:
+    """Whether this worker actively owns ``user_id``'s quota partition (a standby copy is not ownership)."""
+    changelog = table.changelog_topic
+    key = changelog.prepare_key(user_id, None)[0]
+    tp = app.producer.key_partition(changelog.get_topic_name(), key)
+    return bool(app.assignor.is_active(tp))
+
+
+def sweep(app: faust.App, table: TableT, book: QuotaBook, settings: Settings) -> dict[str, list[str]]:
+    """Release the orphans of the users this worker owns; request ids released, per user."""
+    if app.rebalancing or not tables_recovered(app):
+        return {}
+    if not known_to_producer(app, table.changelog_topic.get_topic_name()):
+        return {}  # the partition of a key cannot be told yet
+    now = book.now()
+    timeout, bound = settings.admission_timeout_s, settings.orphan_reservation_s
+    # Cheap rules first: the ownership check hashes the key, and most users have nothing pending.
+    candidates = [user for user, state in list(table.items()) if orphans(state, now, timeout, bound)]
+    released: dict[str, list[str]] = {}
+    for user in candidates:
+        if owns(app, table, user):
+            found = book.release_orphans(user, timeout, bound)
+            if found:
+                released[user] = found
+    return released
+
+
+def register_orphan_sweep(app: faust.App, settings: Settings, table: TableT, book: QuotaBook) -> None:
+    @app.timer(interval=SWEEP_INTERVAL_S)
+    async def release_orphan_reservations() -> None:
+        # Not awaiting the writes' acks: a release lost in a crash is found again by the next sweep.
+        for user, request_ids in sweep(app, table, book, settings).items():
+            ORPHANS_RELEASED.inc(len(request_ids))
+            log.warning(
+                "released %d orphaned admissions of user %r (their requests were not read from the log in time): %s",
+                len(request_ids), user, ", ".join(request_ids),
+            )  # fmt: skip
