@@ -26,6 +26,7 @@ from workers import metrics
 from workers.batching import Batcher, Usage, Vectors
 from workers.breaker import STATE_VALUE, BreakerState, CircuitBreaker
 from workers.ratelimit import TokenBucket
+from workers.retry import RetryBudget
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -86,9 +87,10 @@ class Endpoint:
         return self.task in BATCHED_TASKS
 
     async def call(
-        self, fn: Callable[[], Awaitable[T]], deadline_at: float | None = None, budget_end: float | None = None
+        self, fn: Callable[[], Awaitable[T]], deadline_at: float | None = None, budget: RetryBudget | None = None
     ) -> T:
-        """One model call. Waiting for a slot, the breaker and the rate limit ends at the earlier limit."""
+        """One model call; it starts ``budget``. Waits (slot, breaker, rate limit) end at the earlier limit."""
+        budget_end = None if budget is None else budget.end
         limits = [t for t in (deadline_at, budget_end) if t is not None]
         limit = min(limits) if limits else None
 
@@ -107,6 +109,8 @@ class Endpoint:
                 await wait(self.limiter.acquire(), "the rate limit")
                 if limit is not None and clock.now() >= limit:  # the waits above may not have blocked
                     raise _limit_passed(deadline_at, budget_end, "the endpoint")
+                if budget is not None:
+                    budget.start(clock.now())
                 started = time.perf_counter()
                 result = await fn()
                 outcome = "ok"
@@ -156,7 +160,7 @@ class Endpoint:
         texts: list[str],
         params: dict[str, Any] | None,
         deadline_at: float | None = None,
-        budget_end: float | None = None,
+        budget: RetryBudget | None = None,
     ) -> tuple[dict[str, Any], Usage]:
         """One attempt for one request: its ``result`` and ``usage``.
 
@@ -165,10 +169,14 @@ class Endpoint:
         with a newline into one prompt. ``max_tokens`` defaults to
         ``settings.default_max_tokens``, the figure admission reserved, so usage
         never exceeds the estimate by default. An embedding shares its call with
-        its batch, so only the retry budget bounds it (a batch goes out within
-        ``ml_batch_wait_ms``); the worker checks the deadline between attempts.
+        its batch: its budget starts when it joins one (a batch goes out within
+        ``ml_batch_wait_ms``) and only the budget bounds it; the worker checks
+        the deadline between attempts.
         """
         if self.batched:
+            if budget is not None:
+                budget.start(clock.now())
+            budget_end = None if budget is None else budget.end
             try:
                 async with asyncio.timeout(None if budget_end is None else budget_end - clock.now()):
                     vectors, usage = await self._batcher(model).submit(texts)
@@ -177,7 +185,7 @@ class Endpoint:
             return {"embeddings": vectors}, usage
         prompt = "\n".join(texts)
         merged = {"max_tokens": self.settings.default_max_tokens, **(params or {})}
-        text, usage = await self.call(lambda: self.model.generate(model, prompt, merged), deadline_at, budget_end)
+        text, usage = await self.call(lambda: self.model.generate(model, prompt, merged), deadline_at, budget)
         return {"text": text}, usage
 
     async def close(self) -> None:

@@ -2,7 +2,10 @@
 
 A transient failure (:class:`RetryableModelError`) is retried while the
 retry can start inside the request's limit: ``ml_retry_budget_s`` after its
-first attempt began, or its deadline if that comes first. The attempt count
+first model call went out, or its deadline if that comes first. The budget
+starts at the first call, not when the worker took the message, so a
+prefetched message waiting for a call slot behind a backlog loses none of it;
+from then on every wait (backoff, an open breaker, a slot) counts. The attempt count
 (``ml_max_attempts``) is only a generous upper bound; time is what a client
 waits for, so time is what bounds the retries. A fatal error stops at once.
 """
@@ -32,6 +35,27 @@ class Decision:
         return cls(None, reason)
 
 
+@dataclass
+class RetryBudget:
+    """One request's retry budget: ``seconds`` from its first model call (``start``)."""
+
+    seconds: float
+    started_at: float | None = None
+
+    def start(self, now: float) -> float:
+        """Start the budget if it has not started; returns its end."""
+        if self.started_at is None:
+            self.started_at = now
+        return self.started_at + self.seconds
+
+    def elapsed(self, now: float) -> float:
+        return 0.0 if self.started_at is None else now - self.started_at
+
+    @property
+    def end(self) -> float | None:
+        return None if self.started_at is None else self.started_at + self.seconds
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Attempt ``n`` (1-based) that failed waits ``uniform(0, min(cap, base * 2**(n-1)))``.
@@ -58,8 +82,8 @@ class RetryPolicy:
             rng=rng or random.Random(),
         )
 
-    def budget_end(self, first_attempt_at: float) -> float:
-        return first_attempt_at + self.budget_s
+    def budget(self) -> RetryBudget:
+        return RetryBudget(self.budget_s)
 
     def backoff(self, attempt: int) -> float:
         """The jittered wait after failed attempt ``attempt``, before ``Retry-After`` and limits."""

@@ -20,7 +20,6 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -30,13 +29,13 @@ from bridges.model import ModelClient
 from bridges.rabbitmq import AMQP_ERRORS, Consumer, PublishError, RabbitClient
 from inferstream import clock
 from inferstream.coalesce import CoalescedLookup
-from inferstream.errors import ModelError
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from workers import metrics
 from workers.breaker import BreakerState
-from workers.endpoint import DeadlinePassed, Endpoint, RetryBudgetSpent
-from workers.retry import GiveUp, RetryPolicy, attempt_record, error_info, failure_info
+from workers.endpoint import Endpoint
+from workers.job import Job
+from workers.retry import RetryPolicy
 
 __all__ = ["IsCancelled", "MLWorker", "no_cancellations"]
 
@@ -50,19 +49,6 @@ SUPERVISE_S = 0.2
 async def no_cancellations(request_ids: Sequence[str]) -> set[str]:
     """The default ``is_cancelled``: nothing is ever cancelled."""
     return set()
-
-
-@dataclass(eq=False)
-class _Job:
-    req: InferenceRequest
-    message: AbstractIncomingMessage
-    endpoint: Endpoint
-    handler: asyncio.Task[Any] | None = None
-    work: asyncio.Task[tuple[ResultEvent, bool]] | None = None
-    cancel_requested: bool = False
-    started_at: float | None = None
-    attempts: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class MLWorker(Service):
@@ -85,7 +71,7 @@ class MLWorker(Service):
         self.running_after_s = settings.ml_running_after_ms / 1000
         self.endpoints: dict[str, Endpoint] = {}
         self._consumers: dict[str, list[Consumer]] = {}
-        self._jobs: set[_Job] = set()
+        self._jobs: set[Job] = set()
         self._stopping = False
         self._consuming_set_up = False
         self._wake = asyncio.Event()
@@ -224,7 +210,7 @@ class MLWorker(Service):
             log.error("undecodable work message %s rejected to dead letters: %r", message.message_id, exc)
             await self._settle(message, reject=True)
             return
-        job = _Job(req, message, endpoint, handler=asyncio.current_task())
+        job = Job(req, message, endpoint, handler=asyncio.current_task())
         self._jobs.add(job)
         self._idle.clear()
         metrics.IN_FLIGHT.labels(endpoint.label).inc()
@@ -241,7 +227,7 @@ class MLWorker(Service):
             metrics.IN_FLIGHT.labels(endpoint.label).dec()
             self._wake.set()
 
-    async def _handle(self, job: _Job) -> None:
+    async def _handle(self, job: Job) -> None:
         req, now = job.req, clock.now()
         dead = False
         if req.deadline_at is not None and now >= req.deadline_at:
@@ -250,7 +236,7 @@ class MLWorker(Service):
             event = ResultEvent.for_request(req, "cancelled", at=now)
         else:
             job.started_at = clock.now()
-            job.work = asyncio.get_running_loop().create_task(self._attempts(job))
+            job.work = asyncio.get_running_loop().create_task(job.run(self.retry))
             try:
                 # `running` is reported once the work has taken longer than the delay: a fast
                 # call (a batched embedding) goes straight to its terminal event, saving a
@@ -264,66 +250,10 @@ class MLWorker(Service):
                 if not job.cancel_requested or (current is not None and current.cancelling()):
                     raise
                 log.info("request %s cancelled while running", req.request_id)
-                event = self._event(job, "cancelled")
+                event = job.event("cancelled")
         await self._publish_terminal(job, event, dead)
         metrics.TERMINAL.labels(job.endpoint.label, event.status).inc()
         await self._settle(job.message)
-
-    async def _attempts(self, job: _Job) -> tuple[ResultEvent, bool]:
-        """Attempts until an answer or a final failure: (terminal event, whether to dead-letter).
-
-        The retry budget runs from the first attempt; waits for an open breaker count against it.
-        """
-        req, endpoint, policy = job.req, job.endpoint, self.retry
-        first_at = clock.now()
-        budget_end = policy.budget_end(first_at)
-        last: dict[str, Any] | None = None
-        while True:
-            if req.deadline_at is not None and clock.now() >= req.deadline_at:
-                return self._event(job, "expired"), False
-            job.attempts += 1
-            try:
-                result, usage = await endpoint.infer(
-                    req.model, list(req.input), req.params, req.deadline_at, budget_end
-                )
-            except DeadlinePassed:
-                job.attempts -= 1  # it expired waiting for the endpoint: no call was made
-                return self._event(job, "expired"), False
-            except RetryBudgetSpent as spent:
-                job.attempts -= 1
-                error = last or {"type": "retry_budget_spent", "message": str(spent)}
-                return self._failed(job, error, "retry_budget_spent", first_at), True
-            except ModelError as err:
-                now = clock.now()
-                decision = policy.decide(err, job.attempts, now=now, budget_end=budget_end, deadline_at=req.deadline_at)
-                job.history.append(attempt_record(job.attempts, now, err, decision.delay))
-                last = error_info(err)
-                if decision.reason == "deadline":
-                    return self._event(job, "expired"), False
-                if decision.delay is None:
-                    assert decision.reason is not None
-                    return self._failed(job, last, decision.reason, first_at), True
-                metrics.RETRIES.labels(endpoint.label).inc()
-                await asyncio.sleep(decision.delay)
-                continue
-            return self._event(job, "completed", result=result, usage=usage or None), False
-
-    def _failed(self, job: _Job, error: dict[str, Any], reason: GiveUp, first_at: float) -> ResultEvent:
-        elapsed = clock.now() - first_at
-        log.warning(
-            "request %s failed (%s) after %d attempts in %.1fs: %s",
-            job.req.request_id, reason, job.attempts, elapsed, error.get("message"),
-        )
-        info = failure_info(error, reason, attempts=job.attempts, elapsed_s=elapsed, history=job.history)
-        return self._event(job, "failed", error=info)
-
-    def _event(self, job: _Job, status: str, **extra: Any) -> ResultEvent:
-        # An expiry found before any attempt never ran; everything else says when work began.
-        started = job.started_at if job.attempts else None
-        return ResultEvent.for_request(
-            job.req, status, at=clock.now(), attempts=job.attempts, history=job.history or None,
-            started_at=started, **extra,
-        )
 
     # ---- publishing and acks ------------------------------------------
     async def _publish_running(self, req: InferenceRequest, started_at: float | None) -> None:
@@ -333,7 +263,7 @@ class MLWorker(Service):
         except PublishError as exc:
             log.warning("running event of %s not published (carrying on): %r", req.request_id, exc)
 
-    async def _publish_terminal(self, job: _Job, event: ResultEvent, dead: bool) -> None:
+    async def _publish_terminal(self, job: Job, event: ResultEvent, dead: bool) -> None:
         """Publish until confirmed: the message is not acked before, so a crash here redelivers it."""
         delay = 0.05
         dead_sent = not dead

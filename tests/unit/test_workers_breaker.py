@@ -11,6 +11,7 @@ from inferstream import clock
 from inferstream.settings import Settings
 from workers.breaker import CircuitBreaker
 from workers.endpoint import DeadlinePassed, Endpoint, RetryBudgetSpent
+from workers.retry import RetryBudget
 
 
 class FakeClock:
@@ -100,9 +101,11 @@ async def _never_called() -> str:
 
 async def test_an_open_breaker_pauses_a_call_until_its_budget_ends_then_gives_up() -> None:
     endpoint = _open_endpoint(reset_s=60)
+    budget = RetryBudget(0.3)
     started = clock.now()
+    budget.start(started)  # an earlier attempt's call started it
     with pytest.raises(RetryBudgetSpent) as spent:
-        await endpoint.call(_never_called, deadline_at=None, budget_end=started + 0.3)
+        await endpoint.call(_never_called, deadline_at=None, budget=budget)
     waited = clock.now() - started
     assert 0.25 <= waited < 2.0, waited  # it waited for the breaker, then gave up at the budget's end
     assert "circuit breaker" in spent.value.waiting_for
@@ -112,7 +115,9 @@ async def test_an_open_breaker_pauses_a_call_until_its_budget_ends_then_gives_up
 async def test_a_deadline_before_the_budget_expires_the_paused_call() -> None:
     endpoint = _open_endpoint(reset_s=60)
     with pytest.raises(DeadlinePassed):
-        await endpoint.call(_never_called, deadline_at=clock.now() + 0.1, budget_end=clock.now() + 30)
+        budget = RetryBudget(30)
+        budget.start(clock.now())
+        await endpoint.call(_never_called, deadline_at=clock.now() + 0.1, budget=budget)
 
 
 async def test_a_paused_call_goes_out_when_the_breaker_half_opens_within_the_budget() -> None:
@@ -121,5 +126,31 @@ async def test_a_paused_call_goes_out_when_the_breaker_half_opens_within_the_bud
     async def answer() -> str:
         return "ok"
 
-    assert await endpoint.call(answer, budget_end=clock.now() + 10) == "ok"
+    budget = RetryBudget(10)
+    assert await endpoint.call(answer, budget=budget) == "ok"
     assert endpoint.breaker.state == "closed"  # it was the probe, and its success closed the breaker
+    assert budget.started_at is not None and budget.started_at - clock.now() < 0.1  # the call started it
+
+
+async def test_the_budget_starts_at_the_first_call_not_while_waiting_for_a_slot() -> None:
+    """A prefetched message queued behind a backlog keeps its whole budget for its own calls."""
+    settings = Settings(ml_concurrency=1)
+    endpoint = Endpoint(settings, ModelClient(settings), "generate")
+    release = asyncio.Event()
+
+    async def slow() -> str:
+        await release.wait()
+        return "first"
+
+    async def quick() -> str:
+        return "second"
+
+    first = asyncio.ensure_future(endpoint.call(slow))
+    await asyncio.sleep(0.05)
+    budget = RetryBudget(0.1)  # shorter than its wait for the only slot
+    second = asyncio.ensure_future(endpoint.call(quick, budget=budget))
+    await asyncio.sleep(0.3)
+    assert budget.started_at is None and not second.done()
+    release.set()
+    assert await first == "first" and await second == "second"
+    assert budget.started_at is not None

@@ -22,7 +22,7 @@ def policy(**kw: float) -> RetryPolicy:
 def run(p: RetryPolicy, fails: list[bool], error: ModelError = BUSY, call_s: float = 0.05) -> tuple[str, int, float]:
     """Drive one request through ``p`` on a fake clock: (outcome, attempts, seconds from its first attempt)."""
     now, attempts = 0.0, 0
-    end = p.budget_end(now)
+    end = p.budget().start(now)
     for failed in fails:
         attempts += 1
         now += call_s

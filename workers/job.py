@@ -1,0 +1,92 @@
+"""One work message held by an ML worker: its attempts against the endpoint and its terminal event."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from inferstream import clock
+from inferstream.errors import ModelError
+from schemas.records import InferenceRequest, ResultEvent
+from workers import metrics
+from workers.endpoint import DeadlinePassed, Endpoint, RetryBudgetSpent
+from workers.retry import GiveUp, RetryBudget, RetryPolicy, attempt_record, error_info, failure_info
+
+__all__ = ["Job"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    req: InferenceRequest
+    message: AbstractIncomingMessage
+    endpoint: Endpoint
+    handler: asyncio.Task[Any] | None = None
+    work: asyncio.Task[tuple[ResultEvent, bool]] | None = None
+    cancel_requested: bool = False
+    started_at: float | None = None
+    attempts: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    async def run(self, policy: RetryPolicy) -> tuple[ResultEvent, bool]:
+        """Attempts until an answer or a final failure: (terminal event, whether to dead-letter).
+
+        The retry budget runs from the first model call; waits for an open breaker count against it.
+        """
+        req = self.req
+        budget = policy.budget()
+        last: dict[str, Any] | None = None
+        while True:
+            if req.deadline_at is not None and clock.now() >= req.deadline_at:
+                return self.event("expired"), False
+            self.attempts += 1
+            try:
+                result, usage = await self.endpoint.infer(
+                    req.model, list(req.input), req.params, req.deadline_at, budget
+                )
+            except DeadlinePassed:
+                self.attempts -= 1  # it expired waiting for the endpoint: no call was made
+                return self.event("expired"), False
+            except RetryBudgetSpent as spent:
+                self.attempts -= 1
+                error = last or {"type": "retry_budget_spent", "message": str(spent)}
+                return self._failed(error, "retry_budget_spent", budget), True
+            except ModelError as err:
+                now = clock.now()
+                # A call went out before it failed, so the budget has started: start() gives its end.
+                decision = policy.decide(
+                    err, self.attempts, now=now, budget_end=budget.start(now), deadline_at=req.deadline_at
+                )
+                self.history.append(attempt_record(self.attempts, now, err, decision.delay))
+                last = error_info(err)
+                if decision.reason == "deadline":
+                    return self.event("expired"), False
+                if decision.delay is None:
+                    assert decision.reason is not None
+                    return self._failed(last, decision.reason, budget), True
+                metrics.RETRIES.labels(self.endpoint.label).inc()
+                await asyncio.sleep(decision.delay)
+                continue
+            return self.event("completed", result=result, usage=usage or None), False
+
+    def _failed(self, error: dict[str, Any], reason: GiveUp, budget: RetryBudget) -> ResultEvent:
+        elapsed = budget.elapsed(clock.now())
+        log.warning(
+            "request %s failed (%s) after %d attempts in %.1fs: %s",
+            self.req.request_id, reason, self.attempts, elapsed, error.get("message"),
+        )
+        info = failure_info(error, reason, attempts=self.attempts, elapsed_s=elapsed, history=self.history)
+        return self.event("failed", error=info)
+
+    def event(self, status: str, **extra: Any) -> ResultEvent:
+        # An expiry found before any attempt never ran; everything else says when work began.
+        started = self.started_at if self.attempts else None
+        return ResultEvent.for_request(
+            self.req, status, at=clock.now(), attempts=self.attempts, history=self.history or None,
+            started_at=started, **extra,
+        )
