@@ -26,6 +26,7 @@ Event = InferenceRequest | ResultEvent
 Row = dict[str, Any]
 
 TERMINAL_RANK = max(STATUS_RANK.values())
+_DISPATCHED = STATUS_RANK["dispatched"]
 # Known from whichever event carries them; the first value seen is kept.
 FILL_FIELDS: tuple[str, ...] = (
     "task", "model", "priority", "estimated_tokens", "created_at", "quota_day",
@@ -150,14 +151,19 @@ def collapse(items: Iterable[Event]) -> list[Row]:
 
 
 def passed_through(items: Iterable[Event], rows: Iterable[Row]) -> None:
-    """Set ``row["passed"]`` to the statuses below the row's own that ``items`` carried, in rank order.
+    """Set ``row["passed"]`` to the statuses this batch took each row through below its own.
 
-    Each entry is ``{"status", "at"}``, the first event of that rank in the batch (as in
-    :func:`collapse`). Only events count: a terminal event's ``started_at`` implies a
-    ``running`` history entry, but fast work announces no ``running`` and neither does this.
+    Entries are ``{"status", "at"}`` in rank order: those above the row's ``prev_rank`` (its
+    rank before the batch; absent or None means new) that the batch's own events carried, the
+    first event of each rank winning as in :func:`collapse`. A terminal event's ``started_at``
+    implies `running` in the row's history, but fast work announces no `running` and neither
+    does this. `dispatched` is added when work began (a `running` event, or ``started_at``)
+    without the batch carrying it: the forward agent writes it after handing the work to
+    RabbitMQ, so under load a worker's later event can reach the log first.
     """
     wanted = {row["request_id"]: row for row in rows}
     seen: dict[str, dict[int, dict[str, Any]]] = {}
+    began: dict[str, float] = {}
     for item in items:
         row = wanted.get(item.request_id)
         if row is None:
@@ -166,9 +172,19 @@ def passed_through(items: Iterable[Event], rows: Iterable[Row]) -> None:
             status, at = "queued", item.created_at
         else:
             status, at = item.status, item.at
+            start = at if status == "running" else item.started_at
+            if start is not None:
+                began[item.request_id] = min(start, began.get(item.request_id, start))
         rank = STATUS_RANK.get(status)
-        if rank is not None and rank < row.get("status_rank", 0):
+        if rank is not None and (row.get("prev_rank") or 0) < rank < row.get("status_rank", 0):
             seen.setdefault(item.request_id, {}).setdefault(rank, {"status": status, "at": at})
+    for request_id, start in began.items():
+        row = wanted[request_id]
+        if (row.get("prev_rank") or 0) < _DISPATCHED < row.get("status_rank", 0):
+            at = row.get("dispatched_at") or start
+            seen.setdefault(request_id, {}).setdefault(
+                _DISPATCHED, {"status": "dispatched", "at": at}
+            )
     for request_id, ranks in seen.items():
         wanted[request_id]["passed"] = [ranks[r] for r in sorted(ranks)]
 
@@ -232,14 +248,15 @@ def _where_clause() -> str:
 
 def _build_upsert_sql(report_current: bool) -> str:
     cols = [*REQUEST_COLUMNS, "webhook_state"]
-    returned = ", ".join(f"up.{c}" for c in RETURNED_COLUMNS)
+    # prev_rank: the row's rank before this statement (NULL for a new row), for passed_through.
+    returned = ", ".join([*(f"up.{c}" for c in RETURNED_COLUMNS), "old.status_rank AS prev_rank"])
     # After a write whose outcome is unknown (the connection died around the commit), rows
     # already at the batch's status are reported too, so their notification is not lost.
     current = (
         f"""
    OR up.status = (SELECT b.status FROM b WHERE b.request_id = up.request_id)
 UNION ALL
-SELECT {", ".join(f"r.{c}" for c in RETURNED_COLUMNS)} FROM requests r JOIN b USING (request_id)
+SELECT {", ".join(f"r.{c}" for c in RETURNED_COLUMNS)}, NULL::smallint FROM requests r JOIN b USING (request_id)
 WHERE r.status = b.status AND NOT EXISTS (SELECT 1 FROM up WHERE up.request_id = r.request_id)"""
         if report_current
         else ""

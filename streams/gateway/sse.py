@@ -35,17 +35,14 @@ from inferstream.errors import InferstreamError
 from schemas.documents import event_id
 from schemas.records import STATUS_RANK, TERMINAL
 
-TERMINAL_RANK = max(STATUS_RANK.values())
-
 log = logging.getLogger(__name__)
 
 LoadDoc = Callable[[], Awaitable[dict[str, Any] | None]]
-KEEP_ALIVE = b": keep-alive\n\n"
-_TIMED_OUT: Any = object()
-
-
 LoadHistory = Callable[[], Awaitable[list[dict[str, Any]]]]
-SNAPSHOT = "snapshot"
+KEEP_ALIVE = b": keep-alive\n\n"
+SNAPSHOT = "snapshot"  # the data's "replayed" value on an event that stands for missed ones
+TERMINAL_RANK = max(STATUS_RANK.values())
+_TIMED_OUT: Any = object()
 
 
 def parse_last_event_id(value: str | None) -> int | None:

@@ -309,6 +309,67 @@ async def test_sse_resume_replays_missed_events_then_live_and_snapshots_what_it_
     assert (await read_sse(http, url_b, key, last_event_id="4")).events == []
 
 
+@pytest.mark.parametrize("latency_ms", [0, 300])
+async def test_sse_under_load_every_stream_hears_each_status_and_every_resume_replays(
+    http: aiohttp.ClientSession,
+    pipeline: Pipeline,
+    workers: tuple[WorkerProcess, WorkerProcess],
+    model_base_url: str,
+    latency_ms: int,
+) -> None:
+    """40 requests at once; each watched live on one worker and dropped after one event on the other.
+
+    At 0 ms a request's events crowd into the same sink batches; at 300 ms `running` is reported.
+    """
+    a, b = workers
+    n = 40
+    api, key = await _sse_user(http, pipeline, a, f"ssecrowd{latency_ms}")
+    await Api(http, b.url, key).wait_key_active()
+    url = "{}/v1/requests/{}/events"
+    async with model_faults(http, model_base_url, latency_ms=latency_ms):
+
+        async def one(i: int) -> tuple[str, Any, Any]:
+            status, body, _ = await api.submit(
+                {"task": "generate", "input": f"crowd {i}", "params": {"max_tokens": 4}}
+            )
+            assert status == 202, body
+            rid = body["request_id"]
+            live = asyncio.ensure_future(read_sse(http, url.format(b.url, rid), key, timeout=90))
+            first = await read_sse(http, url.format(a.url, rid), key, stop_after=1, timeout=90)
+            return rid, await live, first
+
+        runs = await asyncio.gather(*(one(i) for i in range(n)))
+    began = time.perf_counter()
+    resumed = await asyncio.gather(
+        *(
+            read_sse(http, url.format(b.url, rid), key, last_event_id=str(first.events[0]["id"]))
+            for rid, _, first in runs
+        )
+    )
+    resume_s = time.perf_counter() - began
+    gaps = dupes = short_resumes = changed = 0
+    bad: list[Any] = []
+    for (_, live, first), again in zip(runs, resumed, strict=True):
+        ids = [e["id"] for e in live.events]
+        dupes += len(ids) - len(set(ids)) + len(again.events) - len({e["id"] for e in again.events})
+        optional = {3} if latency_ms < 50 and 3 not in ids else set()  # fast work: no `running`
+        gaps += ids != sorted(set(range(ids[0], 5)) - optional)
+        start = first.events[0]["id"]
+        got = [e["id"] for e in again.events]
+        if got != sorted(set(range(start + 1, 5)) - optional):
+            short_resumes += 1
+            bad.append((start, ids, [(e["id"], e["data"].get("replayed")) for e in again.events]))
+        heard = {e["id"]: e["data"] for e in live.events}
+        changed += any(e["data"] != heard.get(e["id"], e["data"]) for e in again.events)
+    opened_queued = sum(live.events[0]["id"] == 1 for _, live, _ in runs)
+    print(
+        f"\nSSE under load, model {latency_ms} ms: {n} requests, {n} live streams ({opened_queued} opened while queued): "
+        f"{gaps} with a gap, {dupes} duplicate ids; {n} resumes from the first event id in "
+        f"{resume_s:.2f}s: {short_resumes} missed events, {changed} replayed a different document"
+    )
+    assert (gaps, dupes, short_resumes, changed) == (0, 0, 0, 0), bad
+
+
 async def test_webhook_is_signed_retried_and_recorded(alice: Api, pipeline: Pipeline) -> None:
     calls: list[tuple[bytes, dict[str, str]]] = []
 

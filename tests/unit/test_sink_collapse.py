@@ -151,3 +151,33 @@ def test_an_earlier_doc_has_no_outcome_and_its_own_time() -> None:
         "usage": {"total_tokens": 4},
         "completed_at": final["completed_at"],
     }
+
+
+def test_work_that_began_implies_dispatched_when_the_batch_lacks_it() -> None:
+    req = request()
+    # Under load the worker's `running` can reach the log before the forward agent's `dispatched`.
+    running = event(req, "running", 2)
+    (row,) = collapse([running])
+    row["prev_rank"] = 1
+    passed_through([running], [row])
+    assert row["passed"] == [{"status": "dispatched", "at": T0 + 2}]
+    # Fast work: a terminal event with started_at implies it too; the row's own dispatched_at wins.
+    done = event(req, "completed", 3, started_at=T0 + 2.5)
+    (row,) = collapse([done])
+    row.update(prev_rank=1, dispatched_at=T0 + 1)
+    passed_through([done], [row])
+    assert row["passed"] == [{"status": "dispatched", "at": T0 + 1}]
+
+
+def test_nothing_is_implied_or_repeated_below_what_the_row_already_had() -> None:
+    req = request()
+    unroutable = event(req, "failed", 1, error={"type": "unroutable", "message": "no queue"})
+    (row,) = collapse([unroutable])
+    row["prev_rank"] = 1
+    passed_through([unroutable], [row])
+    assert "passed" not in row  # no work began: it was never dispatched
+    stale = [event(req, "dispatched", 1), event(req, "completed", 3, started_at=T0 + 2)]
+    (row,) = collapse(stale)
+    row["prev_rank"] = 3  # the row was already running: dispatched was announced back then
+    passed_through(stale, [row])
+    assert "passed" not in row
