@@ -4,8 +4,9 @@ Keys and channels all start with ``{namespace}:``:
 
 - ``{ns}:req:{request_id}``    hash ``r`` (status rank) and ``v`` (``{"user_id", "doc"}`` JSON), TTL
   ``result_ttl_s``; a write never replaces a document of a later status. Fields ``e1``..``e3``
-  keep the first document of each earlier rank (queued, dispatched, running): the event
-  history an SSE resume replays, gone with the rest of the entry.
+  keep the first step (:func:`schemas.documents.step_of`: status, time, attempts) of each
+  earlier rank (queued, dispatched, running): with ``v`` they rebuild the event history an SSE
+  resume replays, for a few dozen bytes per state; it goes with the rest of the entry.
 - ``{ns}:cancel:{request_id}`` set for 24 h once a request is cancelled.
 - ``{ns}:events:{request_id}`` pub/sub channel carrying the document JSON on every status change.
 
@@ -33,6 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inferstream.errors import InferstreamError
 from inferstream.settings import Settings
+from schemas.documents import doc_at, step_of
 from schemas.records import STATUS_RANK
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ _HISTORY_FIELDS = [f"e{rank}" for rank in range(1, TERMINAL_RANK)]
 # first document of every non-terminal rank, even a late one (the terminal one is ``v``).
 _SET_IF_NOT_OLDER = f"""
 local rank = tonumber(ARGV[1])
-if rank >= 1 and rank < {TERMINAL_RANK} then redis.call('HSETNX', KEYS[1], 'e' .. ARGV[1], ARGV[2]) end
+if rank >= 1 and rank < {TERMINAL_RANK} then redis.call('HSETNX', KEYS[1], 'e' .. ARGV[1], ARGV[4]) end
 local cur = redis.call('HGET', KEYS[1], 'r')
 if cur and tonumber(cur) > rank then return 0 end
 redis.call('HSET', KEYS[1], 'r', ARGV[1], 'v', ARGV[2])
@@ -156,7 +158,10 @@ class RedisClient:
                         value = orjson.dumps({"user_id": user_id, "doc": doc})
                         rank = STATUS_RANK.get(doc["status"], 0)
                         # EVAL, not EVALSHA: redis-py would add a SCRIPT EXISTS round trip per pipeline.
-                        pipe.eval(_SET_IF_NOT_OLDER, 1, self.doc_key(request_id), rank, value, ttl)
+                        step = orjson.dumps(step_of(doc)) if rank < TERMINAL_RANK else b""
+                        pipe.eval(
+                            _SET_IF_NOT_OLDER, 1, self.doc_key(request_id), rank, value, ttl, step
+                        )
                     if publish:
                         pipe.publish(self.channel(request_id), orjson.dumps(doc))
                 await pipe.execute()
@@ -176,14 +181,17 @@ class RedisClient:
         current one; empty when nothing is cached (expired, evicted, or never written here)."""
         redis = await self._client()
         with _guard("history"):
-            raw = await redis.hmget(self.doc_key(request_id), [*_HISTORY_FIELDS, "v"])
-        by_rank: dict[int, dict[str, Any]] = {}
-        for value in raw:
-            if value is not None:
-                doc = orjson.loads(value)["doc"]
-                # The first document of a rank wins: it is the one streams heard first.
-                by_rank.setdefault(STATUS_RANK.get(doc.get("status"), 0), doc)
-        return [by_rank[rank] for rank in sorted(by_rank) if rank > 0]
+            *steps, current = await redis.hmget(self.doc_key(request_id), [*_HISTORY_FIELDS, "v"])
+        if current is None:
+            return []
+        doc: dict[str, Any] = orjson.loads(current)["doc"]
+        rank = STATUS_RANK.get(doc["status"], 0)
+        earlier = [
+            doc_at(doc, orjson.loads(step))
+            for r, step in enumerate(steps, start=1)
+            if step is not None and r < rank
+        ]
+        return [*earlier, doc]
 
     # ---- cancellations -----------------------------------------------------
     async def mark_cancelled(self, request_id: str) -> None:

@@ -91,7 +91,25 @@ def event_id(status: str) -> int:
 
 
 # What only a terminal state has: an earlier state's document never shows them.
-_OUTCOME_FIELDS = ("result", "error", "usage", "completed_at")
+_OUTCOME_FIELDS = frozenset({"result", "error", "usage", "completed_at"})
+# What tells an earlier state's document apart from a later one of the same request.
+STEP_FIELDS = ("status", "updated_at", "attempts")
+
+
+def step_of(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``doc`` that :func:`doc_at` needs to rebuild it from a later document."""
+    return {name: doc[name] for name in STEP_FIELDS if name in doc}
+
+
+def doc_at(later: Mapping[str, Any], step: Mapping[str, Any]) -> dict[str, Any]:
+    """The document of an earlier, non-terminal state, rebuilt from a later document and its step.
+
+    The rest of a document does not change along the lifecycle, so an event history can
+    keep a few bytes per state instead of a whole document.
+    """
+    then = {k: v for k, v in later.items() if k not in _OUTCOME_FIELDS}
+    then.update(step)
+    return then
 
 
 def earlier_doc(row: Mapping[str, Any], status: str, at: Any) -> dict[str, Any]:
@@ -100,7 +118,4 @@ def earlier_doc(row: Mapping[str, Any], status: str, at: Any) -> dict[str, Any]:
     A sink batch can carry a request through several statuses at once and store only the
     last; this rebuilds what the intermediate ones looked like, so each can be announced.
     """
-    then = {**row, "status": status, "updated_at": at, "attempts": 0}
-    for name in _OUTCOME_FIELDS:
-        then[name] = None
-    return request_doc(then)
+    return doc_at(request_doc(row), {"status": status, "updated_at": iso_ts(at), "attempts": 0})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bridges.postgres_rows import collapse, merge, passed_through, row_of
-from schemas.documents import earlier_doc, request_doc
+from schemas.documents import doc_at, earlier_doc, request_doc, step_of
 from schemas.records import InferenceRequest, ResultEvent
 
 T0 = 1_800_000_000.0
@@ -181,3 +181,11 @@ def test_nothing_is_implied_or_repeated_below_what_the_row_already_had() -> None
     row["prev_rank"] = 3  # the row was already running: dispatched was announced back then
     passed_through(stale, [row])
     assert "passed" not in row
+
+
+def test_a_few_bytes_of_step_rebuild_an_earlier_doc_from_the_final_one() -> None:
+    req = request()
+    (row,) = collapse([req, event(req, "completed", 3, result={"text": "hi"}, attempts=1)])
+    final, then = request_doc(row), earlier_doc(row, "running", T0 + 2)
+    assert step_of(then) == {"status": "running", "updated_at": then["updated_at"], "attempts": 0}
+    assert doc_at(final, step_of(then)) == then  # what the Redis history stores and replays
