@@ -11,6 +11,7 @@ after that first fetch are not read: the result is the topic as of one moment.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 
 import click
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+log = logging.getLogger(__name__)
 
 # Fetches in a row that bring nothing while a partition is short of its end: the broker is unwell.
 IDLE_POLLS = 5
@@ -84,7 +87,7 @@ class Fetched:
 
 @asynccontextmanager
 async def group_less_consumer(
-    broker_url: str, max_records: int = 1000
+    broker_url: str, max_records: int = 1000, fetch_max_wait_ms: int = 500
 ) -> AsyncIterator[AIOKafkaConsumer]:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers(broker_url),
@@ -92,6 +95,7 @@ async def group_less_consumer(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=max_records,
+        fetch_max_wait_ms=fetch_max_wait_ms,
     )
     await consumer.start()
     try:
@@ -178,3 +182,37 @@ async def read_topic(
             if time.monotonic() > deadline:
                 raise click.ClickException(f"reading {topic} took longer than {timeout_s:.0f} s")
         return out
+
+
+async def true_ends(
+    broker_url: str, listed: Mapping[TopicPartition, int], timeout_s: float = 30.0
+) -> dict[TopicPartition, int]:
+    """Each partition's end by a fetch's high watermark, never below ``listed`` (ListOffsets' answer).
+
+    One fetch from the last listed offset (on Tansu the last batch's first record, so the fetch
+    answers at once). When a partition's high watermark cannot be had in ``timeout_s``, its
+    listed offset stands, with a warning: the caller is no worse off than before.
+    """
+    ends = dict(listed)
+    if not listed:
+        return ends
+    async with group_less_consumer(broker_url, max_records=1, fetch_max_wait_ms=50) as consumer:
+        consumer.assign(list(listed))
+        for tp, offset in listed.items():
+            consumer.seek(tp, max(0, offset - 1))
+        waiting = set(listed)
+        deadline = time.monotonic() + timeout_s
+        while waiting and time.monotonic() < deadline:
+            await consumer.getmany(*waiting, timeout_ms=200, max_records=1)
+            for tp in list(waiting):
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    ends[tp] = max(listed[tp], highwater)
+                    waiting.discard(tp)
+    if waiting:
+        log.warning(
+            "no fetch high watermark for %s in %.0f s: keeping ListOffsets' end",
+            sorted(waiting),
+            timeout_s,
+        )
+    return ends

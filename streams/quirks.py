@@ -24,6 +24,14 @@ tracking. Faust acks the event whose processing raised, so a settlement
 would be lost. On each assignment, before recovery completes and before
 agents or views use them, we make the producer track (and fetch) every table
 changelog and our topics.
+
+``recover_to_true_end``: Faust's table recovery reads each changelog partition
+up to ``consumer.end_offsets`` (ListOffsets). Tansu 0.6 answers that with the
+last produced batch's base offset + 1, so a restarted worker recovered a state
+older than the last one written (seen after kill -9: tokens used 122, reserved
+8, where the changelog's last state said 130 and 0), and the settlements lost
+that way were never made again. The end now comes from a fetch's high
+watermark (:func:`streams.logread.true_ends`), never below ListOffsets' answer.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from typing import Any, cast
 
 import faust
 from mode import ServiceT
+
+from streams import logread
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +91,27 @@ async def prime_producer_metadata(app: faust.App, topics: Iterable[str]) -> None
         log.debug("producer knows %d partitions of %s", len(partitions), topic)
 
 
+def recover_to_true_end(app: faust.App) -> None:
+    """Make Faust's recovery read every changelog partition to its fetch high watermark."""
+    from faust.transport.drivers import aiokafka as driver
+
+    thread = driver.AIOKafkaConsumerThread
+    original = getattr(thread._highwaters, "__wrapped__", thread._highwaters)
+    broker_url = ";".join(str(url) for url in app.conf.broker)
+
+    async def highwaters(self: Any, partitions: Any) -> Any:
+        listed = await original(self, partitions)
+        if self.consumer.in_transaction:
+            return listed  # last stable offsets: not ListOffsets' latest
+        return await logread.true_ends(broker_url, listed)
+
+    highwaters.__wrapped__ = original  # type: ignore[attr-defined]
+    thread._highwaters = highwaters  # type: ignore[method-assign]
+
+
 def install(app: faust.App, extra_topics: Iterable[str] = ()) -> None:
     extra = list(extra_topics)
+    recover_to_true_end(app)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _prime(sender: Any, *args: Any, **kwargs: Any) -> None:
