@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import time
 
 from inferstream.localbroker import LocalBroker
@@ -24,6 +25,8 @@ from tests.support.pipeline import Pipeline
 SCENARIOS: dict[str, tuple[dict[str, str], list[Kill], float]] = {
     # The case: one worker with every role, killed half-way (load seconds x --rate).
     "all-in-one": ({"all": "pipeline,ml"}, [Kill(0.5, ("all",))], 3.0),
+    # A graceful stop (rolling restart) mid-load.
+    "all-in-one-term": ({"all": "pipeline,ml"}, [Kill(0.5, ("all",), signal.SIGTERM)], 4.0),
     # The same worker killed three times during a longer load.
     "all-in-one-3x": ({"all": "pipeline,ml"}, [Kill(0.25, ("all",)), Kill(0.5, ("all",)), Kill(0.75, ("all",))], 12.0),
     # Two pipeline workers and an ML-only worker: the ML worker, then a pipeline worker, then both kinds at once.
@@ -39,7 +42,7 @@ def row(name: str, kills: list[Kill], total: int, rate: float, out: Outcome) -> 
     faults = ", ".join(f"{k.label} at {int(k.at * 100)}%" for k in kills)
     recover = ", ".join(f"{s:.1f}" for s in out.recover_s)
     return (
-        f"| {name}: kill -9 {faults} | {total} at {rate:.0f}/s | {out.accepted} | {out.completed} "
+        f"| {name}: {faults} | {total} at {rate:.0f}/s | {out.accepted} | {out.completed} "
         f"(+{out.failed} failed) | {len(out.stranded)} stranded, {out.duplicates} duplicates | "
         f"{out.refused} refused, {out.in_doubt} in doubt | {recover} s |"
     )

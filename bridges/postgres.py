@@ -350,6 +350,16 @@ class Store:
             )
         return True
 
+    async def stalled_queued(self, older_than_s: float, limit: int = 500) -> list[dict[str, Any]]:
+        """Rows still ``queued`` ``older_than_s`` after their last change, oldest first (the watchdog's)."""
+        rows = await self._fetch(
+            f"SELECT {_ROW} FROM requests WHERE status = 'queued'"
+            " AND updated_at < now() - make_interval(secs => $2) ORDER BY updated_at LIMIT $1",
+            max(1, min(int(limit), MAX_LIST_LIMIT)),
+            float(older_than_s),
+        )
+        return [dict(r) for r in rows]
+
     # ---- webhooks ------------------------------------------------------
     async def pending_webhooks(self, limit: int = 100, *, older_than_s: float = 0.0) -> list[dict[str, Any]]:
         """Terminal rows with a callback whose delivery is still due, oldest first.

@@ -99,6 +99,12 @@ class Settings:
     result_ttl_s: int = _setting(3600, "How long results stay in the Redis cache.")
     idempotency_ttl_s: int = _setting(86_400, "How long an Idempotency-Key is remembered.")
     admission_timeout_s: float = _setting(5.0, "How long admission waits for the owner or the log before 503.")
+    watchdog_stall_s: float = _setting(
+        120.0,
+        "A request still `queued` this long after admission is dispatched again by the leader's watchdog "
+        "(normally the forward agent dispatches within milliseconds).",
+    )
+    watchdog_interval_s: float = _setting(15.0, "How often the leader's watchdog looks for stalled requests.")
     orphan_reservation_s: float = _setting(
         300.0,
         "How long an admission may stay unconfirmed (its request not read from the log) before its "

@@ -34,6 +34,7 @@ from streams import commands, quirks
 from streams.agents.forward import register_forward
 from streams.agents.orphans import register_orphan_sweep
 from streams.agents.settle import register_settle
+from streams.agents.watchdog import register_watchdog
 from streams.agents.sink import register_sinks
 from streams.app import app, settings
 from streams.gateway.context import Gateway
@@ -148,6 +149,7 @@ if settings.has_pipeline:
     quirks.install(app, [settings.requests_topic, settings.results_topic])
     register_forward(app, settings, topics, rabbit, quota_book)
     register_settle(app, settings, topics, quota_book)
+    register_watchdog(app, settings, store, rabbit, topics)
     register_orphan_sweep(app, settings, tables.quota, quota_book)
     register_sinks(app, settings, topics, ResultSink(settings, store, _on_applied))
 

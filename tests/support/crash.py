@@ -29,14 +29,17 @@ TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 @dataclass(frozen=True)
 class Kill:
-    """kill -9 the named processes when ``at`` (0..1) of the load has been sent, and start them again at once."""
+    """Signal the named processes when ``at`` (0..1) of the load has been sent (kill -9 by default, or a
+    graceful SIGTERM), wait for them to exit, and start them again at once on the same ports."""
 
     at: float
     targets: tuple[str, ...]
+    sig: int = signal.SIGKILL
 
     @property
     def label(self) -> str:
-        return "+".join(self.targets)
+        how = "kill -9" if self.sig == signal.SIGKILL else signal.Signals(self.sig).name
+        return f"{how} {'+'.join(self.targets)}"
 
 
 @dataclass
@@ -95,8 +98,8 @@ class CrashRun:
         # A process still restarting from an earlier kill is killed once it is back.
         await asyncio.gather(*(self._restarts[n] for n in kill.targets if n in self._restarts))
         now = time.monotonic()
-        for name in kill.targets:
-            self.workers[name].kill(signal.SIGKILL)
+        # In threads: a graceful stop takes seconds, and the load must go on meanwhile.
+        await asyncio.gather(*(asyncio.to_thread(self.workers[n].kill, kill.sig) for n in kill.targets))
         for name in kill.targets:
             self._restarts[name] = asyncio.ensure_future(self._restart(name, now))
 
