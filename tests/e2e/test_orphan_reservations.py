@@ -143,11 +143,17 @@ async def test_an_orphaned_reservation_is_released(crashed: Crashed, http: aioht
     api = await Api(http, crashed.worker.url, crashed.keys[ORPHAN_USER]).wait_key_active()
     await submit_and_complete(api, SUBMITTED)
 
+    seen: list[dict[str, Any]] = []
+
     async def given_back() -> dict[str, Any] | None:
-        q = await quota(api)
+        seen[:] = [await quota(api)]
+        q = seen[0]
         return q if q["tokens"]["reserved"] == 0 and q["requests"]["used"] == SUBMITTED else None
 
-    q = await wait_for(given_back, timeout=60, interval=0.2, what="the orphan released")
+    try:
+        q = await wait_for(given_back, timeout=60, interval=0.2, what="the orphan released")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; GET /v1/quota: requests {seen[0]['requests']}, tokens {seen[0]['tokens']}") from None
     # Exactly the requests in the log are counted: the orphan's request and tokens were given back.
     assert q["requests"]["used"] == SUBMITTED and q["tokens"]["used"] > 0
     assert await orphans_released(http, crashed.worker) >= 1
