@@ -179,7 +179,8 @@ async def test_audit_agrees_after_a_worker_restart(loaded: Loaded) -> None:
             assert status == 200, recovered
             assert live(recovered) == live(loaded.quota), f"round {round_}: recovered {recovered}"
             await assert_agrees(loaded, f"after kill -9 and restart {round_}")
-            await submit_all(api, 6, f"restart{round_}")  # the batched writes whose recovery is at stake
+            # Batched writes: the last batch of each is what a lagging recovery loses.
+            await submit_all(api, 6, f"restart{round_}")
             loaded.quota = await settled(api)
             await assert_agrees(loaded, f"after restart {round_} and more load")
 
