@@ -60,10 +60,12 @@ class RetryBudget:
 class RetryPolicy:
     """Attempt ``n`` (1-based) that failed waits ``uniform(0, min(cap, base * 2**(n-1)))``.
 
-    A server's ``retry_after`` is a floor on the wait and may exceed ``cap``:
-    retrying earlier than asked only earns another refusal. The request's limit
-    bounds every wait, so one bad header parks a request no longer than its
-    budget; a ``retry_after`` that ends past the limit stops retrying now.
+    A server's ``retry_after`` is added to that wait and may exceed ``cap``:
+    retrying earlier than asked only earns another refusal, and the jitter on
+    top keeps requests refused together from all coming back in the same
+    instant. The request's limit bounds every wait, so one bad header parks a
+    request no longer than its budget; a ``retry_after`` that ends past the
+    limit stops retrying now.
     """
 
     base_s: float
@@ -104,9 +106,7 @@ class RetryPolicy:
         remaining = limit - now
         if remaining <= 0 or (error.retry_after is not None and error.retry_after >= remaining):
             return Decision.stop(cut_by)
-        wait = self.backoff(attempt)
-        if error.retry_after is not None:
-            wait = max(wait, error.retry_after)
+        wait = self.backoff(attempt) + (error.retry_after or 0.0)
         return Decision(min(wait, remaining))
 
 
