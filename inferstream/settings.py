@@ -126,15 +126,15 @@ class Settings:
     ml_retry_budget_s: float = _setting(
         120.0,
         "How long transient model failures (connection errors, timeouts, 408, 409, 425, 429, 5xx) of one "
-        "request are retried, from its first attempt and never past its deadline; time waiting for an open "
-        "breaker counts. Then it fails and is dead-lettered.",
+        "request are retried, from its first model call and never past its deadline; time waiting for an "
+        "open breaker counts. Then it fails and is dead-lettered.",
     )
     ml_max_attempts: int = _setting(
         50, "Upper bound on one request's model call attempts; the retry budget normally ends retrying first."
     )
     ml_retry_base_s: float = _setting(0.2, "First retry backoff; doubles per attempt, with full jitter.")
     ml_retry_max_s: float = _setting(
-        10.0, "Longest jittered retry backoff; a longer `Retry-After` is honoured within the retry budget."
+        10.0, "Longest jittered retry backoff; a server's `Retry-After` is added to it, within the retry budget."
     )
     ml_call_timeout_s: float = _setting(60.0, "Timeout of one model call.")
     ml_breaker_threshold: int = _setting(5, "Consecutive failures that open an endpoint's circuit breaker.")
