@@ -18,13 +18,15 @@ import signal
 import time
 
 from inferstream.localbroker import LocalBroker
-from tests.support.crash import CrashRun, Kill, Outcome
+from tests.support.crash import RABBITMQ, CrashRun, Kill, Outcome
 from tests.support.modelserver import running_modelserver
 from tests.support.pipeline import Pipeline
 
 SCENARIOS: dict[str, tuple[dict[str, str], list[Kill], float]] = {
     # The case: one worker with every role, killed half-way (load seconds x --rate).
     "all-in-one": ({"all": "pipeline,ml"}, [Kill(0.5, ("all",))], 3.0),
+    # The broker of the work queues restarted under load (durable queues, persistent messages, confirms).
+    "rabbitmq": ({"p1": "pipeline", "m1": "ml"}, [Kill(0.3, (RABBITMQ,))], 10.0),
     # A graceful stop (rolling restart) mid-load.
     "all-in-one-term": ({"all": "pipeline,ml"}, [Kill(0.5, ("all",), signal.SIGTERM)], 4.0),
     # The same worker killed three times during a longer load.
@@ -83,6 +85,8 @@ async def main(args: argparse.Namespace) -> None:
             print("| fault | load | accepted | completed | lost or duplicated | refused during the fault | restart to ready |")
             print("|---|---|---|---|---|---|---|")
             for name in args.scenarios.split(","):
+                if name not in SCENARIOS:
+                    raise SystemExit(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
                 print(await scenario(broker.url, url + "/v1", name, args.rate), flush=True)
 
 
@@ -90,6 +94,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--latency-ms", type=int, default=50)
-    parser.add_argument("--scenarios", default="all-in-one,split")
+    parser.add_argument("--scenarios", default="all-in-one,split,all-in-one-term,rabbitmq")
     parser.add_argument("--restart-to-ready", action="store_true")
     asyncio.run(main(parser.parse_args()))

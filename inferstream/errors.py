@@ -15,7 +15,7 @@
     ├── ConfigurationError             a worker refuses to start: the message names what to change
     │   └── TopologyError              a topic's partition count breaks co-partitioning (topic, expected, actual)
     └── ModelError                     a model call failed
-        ├── RetryableModelError        timeouts, connection errors, 429, 5xx (retry_after)
+        ├── RetryableModelError        timeouts, connection errors, 408, 409, 425, 429, 5xx (retry_after)
         └── FatalModelError            other 4xx, malformed answers: fail at once
 
 Errors carry their data: ``retry_after`` seconds, the quota figures, the status.
@@ -112,7 +112,7 @@ class ModelError(InferstreamError):
 
 
 class RetryableModelError(ModelError):
-    """Worth another attempt: timeouts, connection errors, 429 and 5xx."""
+    """Worth another attempt: timeouts, connection errors, 408, 409, 425, 429 and 5xx."""
 
 
 class FatalModelError(ModelError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from inferstream import clock
 from streams.logread import bootstrap_servers, read_topic
-from tests.support.pipeline import ROOT, Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -38,13 +37,7 @@ class Loaded:
 
 
 async def cli(pipeline: Pipeline, *args: str, timeout: float = 120) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faust", "-A", "streams", *args,
-        cwd=ROOT, env=pipeline.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
+    return await pipeline.cli(*args, timeout=timeout)
 
 
 async def audit(pipeline: Pipeline, *args: str) -> tuple[int, str]:

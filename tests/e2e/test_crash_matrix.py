@@ -1,4 +1,4 @@
-"""Crash matrix under load: kill -9 pipeline, ML-only and both kinds of worker mid-load, restart, check every guarantee.
+"""Crash matrix under load: kill -9 pipeline, ML-only and both kinds of worker mid-load (and restart RabbitMQ), check every guarantee.
 
 After the load and the restarts: every request answered 202 has exactly one
 terminal row, each user's quota counts exactly the requests in the log and the
@@ -10,9 +10,11 @@ terminal status. The figures go to the README's faults table
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from tests.support.crash import CrashRun, Kill
+from tests.support.crash import RABBITMQ, CrashRun, Kill
 from tests.support.pipeline import Pipeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -46,5 +48,18 @@ async def test_all_in_one_worker_killed_mid_load(broker_url: str, model_base_url
         out = await run.verify()
     report("all-in-one", out)
     assert out.accepted > 50, out
+    assert out.stranded == [] and out.quota_mismatches == [] and out.stale_reads == [], out
+    assert out.duplicates == 0, out
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to restart RabbitMQ")
+async def test_rabbitmq_restarted_under_load(broker_url: str, model_base_url: str) -> None:
+    async with Pipeline.session(broker_url, model_base_url + "/v1") as pipeline:
+        run = CrashRun(pipeline, {"p1": "pipeline", "m1": "ml"})
+        await run.start()
+        await run.load(400, 40.0, [Kill(0.3, (RABBITMQ,))])
+        out = await run.verify()
+    report("rabbitmq", out)
+    assert out.accepted > 100, out
     assert out.stranded == [] and out.quota_mismatches == [] and out.stale_reads == [], out
     assert out.duplicates == 0, out

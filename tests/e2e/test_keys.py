@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import sys
 import time
 import uuid
 from collections import Counter
@@ -14,7 +13,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.support.pipeline import ROOT, Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -48,13 +47,9 @@ def user() -> str:
 
 
 async def cli(pipeline: Pipeline, *args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faust", "-A", "streams", *args,
-        cwd=ROOT, env=pipeline.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode == 0, out.decode()
-    return out.decode()
+    code, out = await pipeline.cli(*args)
+    assert code == 0, out
+    return out
 
 
 async def lookups(http: aiohttp.ClientSession, worker: WorkerProcess) -> float:

@@ -7,7 +7,6 @@ starts, so the worker recovers it as it would after a real crash.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -133,10 +132,7 @@ async def audit_agrees(pipeline: Pipeline, user: str) -> str:
 
 
 async def orphans_released(http: aiohttp.ClientSession, worker: WorkerProcess) -> float:
-    async with http.get(worker.url + "/metrics") as r:
-        text = await r.text()
-    found = re.search(r"^inferstream_quota_orphans_released_total (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return await worker.metric(http, "inferstream_quota_orphans_released_total")
 
 
 async def test_an_orphaned_reservation_is_released(crashed: Crashed, http: aiohttp.ClientSession) -> None:

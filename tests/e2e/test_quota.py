@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 import uuid
 from collections import Counter
@@ -18,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from inferstream.tokens import estimate_tokens
 from schemas.records import InferenceRequest, ResultEvent
 from streams.audit import bootstrap_servers
-from tests.support.pipeline import ROOT, Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -384,12 +383,8 @@ async def test_revoked_key_is_refused_within_5_seconds(
     solo: Pipeline, solo_worker: WorkerProcess, http: aiohttp.ClientSession
 ) -> None:
     user, (api,) = await user_with_plan(solo, http, [solo_worker.url], requests_per_day=100, tokens_per_day=100_000)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faust", "-A", "streams", "keys", "revoke", api.key or "",
-        cwd=ROOT, env=solo.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, out.decode()
+    code, out = await solo.cli("keys", "revoke", api.key or "")
+    assert code == 0, out
     revoked_at = time.monotonic()
 
     async def refused() -> bool:
@@ -424,13 +419,7 @@ async def test_priority_above_the_plan_is_capped(
 
 
 async def run_audit(pipeline: Pipeline, user: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faust", "-A", "streams", "quota", "audit", "--user", user,
-        cwd=ROOT, env=pipeline.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
+    return await pipeline.cli("quota", "audit", "--user", user)
 
 
 async def test_quota_audit_agrees_with_the_table_then_finds_a_forged_admission(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -13,21 +12,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.pipeline import ROOT, Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 
 async def cli(pipeline: Pipeline, *args: str, timeout: float = 90) -> str:
     """Run ``faust -A streams ARGS`` with the pipeline's environment; its output, or fail."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faust", "-A", "streams", *args,
-        cwd=ROOT, env=pipeline.env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, f"faust {' '.join(args)} exited {proc.returncode}:\n{text}"
+    code, text = await pipeline.cli(*args, timeout=timeout)
+    assert code == 0, f"faust {' '.join(args)} exited {code}:\n{text}"
     return text
 
 

@@ -18,7 +18,8 @@ from bridges.webhooks import SIGNATURE_HEADER, verify_signature
 from inferstream.ids import new_request_id
 from schemas.records import ResultEvent
 from streams.replay import bootstrap_servers
-from tests.support.modelserver import free_port, model_faults
+from tests.support.listener import loopback_listener
+from tests.support.modelserver import model_faults
 from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
 from tests.support.sse import read_sse
 
@@ -377,20 +378,8 @@ async def test_webhook_is_signed_retried_and_recorded(alice: Api, pipeline: Pipe
         calls.append((await request.read(), dict(request.headers)))
         return web.Response(status=503 if len(calls) <= 2 else 200)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        status, accepted, _ = await alice.submit(
-            {
-                "task": "embed",
-                "input": "call me back",
-                "callback_url": f"http://127.0.0.1:{port}/hook",
-            }
-        )
+    async with loopback_listener(hook) as url:
+        status, accepted, _ = await alice.submit({"task": "embed", "input": "call me back", "callback_url": url})
         assert status == 202, accepted
         rid = accepted["request_id"]
 
@@ -399,8 +388,6 @@ async def test_webhook_is_signed_retried_and_recorded(alice: Api, pipeline: Pipe
             return row if row and row["webhook_state"] == "delivered" else None
 
         row = await wait_for(delivered, timeout=45, what="the webhook delivered")
-    finally:
-        await runner.cleanup()
     assert row["webhook_attempts"] == 3 and row["webhook_delivered_at"] is not None
     assert row["webhook_last_error"] is None
     assert len(calls) == 3
@@ -411,6 +398,51 @@ async def test_webhook_is_signed_retried_and_recorded(alice: Api, pipeline: Pipe
     doc = orjson.loads(calls[-1][0])
     assert doc["request_id"] == rid and doc["status"] == "completed" and doc["result"]["embeddings"]
     assert calls[0][0] == calls[-1][0]  # the same signed document every attempt
+
+
+INTERNAL_CALLBACKS = [
+    "http://127.0.0.1:{port}/hook",
+    "http://localhost:{port}/hook",
+    "http://[::ffff:127.0.0.1]:{port}/hook",
+    "http://[::1]:{port}/hook",
+    "http://2130706433:{port}/hook",
+    "http://0177.0.0.1:{port}/hook",
+    "http://0x7f.1:{port}/hook",
+    "http://169.254.169.254/latest/meta-data/",  # refused before any connection is tried
+]
+
+
+async def test_internal_callback_urls_are_refused_at_submit(
+    broker_url: str, model_base_url: str, http: aiohttp.ClientSession
+) -> None:
+    """SSRF: without an allow-list entry, every spelling of loopback is a 400 and costs nothing."""
+    calls: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        calls.append(await request.read())
+        return web.Response(status=200)
+
+    async with loopback_listener(hook) as hook_url, Pipeline.session(
+        broker_url, model_base_url + "/v1", webhook_allow=""
+    ) as strict:
+        port = int(hook_url.split(":")[2].split("/")[0])
+        worker = await strict.start_worker()
+        api = await Api(http, worker.url, await strict.create_key("mallory")).wait_key_active()
+        for spelling in INTERNAL_CALLBACKS:
+            url = spelling.format(port=port)
+            status, body, _ = await api.submit(
+                {"task": "embed", "input": "x", "callback_url": url}
+            )
+            assert status == 400, (url, body)
+            assert body["error"]["type"] == "invalid_request", body
+            assert body["error"]["field"] == "callback_url", body
+        # The same worker accepts the same request without the callback.
+        status, accepted, _ = await api.submit({"task": "embed", "input": "x"})
+        assert status == 202, accepted
+        await api.wait_status(accepted["request_id"], {"completed"}, timeout=60)
+        _, quota, _ = await api.call("GET", "/v1/quota")
+        assert quota["requests"]["used"] == 1  # the refused ones were never admitted
+    assert calls == []
 
 
 async def test_list_filters_by_status_and_pages_own_requests_only(
@@ -455,54 +487,3 @@ async def test_list_filters_by_status_and_pages_own_requests_only(
 async def _listed(api: Api, status: str, n: int) -> bool:
     code, page, _ = await api.call("GET", f"/v1/requests?status={status}&limit=100")
     return code == 200 and len(page["data"]) >= n
-
-
-INTERNAL_CALLBACKS = [
-    "http://127.0.0.1:{port}/hook",
-    "http://localhost:{port}/hook",
-    "http://[::ffff:127.0.0.1]:{port}/hook",
-    "http://[::1]:{port}/hook",
-    "http://2130706433:{port}/hook",
-    "http://0177.0.0.1:{port}/hook",
-    "http://0x7f.1:{port}/hook",
-    "http://169.254.169.254/latest/meta-data/",  # refused before any connection is tried
-]
-
-
-async def test_internal_callback_urls_are_refused_at_submit(
-    broker_url: str, model_base_url: str, http: aiohttp.ClientSession
-) -> None:
-    """SSRF: without an allow-list entry, every spelling of loopback is a 400 and costs nothing."""
-    calls: list[bytes] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        calls.append(await request.read())
-        return web.Response(status=200)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        async with Pipeline.session(broker_url, model_base_url + "/v1", webhook_allow="") as strict:
-            worker = await strict.start_worker()
-            api = await Api(http, worker.url, await strict.create_key("mallory")).wait_key_active()
-            for spelling in INTERNAL_CALLBACKS:
-                url = spelling.format(port=port)
-                status, body, _ = await api.submit(
-                    {"task": "embed", "input": "x", "callback_url": url}
-                )
-                assert status == 400, (url, body)
-                assert body["error"]["type"] == "invalid_request", body
-                assert body["error"]["field"] == "callback_url", body
-            # The same worker accepts the same request without the callback.
-            status, accepted, _ = await api.submit({"task": "embed", "input": "x"})
-            assert status == 202, accepted
-            await api.wait_status(accepted["request_id"], {"completed"}, timeout=60)
-            _, quota, _ = await api.call("GET", "/v1/quota")
-            assert quota["requests"]["used"] == 1  # the refused ones were never admitted
-    finally:
-        await runner.cleanup()
-    assert calls == []

@@ -7,7 +7,6 @@ are never dispatched twice.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -30,10 +29,7 @@ async def pipeline(broker_url: str, model_base_url: str) -> AsyncIterator[Pipeli
 
 
 async def redispatched(http: aiohttp.ClientSession, worker: WorkerProcess) -> float:
-    async with http.get(worker.url + "/metrics") as r:
-        text = await r.text()
-    found = re.search(r"^inferstream_watchdog_redispatched_total ([0-9.e+]+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return await worker.metric(http, "inferstream_watchdog_redispatched_total")
 
 
 async def test_a_stranded_request_completes_and_normal_ones_run_once(

@@ -22,6 +22,7 @@ from bridges.webhooks import (
 )
 from inferstream.localbroker import free_port as closed_port
 from inferstream.settings import Settings
+from tests.support.listener import loopback_listener
 
 pytestmark = pytest.mark.integration
 SECRET = "test-webhook-secret"
@@ -34,7 +35,6 @@ Receiver = Callable[[list[int]], Awaitable[tuple[str, list[web.Request], list[by
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     """Start a receiver answering with the given statuses in turn (the last one repeats)."""
-    runners: list[web.AppRunner] = []
 
     async def start(statuses: list[int]) -> tuple[str, list[web.Request], list[bytes]]:
         seen: list[web.Request] = []
@@ -46,18 +46,11 @@ async def receiver() -> AsyncIterator[Receiver]:
             status = statuses[min(len(seen), len(statuses)) - 1]
             return web.Response(status=status, text="")
 
-        app = web.Application()
-        app.router.add_post("/hook", hook)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}/hook", seen, bodies
+        url = await listeners.enter_async_context(loopback_listener(hook))
+        return url, seen, bodies
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    async with contextlib.AsyncExitStack() as listeners:
+        yield start
 
 
 LOOPBACK = "127.0.0.0/8,::1,localhost"
@@ -239,23 +232,17 @@ async def test_loopback_receiver_gets_nothing_without_an_allow_entry(
 
 async def test_redirects_are_not_followed(receiver: Receiver) -> None:
     target, seen, _ = await receiver([200])
-    runner_app = web.Application()
 
     async def bounce(request: web.Request) -> web.Response:
         raise web.HTTPTemporaryRedirect(target)
 
-    runner_app.router.add_post("/hook", bounce)
-    runner = web.AppRunner(runner_app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
     recorded: Recorded = []
     hooks = sender(recorded)
     try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-        assert await hooks.deliver("req_w", url, DOC) == "failed"
+        async with loopback_listener(bounce) as url:
+            assert await hooks.deliver("req_w", url, DOC) == "failed"
     finally:
         await hooks.close()
-        await runner.cleanup()
     assert seen == []
     assert recorded == [("req_w", "failed", 1, "HTTP 307")]
 
@@ -270,20 +257,14 @@ async def test_an_endless_response_body_is_not_read() -> None:
                 await resp.write(chunk)
         return resp
 
-    app = web.Application()
-    app.router.add_post("/hook", endless)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
     recorded: Recorded = []
     hooks = sender(recorded)
     started = time.monotonic()
     try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-        assert await hooks.deliver("req_w", url, DOC) == "delivered"
+        async with loopback_listener(endless) as url:
+            assert await hooks.deliver("req_w", url, DOC) == "delivered"
     finally:
         await hooks.close()
-        await runner.cleanup()
     assert time.monotonic() - started < 5
 
 

@@ -38,8 +38,23 @@ class Kill:
 
     @property
     def label(self) -> str:
+        if self.targets == (RABBITMQ,):
+            return "RabbitMQ restarted"
         how = "kill -9" if self.sig == signal.SIGKILL else signal.Signals(self.sig).name
         return f"{how} {'+'.join(self.targets)}"
+
+
+RABBITMQ = "rabbitmq"  # a Kill target: the machine's RabbitMQ, restarted with rabbitmqctl stop_app / start_app
+
+
+async def restart_rabbitmq(timeout: float = 120.0) -> None:
+    """Stop and start the RabbitMQ application (the node's queues and persistent messages survive)."""
+    for args in (("stop_app",), ("start_app",), ("await_startup",)):
+        proc = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        await asyncio.wait_for(proc.wait(), timeout)
+        assert proc.returncode == 0, f"rabbitmqctl {args[0]} failed with {proc.returncode}"
 
 
 @dataclass
@@ -94,7 +109,14 @@ class CrashRun:
         await worker.wait_ready(180)
         self.recover_s.append(time.monotonic() - killed_at)
 
+    async def _restart_service(self, killed_at: float) -> None:
+        await restart_rabbitmq()
+        self.recover_s.append(time.monotonic() - killed_at)
+
     async def _kill(self, kill: Kill) -> None:
+        if kill.targets == (RABBITMQ,):
+            self._restarts[RABBITMQ] = asyncio.ensure_future(self._restart_service(time.monotonic()))
+            return
         # A process still restarting from an earlier kill is killed once it is back.
         await asyncio.gather(*(self._restarts[n] for n in kill.targets if n in self._restarts))
         now = time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,6 +95,13 @@ class WorkerProcess:
                 )
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+
+    async def metric(self, http: aiohttp.ClientSession, name: str) -> float:
+        """The value of an unlabelled Prometheus sample on this worker's ``/metrics`` (0 when absent)."""
+        async with http.get(self.url + "/metrics") as r:
+            text = await r.text()
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
