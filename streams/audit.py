@@ -35,13 +35,12 @@ from bridges.postgres import Store
 from inferstream import clock
 from inferstream.settings import Settings
 from schemas.records import TERMINAL
-from streams.logread import bootstrap_servers, read_topic
+from streams.logread import read_topic
 
 __all__ = [
     "Usage",
     "audit",
     "audit_all",
-    "bootstrap_servers",
     "rebuild_all",
     "register_audit",
     "table_usages",
@@ -170,10 +169,10 @@ def _values(records: Mapping[int, Sequence[KeyValue]]) -> list[Mapping[str, Any]
     return out
 
 
-async def _read(broker_url: str, topic: str) -> dict[int, list[KeyValue]]:
+async def _read(servers: list[str], topic: str) -> dict[int, list[KeyValue]]:
     return {
         p: [(r.key, r.value) for r in recs]
-        for p, recs in (await read_topic(broker_url, topic)).items()
+        for p, recs in (await read_topic(servers, topic)).items()
     }
 
 
@@ -197,10 +196,10 @@ class Report:
 
 async def audit_all(settings: Settings, changelog_topic: str, day: str) -> Report:
     # The changelog first: whatever the table settled, the log read afterwards holds the result of.
-    changelog = await _read(settings.broker_url, changelog_topic)
+    servers = settings.bootstrap_servers
+    changelog = await _read(servers, changelog_topic)
     requests, results = await asyncio.gather(
-        _read(settings.broker_url, settings.requests_topic),
-        _read(settings.broker_url, settings.results_topic),
+        _read(servers, settings.requests_topic), _read(servers, settings.results_topic)
     )
     return Report(
         day, rebuild_all(_values(requests), _values(results), day), table_usages(changelog, day)

@@ -27,14 +27,6 @@ IDLE_POLLS = 5
 READ_TIMEOUT_S = 300.0
 
 
-def bootstrap_servers(broker_url: str) -> list[str]:
-    """``kafka://h1:9092;h2:9092`` (or ``,``-separated) -> ``["h1:9092", "h2:9092"]`` for aiokafka."""
-    hosts = [
-        h.strip().split("://", 1)[-1].rstrip("/") for h in broker_url.replace(";", ",").split(",")
-    ]
-    return [h for h in hosts if h]
-
-
 @dataclass
 class PartitionRange:
     """One partition's share: offsets ``[start, stop)``, narrowed by record times when the broker cannot."""
@@ -87,10 +79,11 @@ class Fetched:
 
 @asynccontextmanager
 async def group_less_consumer(
-    broker_url: str, max_records: int = 1000, fetch_max_wait_ms: int = 500
+    servers: list[str], max_records: int = 1000, fetch_max_wait_ms: int = 500
 ) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer of ``servers`` (``Settings.bootstrap_servers``) in no group, committing nothing."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers(broker_url),
+        bootstrap_servers=servers,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -160,11 +153,11 @@ async def read_ranges(
 
 
 async def read_topic(
-    broker_url: str, topic: str, timeout_s: float = READ_TIMEOUT_S
+    servers: list[str], topic: str, timeout_s: float = READ_TIMEOUT_S
 ) -> dict[int, list[ConsumerRecord]]:
     """Every record of every partition of ``topic``, in offset order per partition ({} when there is no topic)."""
     deadline = time.monotonic() + timeout_s
-    async with group_less_consumer(broker_url) as consumer:
+    async with group_less_consumer(servers) as consumer:
         tps = await assign_all(consumer, topic)
         if not tps:
             return {}
@@ -185,7 +178,7 @@ async def read_topic(
 
 
 async def true_ends(
-    broker_url: str, listed: Mapping[TopicPartition, int], timeout_s: float = 30.0
+    servers: list[str], listed: Mapping[TopicPartition, int], timeout_s: float = 30.0
 ) -> dict[TopicPartition, int]:
     """Each partition's end by a fetch's high watermark, never below ``listed`` (ListOffsets' answer).
 
@@ -196,7 +189,7 @@ async def true_ends(
     ends = dict(listed)
     if not listed:
         return ends
-    async with group_less_consumer(broker_url, max_records=1, fetch_max_wait_ms=50) as consumer:
+    async with group_less_consumer(servers, max_records=1, fetch_max_wait_ms=50) as consumer:
         consumer.assign(list(listed))
         for tp, offset in listed.items():
             consumer.seek(tp, max(0, offset - 1))

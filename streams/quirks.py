@@ -97,13 +97,14 @@ def recover_to_true_end(app: faust.App) -> None:
 
     thread = driver.AIOKafkaConsumerThread
     original = getattr(thread._highwaters, "__wrapped__", thread._highwaters)
-    broker_url = ";".join(str(url) for url in app.conf.broker)
+    # The list Faust's own consumer connects to.
+    servers = driver.server_list(app.conf.broker, driver.Transport.default_port)
 
     async def highwaters(self: Any, partitions: Any) -> Any:
         listed = await original(self, partitions)
         if self.consumer.in_transaction:
             return listed  # last stable offsets: not ListOffsets' latest
-        return await logread.true_ends(broker_url, listed)
+        return await logread.true_ends(servers, listed)
 
     highwaters.__wrapped__ = original  # type: ignore[attr-defined]
     thread._highwaters = highwaters  # type: ignore[method-assign]

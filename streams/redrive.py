@@ -30,7 +30,6 @@ from inferstream import clock
 from inferstream.ids import new_request_id
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest
-from streams.replay import bootstrap_servers
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +66,7 @@ async def redrive_letters(
         return []
     now = clock.now()
     planned = [Redriven(d["request_id"], resubmission(d, now)) for d in dead_letters]
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers(settings.broker_url), acks="all"
-    )
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
     await producer.start()
     try:
         pending = [

@@ -37,13 +37,7 @@ from bridges.sink import ResultSink
 from inferstream.settings import Settings
 from schemas.documents import request_doc
 from schemas.records import InferenceRequest, ResultEvent
-from streams.logread import (  # noqa: F401  (bootstrap_servers: redrive and tests import it from here)
-    PartitionRange,
-    assign_all,
-    bootstrap_servers,
-    group_less_consumer,
-    read_ranges,
-)
+from streams.logread import PartitionRange, assign_all, group_less_consumer, read_ranges
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +163,7 @@ async def replay_range(
     """Read ``[start, until)`` of every partition of ``topic`` through ``sink``; see the module docstring."""
     began = time.monotonic()
     summary = ReplaySummary(topic=topic)
-    async with group_less_consumer(settings.broker_url, batch_size) as consumer:
+    async with group_less_consumer(settings.bootstrap_servers, batch_size) as consumer:
         tps = await assign_all(consumer, topic)
         if not tps:
             raise click.ClickException(f"topic {topic} does not exist (or has no partitions)")

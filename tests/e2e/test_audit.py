@@ -16,7 +16,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from inferstream import clock
-from streams.logread import bootstrap_servers, read_topic
+from inferstream.settings import Settings
+from streams.logread import read_topic
 from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -116,7 +117,7 @@ async def loaded(broker_url: str, model_base_url: str) -> AsyncIterator[Loaded]:
 
 async def log_sizes(p: Pipeline) -> dict[str, int]:
     topics = [p.settings.requests_topic, p.settings.results_topic, f"{p.namespace}-quota-changelog"]
-    read = await asyncio.gather(*(read_topic(p.settings.broker_url, t) for t in topics))
+    read = await asyncio.gather(*(read_topic(p.settings.bootstrap_servers, t) for t in topics))
     return {t: sum(map(len, parts.values())) for t, parts in zip(topics, read, strict=True)}
 
 
@@ -124,7 +125,8 @@ async def test_read_topic_reads_every_partition_past_a_lagging_list_offsets(
     broker_url: str,
 ) -> None:
     topic = f"audit-lag-{uuid.uuid4().hex[:8]}"
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(broker_url), linger_ms=20)
+    servers = Settings(broker_url=broker_url).bootstrap_servers
+    producer = AIOKafkaProducer(bootstrap_servers=servers, linger_ms=20)
     await producer.start()
     try:  # batched produces: Tansu's ListOffsets then answers the last batch's base offset + 1
         sent = await asyncio.gather(
@@ -132,12 +134,12 @@ async def test_read_topic_reads_every_partition_past_a_lagging_list_offsets(
         )
     finally:
         await producer.stop()
-    read = await read_topic(broker_url, topic)
+    read = await read_topic(servers, topic)
     assert sum(map(len, read.values())) == 300, {p: len(r) for p, r in read.items()}
     for partition, records in read.items():
         written = sorted(m.offset for m in sent if m.partition == partition)
         assert [r.offset for r in records] == written
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(broker_url), group_id=None)
+    consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=None)
     await consumer.start()
     try:  # what the audit used to trust, for the record: not asserted, a correct broker does not lag
         tps = [TopicPartition(topic, p) for p in read]
@@ -191,9 +193,7 @@ async def test_audit_names_a_corrupted_table_entry(loaded: Loaded) -> None:
         "minute_count": 0,
     }
     changelog = f"{loaded.pipeline.namespace}-quota-changelog"
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers(loaded.pipeline.settings.broker_url)
-    )
+    producer = AIOKafkaProducer(bootstrap_servers=loaded.pipeline.settings.bootstrap_servers)
     await producer.start()
     try:  # what the table writes: JSON key and value, the default partitioner's partition for the key
         await producer.send_and_wait(

@@ -19,7 +19,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from inferstream import clock
 from inferstream.ids import new_request_id
-from streams.logread import bootstrap_servers
 from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -58,9 +57,9 @@ def request_record(request_id: str, user: str, created_at: float) -> dict[str, A
     }  # fmt: skip
 
 
-async def produce(broker_url: str, topic: str, key: str, value: dict[str, Any]) -> None:
+async def produce(servers: list[str], topic: str, key: str, value: dict[str, Any]) -> None:
     # Keys and values as the app's JSON serializers write them; the default partitioner, as the app's.
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(broker_url), acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all")
     await producer.start()
     try:
         await producer.send_and_wait(topic, orjson.dumps(value), key=orjson.dumps(key))
@@ -68,8 +67,8 @@ async def produce(broker_url: str, topic: str, key: str, value: dict[str, Any]) 
         await producer.stop()
 
 
-async def create_changelog(broker_url: str, topic: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(broker_url))
+async def create_changelog(servers: list[str], topic: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
     await admin.start()
     try:
         await admin.create_topics(
@@ -91,10 +90,10 @@ async def crashed(broker_url: str, model_base_url: str) -> AsyncIterator[Crashed
         broker_url, model_base_url + "/v1", admission_timeout_s="1", orphan_reservation_s="5"
     ) as p:
         changelog = f"{p.namespace}-quota-changelog"
-        await create_changelog(broker_url, changelog, p.settings.partitions)
+        await create_changelog(p.settings.bootstrap_servers, changelog, p.settings.partitions)
         now = clock.now()
         for user, rid in ((ORPHAN_USER, ORPHAN_ID), (LATE_USER, LATE_ID)):
-            await produce(broker_url, changelog, user, crashed_state(rid, now))
+            await produce(p.settings.bootstrap_servers, changelog, user, crashed_state(rid, now))
         keys = {user: await p.create_key(user) for user in (ORPHAN_USER, LATE_USER)}
         crashed = Crashed(p, await p.start_worker(), keys)
         crashed.created_at = {ORPHAN_USER: now, LATE_USER: now}

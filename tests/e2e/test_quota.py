@@ -16,7 +16,6 @@ from aiokafka import AIOKafkaProducer
 
 from inferstream.tokens import estimate_tokens
 from schemas.records import InferenceRequest, ResultEvent
-from streams.audit import bootstrap_servers
 from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -311,7 +310,7 @@ async def test_a_duplicated_result_event_is_settled_once(
         result=doc["result"],
         usage=doc["usage"],
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(solo.settings.broker_url))
+    producer = AIOKafkaProducer(bootstrap_servers=solo.settings.bootstrap_servers)
     await producer.start()
     try:
         for ev in (duplicate, ResultEvent.from_data({**duplicate.asdict(), "status": "failed"})):
@@ -462,7 +461,7 @@ async def test_quota_audit_agrees_with_the_table_then_finds_a_forged_admission(
         created_at=time.time(),
         quota_day=time.strftime("%Y-%m-%d", time.gmtime()),
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(solo.settings.broker_url))
+    producer = AIOKafkaProducer(bootstrap_servers=solo.settings.bootstrap_servers)
     await producer.start()
     try:
         await producer.send_and_wait(solo.settings.requests_topic, key=orjson.dumps(user), value=forged.to_bytes())

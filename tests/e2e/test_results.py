@@ -17,7 +17,6 @@ from aiokafka import AIOKafkaProducer
 from bridges.webhooks import SIGNATURE_HEADER, verify_signature
 from inferstream.ids import new_request_id
 from schemas.records import ResultEvent
-from streams.replay import bootstrap_servers
 from tests.support.listener import loopback_listener
 from tests.support.modelserver import model_faults
 from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
@@ -58,7 +57,7 @@ async def produce_results(
     pipeline: Pipeline, events: list[ResultEvent], *, together: bool = False
 ) -> None:
     """Produce ``events`` in order; ``together`` sends them as one record batch (one sink batch)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(pipeline.settings.broker_url))
+    producer = AIOKafkaProducer(bootstrap_servers=pipeline.settings.bootstrap_servers)
     await producer.start()
     try:
         sent = []

@@ -11,7 +11,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.plans import Plan
 from streams.audit import Report, Usage, differences, rebuild_all, table_usages
-from streams.logread import PartitionRange, bootstrap_servers
+from streams.logread import PartitionRange
 from tables.quota import QuotaBook, QuotaState
 
 NOON = datetime(2025, 3, 14, 12, 0, 30, tzinfo=UTC).timestamp()
@@ -182,8 +182,3 @@ def test_an_open_range_reads_past_a_lagging_list_offsets_answer() -> None:
         80
     )  # only the first fetch's answer counts: later records are after the snapshot
     assert closed.stop == 63
-
-
-def test_bootstrap_servers() -> None:
-    assert bootstrap_servers("kafka://h1:9092;kafka://h2:9093/") == ["h1:9092", "h2:9093"]
-    assert bootstrap_servers("h1:9092,h2:9092") == ["h1:9092", "h2:9092"]

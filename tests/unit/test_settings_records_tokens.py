@@ -38,6 +38,12 @@ def test_settings_roles_routes_and_secrets() -> None:
     assert s.masked()["key_secret"] == "***" and s.masked()["namespace"] == "inferstream"
 
 
+def test_bootstrap_servers() -> None:
+    """The one conversion of INFERSTREAM_BROKER_URL for plain aiokafka clients (replay, audit, redrive, tests)."""
+    assert Settings(broker_url="kafka://h1:9092;kafka://h2:9093/").bootstrap_servers == ["h1:9092", "h2:9093"]
+    assert Settings(broker_url="h1:9092, h2:9092").bootstrap_servers == ["h1:9092", "h2:9092"]
+
+
 def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     for name in Settings.env_names():
