@@ -2,28 +2,55 @@
 
 Both are keyed by ``user_id`` in the log, so the requests topic, the results
 topic and the quota table's changelog are co-partitioned. New fields must have
-defaults: a record already in the log must still decode after a change.
+defaults: a record already in the log must still decode after a change. The
+enum-typed fields hold the enums' string values on the wire; Faust does not
+coerce on decode, so a decoded field is the plain string, equal to its member.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 import faust
 import orjson
 
-Status = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled", "expired"]
-TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "expired"})
+
+class Status(StrEnum):
+    """A request's lifecycle: ``queued`` -> ``dispatched`` -> ``running`` -> one terminal status."""
+
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+
+
+class Task(StrEnum):
+    GENERATE = "generate"
+    EMBED = "embed"
+
+
+# Keyed by the enums' members, which hash and compare as their strings: plain ``str`` lookups work.
+TERMINAL: frozenset[str] = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
 STATUS_RANK: dict[str, int] = {
-    "queued": 1,
-    "dispatched": 2,
-    "running": 3,
-    "completed": 4,
-    "failed": 4,
-    "cancelled": 4,
-    "expired": 4,
+    Status.QUEUED: 1,
+    Status.DISPATCHED: 2,
+    Status.RUNNING: 3,
+    Status.COMPLETED: 4,
+    Status.FAILED: 4,
+    Status.CANCELLED: 4,
+    Status.EXPIRED: 4,
 }
-PRIORITY_LEVEL: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
+PRIORITY_LEVEL: dict[str, int] = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2}
 
 
 class InferenceRequest(
@@ -36,13 +63,13 @@ class InferenceRequest(
 
     request_id: str
     user_id: str
-    task: str
+    task: Task
     model: str
     input: list[str]
     estimated_tokens: int
     created_at: float
     quota_day: str
-    priority: str = "normal"
+    priority: Priority = Priority.NORMAL
     params: dict[str, Any] | None = None
     deadline_at: float | None = None
     metadata: dict[str, Any] | None = None
@@ -71,11 +98,11 @@ class ResultEvent(
 
     request_id: str
     user_id: str
-    status: str
+    status: Status
     at: float
-    task: str = ""
+    task: str = ""  # a Task value; empty on an event that does not know it
     model: str = ""
-    priority: str = "normal"
+    priority: Priority = Priority.NORMAL
     estimated_tokens: int = 0
     created_at: float = 0.0
     quota_day: str = ""
