@@ -36,6 +36,7 @@ from inferstream import clock
 from inferstream.settings import Settings
 from schemas.records import TERMINAL
 from streams.logread import read_topic
+from tables.quota import charge
 
 __all__ = [
     "Usage",
@@ -85,9 +86,9 @@ def rebuild_all(
             continue  # settled after the window closed: the table dropped it with the window
         settled.add(rid)
         user, reserved = admitted[rid]
-        total = _total_tokens(ev.get("usage"))
-        charged = max(0, total) if ev.get("status") == "completed" else max(0, min(total, reserved))
-        used[user] = used.get(user, 0) + charged
+        used[user] = used.get(user, 0) + charge(
+            str(ev["status"]), _total_tokens(ev.get("usage")), reserved
+        )
     counts: dict[str, list[int]] = {}
     for rid, (user, reserved) in admitted.items():
         c = counts.setdefault(user, [0, 0])

@@ -176,14 +176,18 @@ def _without_reservation(state: QuotaState | None, request_id: str, now: float) 
     return {**new, "pending": pending}, reserved
 
 
+def charge(status: str, used_tokens: int, reserved: int) -> int:
+    """Tokens a terminal result costs: what ``completed`` used; otherwise what the model reported, at most the reservation."""
+    return max(0, used_tokens) if status == "completed" else max(0, min(used_tokens, reserved))
+
+
 def settle(state: QuotaState | None, request_id: str, status: str, used_tokens: int, now: float) -> QuotaState | None:
     """Turn a reservation into usage; ``None`` when there is nothing to change (idempotent)."""
     found = _without_reservation(state, request_id, now)
     if found is None:
         return None
     st, reserved = found
-    charged = max(0, used_tokens) if status == "completed" else max(0, min(used_tokens, reserved))
-    return {**st, "tokens_used": st["tokens_used"] + charged}
+    return {**st, "tokens_used": st["tokens_used"] + charge(status, used_tokens, reserved)}
 
 
 def release(state: QuotaState | None, request_id: str, now: float) -> QuotaState | None:
