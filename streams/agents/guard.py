@@ -3,18 +3,20 @@
 faust-streaming acks an event whose agent raised and restarts the agent, so an
 exception would silently drop the batch (FINDINGS.md). Transient faults are
 retried inside the bridges; anything that still escapes (a missing table after
-a bad deploy, a bug) is retried here with capped backoff and logged with its
-traceback each time, so the partition stalls visibly instead of losing data.
+a bad deploy, a bug) is retried here (:data:`inferstream.retrying.AGENT_BATCH`)
+and logged with its traceback each time, so the partition stalls visibly instead
+of losing data.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import Counter
+from tenacity import RetryCallState
+
+from inferstream.retrying import AGENT_BATCH, any_error, failure
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +25,14 @@ STALLS = Counter(
 )
 
 
-async def until_done(agent: str, work: Callable[[], Awaitable[None]], *, cap_s: float = 30.0) -> None:
-    attempt = 0
-    while True:
-        try:
+async def until_done(agent: str, work: Callable[[], Awaitable[None]]) -> None:
+    def stalled(state: RetryCallState) -> None:
+        STALLS.labels(agent).inc()
+        log.error(
+            "%s: batch failed (attempt %d); retrying, offsets held",
+            agent, state.attempt_number, exc_info=failure(state),
+        )  # fmt: skip
+
+    async for attempt in AGENT_BATCH.retrying(any_error, before_sleep=stalled):
+        with attempt:
             await work()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # see the module docstring: never let Faust ack a failed batch
-            attempt += 1
-            STALLS.labels(agent).inc()
-            log.exception("%s: batch failed (attempt %d); retrying, offsets held", agent, attempt)
-            await asyncio.sleep(random.uniform(0, min(cap_s, 0.2 * 2 ** min(attempt, 10))))
