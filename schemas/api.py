@@ -1,34 +1,111 @@
-"""Validation of ``POST /v1/requests`` bodies: bytes in, a :class:`Submission` or ``InvalidRequest`` out."""
+"""The submission body of the v1 HTTP contract as a typed model (msgspec): decoded, validated, normalised."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any
+import re
+from typing import Annotated, Any
 
-import orjson
+import msgspec
+from msgspec import Meta, Struct
 from yarl import URL
 
 from inferstream.egress import EgressPolicy, EgressRefused, Resolve
 from inferstream.errors import InvalidRequest
 from inferstream.settings import Settings
-from schemas.records import PRIORITY_LEVEL
+from schemas.records import Priority, Task
 
-TASKS = ("generate", "embed")
 MAX_INPUTS = 2048
 MAX_DEADLINE_S = 7 * 86_400
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_CALLBACK_URL = 2048
 
+_NOT_BLANK = r"\S"
+Text = Annotated[str, Meta(pattern=_NOT_BLANK, description="Not blank.")]
+Texts = Annotated[
+    list[str],
+    Meta(
+        min_length=1,
+        max_length=MAX_INPUTS,
+        description="At least one item is not blank.",
+        extra_json_schema={"contains": {"type": "string", "pattern": _NOT_BLANK}},
+    ),
+]
+CallbackUrl = Annotated[
+    str,
+    Meta(
+        max_length=MAX_CALLBACK_URL,
+        pattern="^[Hh][Tt][Tt][Pp][Ss]?://",
+        description="Receives the terminal document; public addresses only.",
+        extra_json_schema={"format": "uri"},
+    ),
+]
 
-@dataclass(frozen=True)
-class Submission:
-    task: str
+
+class Params(Struct):
+    """Model parameters; fields other than these are passed to the model service as they are."""
+
+    max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+
+
+class SubmissionBody(Struct, forbid_unknown_fields=True):
+    """The body of ``POST /v1/requests``."""
+
+    task: Task
+    input: Text | Texts
+    model: (
+        Annotated[str, Meta(min_length=1, description="Default: the task's first model.")] | None
+    ) = None
+    params: Params | None = None
+    priority: Priority = Priority.NORMAL
+    deadline_s: Annotated[int, Meta(ge=1, le=MAX_DEADLINE_S)] | None = None
+    metadata: dict[str, Any] | None = None
+    callback_url: CallbackUrl | None = None
+
+
+# The message for each field when its value breaks the contract (msgspec's reason is appended).
+_RULES = {
+    "task": f"'task' must be one of {[t.value for t in Task]}",
+    "input": f"'input' must be a non-empty string or a list of 1 to {MAX_INPUTS} strings",
+    "model": "'model' must be a non-empty string",
+    "params": "'params' must be an object",
+    "params.max_tokens": f"'params.max_tokens' must be an integer from 1 to {MAX_TOKENS_LIMIT}",
+    "params.temperature": "'params.temperature' must be a number from 0 to 2",
+    "priority": "'priority' must be 'high', 'normal' or 'low'",
+    "deadline_s": f"'deadline_s' must be an integer from 1 to {MAX_DEADLINE_S}",
+    "metadata": "'metadata' must be an object",
+    "callback_url": f"'callback_url' must be an http(s) URL of at most {MAX_CALLBACK_URL} characters",
+}
+_AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_NAMED = re.compile(r"field `(?P<name>[^`]+)`")
+
+
+def _invalid(exc: msgspec.ValidationError) -> InvalidRequest:
+    """msgspec's error as ours, naming the field: ``$.params.max_tokens`` -> ``params.max_tokens``."""
+    text = str(exc)
+    at = _AT.search(text)
+    if at is not None:
+        reason = text[: at.start()]
+        field = re.sub(r"\[\d+\]", "", at["path"])
+    else:
+        reason, named = text, _NAMED.search(text)
+        field = named["name"] if named else ""
+    if not field:
+        return InvalidRequest(f"body must be a JSON object: {reason}")
+    if field not in _RULES:
+        return InvalidRequest(f"unknown field {field!r}", field=field)
+    return InvalidRequest(f"{_RULES[field]}: {reason}", field=field)
+
+
+class Submission(Struct, frozen=True):
+    """A valid submission, normalised: the model chosen, the input a list."""
+
+    task: Task
     model: str
     input: list[str]
     input_is_list: bool
     params: dict[str, Any]
-    priority: str
+    priority: Priority
     deadline_s: int | None
     metadata: dict[str, Any]
     callback_url: str | None
@@ -39,120 +116,64 @@ class Submission:
         return int(value) if value is not None else None
 
 
-def _fail(message: str, field: str | None = None) -> InvalidRequest:
-    return InvalidRequest(message, field=field) if field else InvalidRequest(message)
-
-
 def parse_submission(body: bytes, model_routes: dict[str, list[str]]) -> Submission:
+    """Bytes in, a :class:`Submission` or ``InvalidRequest`` (400, naming the field) out."""
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise _fail(f"body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise _fail("body must be a JSON object")
-
-    task = data.get("task")
-    if task not in TASKS:
-        raise _fail(f"'task' must be one of {list(TASKS)}", "task")
-    models = model_routes.get(task) or []
-    model = data.get("model")
-    if model is None:
-        if not models:
-            raise _fail(f"no model serves task {task!r}", "model")
-        model = models[0]
-    elif not isinstance(model, str) or model not in models:
-        raise _fail(f"unknown model {model!r} for task {task!r}; available: {models}", "model")
-
-    raw_input = data.get("input")
-    input_is_list = isinstance(raw_input, list)
-    if isinstance(raw_input, str):
-        texts = [raw_input]
-    elif input_is_list and raw_input and all(isinstance(t, str) for t in raw_input):
-        texts = list(raw_input)
-    else:
-        raise _fail("'input' must be a non-empty string or a non-empty list of strings", "input")
-    if len(texts) > MAX_INPUTS:
-        raise _fail(f"'input' has more than {MAX_INPUTS} items", "input")
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    try:
+        sub = msgspec.convert(data, SubmissionBody)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
+    models = model_routes.get(sub.task) or []
+    if sub.model is None and not models:
+        raise InvalidRequest(f"no model serves task {sub.task.value!r}", field="model")
+    if sub.model is not None and sub.model not in models:
+        raise InvalidRequest(
+            f"unknown model {sub.model!r} for task {sub.task.value!r}; available: {models}",
+            field="model",
+        )
+    texts = [sub.input] if isinstance(sub.input, str) else sub.input
     if not any(t.strip() for t in texts):
-        raise _fail("'input' is empty", "input")
-
-    params = data.get("params")
-    params = {} if params is None else params
-    if not isinstance(params, dict):
-        raise _fail("'params' must be an object", "params")
-    max_tokens = params.get("max_tokens")
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT
-    ):
-        raise _fail(f"'params.max_tokens' must be an integer from 1 to {MAX_TOKENS_LIMIT}", "params.max_tokens")
-    temperature = params.get("temperature")
-    if temperature is not None and (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or not math.isfinite(temperature)
-        or not 0 <= temperature <= 2
-    ):
-        raise _fail("'params.temperature' must be a number from 0 to 2", "params.temperature")
-
-    priority = data.get("priority", "normal")
-    if priority not in PRIORITY_LEVEL:
-        raise _fail("'priority' must be 'high', 'normal' or 'low'", "priority")
-
-    deadline_s = data.get("deadline_s")
-    if deadline_s is not None and (
-        isinstance(deadline_s, bool) or not isinstance(deadline_s, int) or not 1 <= deadline_s <= MAX_DEADLINE_S
-    ):
-        raise _fail(f"'deadline_s' must be an integer from 1 to {MAX_DEADLINE_S}", "deadline_s")
-
-    metadata = data.get("metadata")
-    metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict):
-        raise _fail("'metadata' must be an object", "metadata")
-
-    callback_url = data.get("callback_url")
-    if callback_url is not None:
-        _callback_url(callback_url)
-
-    unknown = set(data) - {"task", "model", "input", "params", "priority", "deadline_s", "metadata", "callback_url"}
-    if unknown:
-        raise _fail(f"unknown fields: {sorted(unknown)}")
-
+        raise InvalidRequest("'input' is empty", field="input")
+    if sub.callback_url is not None:
+        _callback_url(sub.callback_url)
     return Submission(
-        task=task,
-        model=model,
+        task=sub.task,
+        model=sub.model or models[0],
         input=texts,
-        input_is_list=input_is_list,
-        params=params,
-        priority=priority,
-        deadline_s=deadline_s,
-        metadata=metadata,
-        callback_url=callback_url,
+        input_is_list=not isinstance(sub.input, str),
+        params=data.get("params") or {},  # as sent: unknown parameters go to the model service
+        priority=sub.priority,
+        deadline_s=sub.deadline_s,
+        metadata=sub.metadata or {},
+        callback_url=sub.callback_url,
     )
 
 
-def _callback_url(value: Any) -> URL:
+def _callback_url(value: str) -> URL:
     """The shape of a ``callback_url``, read by the parser the webhook sender uses (yarl, as aiohttp)."""
-    if not isinstance(value, str) or len(value) > MAX_CALLBACK_URL:
-        raise _fail(
-            f"'callback_url' must be an http(s) URL of at most {MAX_CALLBACK_URL} characters",
-            "callback_url",
-        )
     try:
         url = URL(value)
         port = url.port
     except ValueError as exc:
-        raise _fail(f"'callback_url' is not a valid URL: {exc}", "callback_url") from None
+        raise InvalidRequest(
+            f"'callback_url' is not a valid URL: {exc}", field="callback_url"
+        ) from None
     if url.scheme not in ("http", "https") or not url.raw_host:
-        raise _fail("'callback_url' must be an http(s) URL", "callback_url")
+        raise InvalidRequest("'callback_url' must be an http(s) URL", field="callback_url")
     if url.raw_user is not None or url.raw_password is not None:
         # Credentials in the URL would be sent to the receiver and logged with the row.
-        raise _fail("'callback_url' must not carry credentials", "callback_url")
+        raise InvalidRequest("'callback_url' must not carry credentials", field="callback_url")
     if port is None or not 0 < port < 65536:
-        raise _fail("'callback_url' has an invalid port", "callback_url")
+        raise InvalidRequest("'callback_url' has an invalid port", field="callback_url")
     return url
 
 
-async def check_callback_url(url: str, settings: Settings, *, resolve: Resolve | None = None) -> None:
+async def check_callback_url(
+    url: str, settings: Settings, *, resolve: Resolve | None = None
+) -> None:
     """Refuse (400, field ``callback_url``) a URL whose host is, or resolves to, an internal address.
 
     Awaited by the gateway after :func:`parse_submission` (which stays pure): a

@@ -1,19 +1,156 @@
-"""The public JSON document of a request (``GET /v1/requests/{id}``, SSE data), built in one place.
+"""The public response documents: typed models (msgspec) for the contract, and the request document's builder.
 
-Input is a mapping shaped like a row of the ``requests`` table (see
-``schemas/migrations``): timestamps may be ``datetime`` or epoch seconds,
-JSON columns may be already-decoded objects or JSON text.
+:func:`request_doc` reads a mapping shaped like a row of the ``requests`` table
+(see ``schemas/migrations``): timestamps may be ``datetime`` or epoch seconds,
+JSON columns may be already-decoded objects or JSON text. Its output is what
+:class:`RequestDoc` describes (a unit test holds them together).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
+from msgspec import UNSET, Meta, Struct, UnsetType
 
-from schemas.records import STATUS_RANK
+from schemas.records import STATUS_RANK, Priority, Status, Task
+
+REQUEST_ID_PATTERN = "^req_[0-9a-fA-F]{24}$"
+RequestId = Annotated[str, Meta(pattern=REQUEST_ID_PATTERN, description="Sorts by creation time.")]
+Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+
+
+class Links(Struct):
+    self_: str = msgspec.field(name="self")
+    events: str
+
+
+class Accepted(Struct):
+    """202 to ``POST /v1/requests``."""
+
+    request_id: RequestId
+    status: Literal["queued"]
+    estimated_tokens: int
+    created_at: Timestamp
+    links: Links
+
+
+class Result(Struct):
+    """``text`` for generate, ``embeddings`` for embed."""
+
+    text: str | UnsetType = UNSET
+    embeddings: list[list[float]] | UnsetType = UNSET
+
+
+class Failure(Struct):
+    type: str
+    message: str
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class RequestDoc(Struct):
+    """``GET /v1/requests/{id}``, the items of a list page and the data of each SSE event."""
+
+    request_id: RequestId
+    status: Status
+    task: Task
+    model: str
+    priority: Priority
+    created_at: Timestamp
+    updated_at: Timestamp
+    estimated_tokens: int
+    attempts: int
+    completed_at: Timestamp | UnsetType = UNSET
+    result: Result | UnsetType = UNSET
+    error: Failure | UnsetType = UNSET
+    usage: Usage | UnsetType = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+
+
+class CancelAccepted(RequestDoc):
+    """202 to ``DELETE /v1/requests/{id}``: the document before the cancellation takes effect."""
+
+    cancel_requested: bool = True
+
+
+class RequestPage(Struct):
+    """``GET /v1/requests``: newest first; pass ``next_after`` as ``after`` for the next page."""
+
+    data: list[RequestDoc]
+    has_more: bool
+    next_after: RequestId | None
+
+
+class Window(Struct):
+    start: Timestamp
+    reset_at: Timestamp
+
+
+class RequestCounts(Struct):
+    used: int
+    limit: int
+    remaining: int
+
+
+class TokenCounts(Struct):
+    used: int
+    reserved: int
+    limit: int
+    remaining: int
+
+
+class QuotaDoc(Struct):
+    """``GET /v1/quota``: the caller's UTC-day window."""
+
+    user_id: str
+    plan: str
+    window: Window
+    requests: RequestCounts
+    tokens: TokenCounts
+
+
+class ErrorDetail(Struct):
+    type: str
+    message: str
+    field: str | UnsetType = UNSET
+
+
+class ErrorBody(Struct):
+    """Every error: ``type`` says which; other keys carry its data."""
+
+    error: ErrorDetail
+
+
+class RequestsCharged(Struct):
+    used: int
+    limit: int
+
+
+class TokensCharged(Struct):
+    used: int
+    reserved: int
+    limit: int
+    estimated: int
+
+
+class QuotaErrorDetail(ErrorDetail):
+    requests: RequestsCharged | UnsetType = UNSET
+    tokens: TokensCharged | UnsetType = UNSET
+
+
+class QuotaErrorBody(Struct):
+    """429: ``request_quota_exceeded``, ``token_quota_exceeded`` or ``rate_limited``."""
+
+    error: QuotaErrorDetail
+
 
 # Columns of the requests table, in order; the PostgreSQL store reads and writes these.
 REQUEST_COLUMNS: tuple[str, ...] = (

@@ -1,176 +1,277 @@
-"""The OpenAPI 3.1 description of the v1 HTTP contract (served at ``/openapi.json``)."""
+"""``/openapi.json``: generated from the contract's models (``schemas.api``, ``schemas.documents``) and a table of routes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-_STATUS = ["queued", "dispatched", "running", "completed", "failed", "cancelled", "expired"]
+import msgspec
+
+from schemas.api import SubmissionBody
+from schemas.documents import (
+    REQUEST_ID_PATTERN,
+    Accepted,
+    CancelAccepted,
+    ErrorBody,
+    QuotaDoc,
+    QuotaErrorBody,
+    RequestDoc,
+    RequestPage,
+)
+from schemas.records import Status
+
+_REF = "#/components/schemas/{name}"
+_SECONDS = {"type": "string", "pattern": "^[0-9]+$"}
+_RATE_LIMIT = {
+    "X-RateLimit-Limit-Requests": "Requests per day of the caller's plan.",
+    "X-RateLimit-Remaining-Requests": "Requests left today.",
+    "X-RateLimit-Limit-Tokens": "Tokens per day of the caller's plan.",
+    "X-RateLimit-Remaining-Tokens": "Tokens left today (reservations count as used).",
+    "X-RateLimit-Reset": "Seconds until the daily window resets.",
+}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+@dataclass(frozen=True)
+class Answer:
+    """One documented response: its body's model (or media type) and the headers it always carries."""
+
+    description: str
+    model: type[msgspec.Struct] | None = None
+    media: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    method: str
+    summary: str
+    answers: dict[int, Answer]
+    parameters: tuple[dict[str, Any], ...] = ()
+    body: type[msgspec.Struct] | None = None
+    public: bool = False  # no API key needed
+
+
+def _error(description: str, **headers: str) -> Answer:
+    return Answer(description, ErrorBody, headers=headers)
+
+
+_RETRY = {"Retry-After": "Seconds to wait before trying again."}
+_UNAUTHORIZED = _error("Missing, unknown or revoked API key")
+_UNAVAILABLE = _error("Cannot be decided now (rebalance, recovery, a store down)", **_RETRY)
+_NOT_FOUND = _error("Unknown, or another user's")
+_ID = {
+    "name": "request_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
+}
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "/v1/requests",
+        "post",
+        "Submit work; answered at once with the request's id",
+        {
+            202: Answer(
+                "Admitted and queued",
+                Accepted,
+                headers={"Location": "The request's URL.", **_RATE_LIMIT},
+            ),
+            400: _error("Invalid body; `field` names what is wrong"),
+            401: _UNAUTHORIZED,
+            413: _error("Body larger than INFERSTREAM_MAX_BODY_BYTES"),
+            422: _error("Idempotency-Key reused with another body"),
+            429: Answer(
+                "Quota exceeded or rate limited", QuotaErrorBody, headers={**_RETRY, **_RATE_LIMIT}
+            ),
+            503: _UNAVAILABLE,
+        },
+        parameters=(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "description": "The same key within 24 h returns the first answer and charges nothing again.",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            },
+        ),
+        body=SubmissionBody,
+    ),
+    Route(
+        "/v1/requests",
+        "get",
+        "List the caller's requests, newest first",
+        {
+            200: Answer("A page", RequestPage),
+            400: _error("Invalid query"),
+            401: _UNAUTHORIZED,
+            503: _UNAVAILABLE,
+        },
+        parameters=(
+            {"name": "status", "in": "query", "schema": {"$ref": _REF.format(name="Status")}},
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+            },
+            {
+                "name": "after",
+                "in": "query",
+                "description": "The previous page's `next_after`: requests older than this id.",
+                "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
+            },
+        ),
+    ),
+    Route(
+        "/v1/requests/{request_id}",
+        "get",
+        "One request's document",
+        {
+            200: Answer("The request", RequestDoc),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            503: _UNAVAILABLE,
+        },
+        parameters=(_ID,),
+    ),
+    Route(
+        "/v1/requests/{request_id}",
+        "delete",
+        "Cancel a request; what it reserved is refunded if the work has not finished",
+        {
+            202: Answer("Cancellation requested", CancelAccepted),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            409: _error("Already in a terminal status"),
+            503: _UNAVAILABLE,
+        },
+        parameters=(_ID,),
+    ),
+    Route(
+        "/v1/requests/{request_id}/events",
+        "get",
+        "Server-Sent Events, one per status change, ending after the terminal one; costs no quota",
+        {
+            200: Answer(
+                "The event stream; each event's data is the request's document",
+                media="text/event-stream",
+            ),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            503: _UNAVAILABLE,
+        },
+        parameters=(
+            _ID,
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "description": "Resume after this event.",
+                "schema": {"type": "string"},
+            },
+        ),
+    ),
+    Route(
+        "/v1/quota",
+        "get",
+        "The caller's quota for the current UTC day",
+        {200: Answer("Quota", QuotaDoc), 401: _UNAUTHORIZED, 503: _UNAVAILABLE},
+    ),
+    Route(
+        "/healthz", "get", "Alive", {200: Answer("Alive", media="application/json")}, public=True
+    ),
+    Route(
+        "/readyz",
+        "get",
+        "Ready: tables recovered, bridges connected",
+        {
+            200: Answer("Ready", media="application/json"),
+            503: Answer("Not ready", media="application/json", headers=_RETRY),
+        },
+        public=True,
+    ),
+    Route(
+        "/metrics",
+        "get",
+        "Prometheus metrics",
+        {200: Answer("Metrics", media="text/plain")},
+        public=True,
+    ),
+    Route(
+        "/openapi.json",
+        "get",
+        "This description",
+        {200: Answer("OpenAPI 3.1", media="application/json")},
+        public=True,
+    ),
+)
+
+
+def _response(answer: Answer) -> dict[str, Any]:
+    schema = {"$ref": _REF.format(name=answer.model.__name__)} if answer.model else {}
+    out: dict[str, Any] = {
+        "description": answer.description,
+        "content": {answer.media: {"schema": schema}},
     }
+    if answer.headers:
+        out["headers"] = {
+            name: {
+                "description": text,
+                "required": True,
+                "schema": {"type": "string"} if name == "Location" else _SECONDS,
+            }
+            for name, text in answer.headers.items()
+        }
+    return out
 
 
-def _ok(description: str, ref: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": ref}}}}
-
-
-_ID = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_COMMON_ERRORS = {"401": _error("Missing or invalid API key"), "503": _error("Not decidable now; see Retry-After")}
+def _operation(route: Route) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": route.summary,
+        "operationId": f"{route.method}_{route.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+        "responses": {
+            str(code): _response(answer) for code, answer in sorted(route.answers.items())
+        },
+    }
+    if route.parameters:
+        op["parameters"] = list(route.parameters)
+    if route.body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": _REF.format(name=route.body.__name__)}}
+            },
+        }
+    if route.public:
+        op["security"] = []
+    return op
 
 
 def openapi_spec() -> dict[str, Any]:
+    """The OpenAPI 3.1 document; its schemas are the models' own JSON Schema."""
+    models = {r.body for r in ROUTES if r.body} | {
+        a.model for r in ROUTES for a in r.answers.values() if a.model
+    }
+    _, schemas = msgspec.json.schema_components(
+        sorted(models | {Status}, key=lambda m: m.__name__), ref_template=_REF
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method] = _operation(route)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Inferstream", "version": "1.0.0"},
+        "info": {
+            "title": "Inferstream",
+            "version": "1.0.0",
+            "description": "Asynchronous inference: submit work, get an id at once, read or stream the result.",
+        },
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["type", "message"],
-                            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
-                        }
-                    },
-                },
-                "Submission": {
-                    "type": "object",
-                    "required": ["task", "input"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "task": {"enum": ["generate", "embed"]},
-                        "model": {"type": "string"},
-                        "input": {
-                            "oneOf": [
-                                {"type": "string", "minLength": 1},
-                                {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                            ]
-                        },
-                        "params": {
-                            "type": "object",
-                            "properties": {
-                                "max_tokens": {"type": "integer", "minimum": 1},
-                                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-                            },
-                        },
-                        "priority": {"enum": ["high", "normal", "low"]},
-                        "deadline_s": {"type": "integer", "minimum": 1},
-                        "metadata": {"type": "object"},
-                        "callback_url": {"type": "string", "format": "uri"},
-                    },
-                },
-                "Accepted": {
-                    "type": "object",
-                    "properties": {
-                        "request_id": {"type": "string"},
-                        "status": {"const": "queued"},
-                        "estimated_tokens": {"type": "integer"},
-                        "created_at": {"type": "string", "format": "date-time"},
-                        "links": {"type": "object"},
-                    },
-                },
-                "Request": {
-                    "type": "object",
-                    "properties": {
-                        "request_id": {"type": "string"},
-                        "status": {"enum": _STATUS},
-                        "task": {"type": "string"},
-                        "model": {"type": "string"},
-                        "priority": {"type": "string"},
-                        "created_at": {"type": "string", "format": "date-time"},
-                        "updated_at": {"type": "string", "format": "date-time"},
-                        "completed_at": {"type": "string", "format": "date-time"},
-                        "result": {"type": "object"},
-                        "error": {"type": "object"},
-                        "usage": {"type": "object"},
-                        "estimated_tokens": {"type": "integer"},
-                        "attempts": {"type": "integer"},
-                    },
-                },
-                "RequestList": {
-                    "type": "object",
-                    "properties": {
-                        "data": {"type": "array", "items": {"$ref": "#/components/schemas/Request"}},
-                        "has_more": {"type": "boolean"},
-                        "next_after": {"type": ["string", "null"]},
-                    },
-                },
-                "Quota": {"type": "object"},
-            },
+            "schemas": schemas,
         },
         "security": [{"bearer": []}, {"apiKey": []}],
-        "paths": {
-            "/v1/requests": {
-                "post": {
-                    "summary": "Submit work",
-                    "parameters": [
-                        {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}},
-                    },
-                    "responses": {
-                        "202": _ok("Admitted and queued", "#/components/schemas/Accepted"),
-                        "400": _error("Invalid request"),
-                        "413": _error("Body too large"),
-                        "422": _error("Idempotency-Key reused with another body"),
-                        "429": _error("Quota exceeded or rate limited; see Retry-After"),
-                        **_COMMON_ERRORS,
-                    },
-                },
-                "get": {
-                    "summary": "List the caller's requests, newest first",
-                    "parameters": [
-                        {"name": "status", "in": "query", "schema": {"enum": _STATUS}},
-                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-                        {"name": "after", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {"200": _ok("A page", "#/components/schemas/RequestList"), **_COMMON_ERRORS},
-                },
-            },
-            "/v1/requests/{request_id}": {
-                "get": {
-                    "parameters": [_ID],
-                    "responses": {
-                        "200": _ok("The request", "#/components/schemas/Request"),
-                        "404": _error("Unknown, or another user's"),
-                        **_COMMON_ERRORS,
-                    },
-                },
-                "delete": {
-                    "parameters": [_ID],
-                    "responses": {
-                        "202": _ok("Cancellation accepted", "#/components/schemas/Request"),
-                        "404": _error("Unknown, or another user's"),
-                        "409": _error("Already terminal"),
-                        **_COMMON_ERRORS,
-                    },
-                },
-            },
-            "/v1/requests/{request_id}/events": {
-                "get": {
-                    "parameters": [_ID, {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}}],
-                    "responses": {
-                        "200": {"description": "Server-Sent Events", "content": {"text/event-stream": {}}},
-                        "404": _error("Unknown, or another user's"),
-                        **_COMMON_ERRORS,
-                    },
-                }
-            },
-            "/v1/quota": {"get": {"responses": {"200": _ok("Quota", "#/components/schemas/Quota"), **_COMMON_ERRORS}}},
-            "/healthz": {"get": {"security": [], "responses": {"200": {"description": "Alive"}}}},
-            "/readyz": {"get": {"security": [], "responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"}}}},
-            "/metrics": {"get": {"security": [], "responses": {"200": {"description": "Prometheus metrics"}}}},
-        },
+        "paths": paths,
     }
