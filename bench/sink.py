@@ -21,8 +21,8 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridges.postgres import Store  # noqa: E402
-from bridges.postgres_rows import Event  # noqa: E402
+from bridges.store import Store  # noqa: E402
+from bridges.store.rows import Event  # noqa: E402
 from inferstream.ids import new_request_id  # noqa: E402
 from inferstream.settings import Settings  # noqa: E402
 from schemas.migrate import migrate  # noqa: E402
@@ -65,7 +65,7 @@ async def run(store: Store, stages: list[list[Event]], batch: int) -> tuple[floa
     started = time.perf_counter()
     for events in stages:
         for i in range(0, len(events), batch):
-            changed += len(await store.upsert_events(events[i : i + batch]))
+            changed += len(await store.requests.upsert_events(events[i : i + batch]))
     elapsed = time.perf_counter() - started
     return sum(len(s) for s in stages) / elapsed, changed
 

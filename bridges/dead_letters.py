@@ -18,9 +18,10 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from mode import Service
 
-from bridges.postgres import BROKEN_CONNECTION, TRANSIENT, Store, is_transient
 from bridges.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
 from bridges.sink import backoff
+from bridges.store import DeadLetters
+from inferstream.errors import StoreUnavailable
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest
 
@@ -60,7 +61,7 @@ class DeadLetterRecorder(Service):
         self,
         settings: Settings,
         rabbit: RabbitClient,
-        store: Store,
+        store: DeadLetters,
         *,
         prefetch: int = 16,
         retry_base_s: float = 0.2,
@@ -124,14 +125,12 @@ class DeadLetterRecorder(Service):
                 self.recorded += 1
                 log.info("dead letter %s recorded (%s)", request.request_id, error.get("type"))
                 return
-            except TRANSIENT as exc:
-                if not is_transient(exc):
-                    raise
+            except StoreUnavailable as exc:
                 delay = backoff(attempt, self.retry_base_s, self.retry_max_s)
                 log.warning(
                     "recording dead letter %s failed (attempt %d): %r; retrying in %.2fs",
                     request.request_id, attempt, exc, delay,
                 )  # fmt: skip
-                if isinstance(exc, BROKEN_CONNECTION):
+                if exc.broken_connection:
                     await self.store.reset()
                 await asyncio.sleep(delay)

@@ -7,9 +7,10 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from bridges.postgres import TRANSIENT, is_transient
+from bridges.store.pool import translated
+from inferstream.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,13 @@ class KeyEvents:
 
     async def _connect(self) -> asyncpg.Connection:
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(is_transient),
+            retry=retry_if_exception_type(StoreUnavailable),
             wait=wait_exponential_jitter(initial=0.1, max=2.0),
             before_sleep=lambda state: log.warning(
                 "key notifications: connecting failed (%r); retrying", state.outcome and state.outcome.exception()
             ),
         ):
-            with attempt:
+            with attempt, translated():
                 return await asyncpg.connect(self.dsn, timeout=PING_TIMEOUT_S)
         raise AssertionError("unreachable")
 
@@ -73,17 +74,16 @@ class KeyEvents:
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
             try:
-                await conn.add_listener(self.channel, self._dispatch)
-                self.connected = True
-                await self._on_connected()
-                while not lost.is_set():
-                    try:
-                        await asyncio.wait_for(lost.wait(), self._ping_s)
-                    except TimeoutError:
-                        await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT_S)
-            except TRANSIENT as exc:
-                if not is_transient(exc):
-                    raise
+                with translated():
+                    await conn.add_listener(self.channel, self._dispatch)
+                    self.connected = True
+                    await self._on_connected()
+                    while not lost.is_set():
+                        try:
+                            await asyncio.wait_for(lost.wait(), self._ping_s)
+                        except TimeoutError:
+                            await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT_S)
+            except StoreUnavailable as exc:
                 log.warning("key notifications: connection lost (%r); reconnecting", exc)
             finally:
                 self.connected = False

@@ -18,9 +18,8 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from bridges.postgres import BROKEN_CONNECTION, TRANSIENT, is_transient
-from bridges.postgres_rows import Event, passed_through
-from inferstream.errors import InferstreamError
+from bridges.store.rows import Event, passed_through
+from inferstream.errors import InferstreamError, StoreUnavailable
 from inferstream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ class ResultSink:
     """Writes batches to PostgreSQL through ``store``; calls ``on_applied`` with the changed rows.
 
     A row that the batch moved through several statuses carries them, below its own, in
-    ``row["passed"]`` (see :func:`bridges.postgres_rows.passed_through`): the stored row
+    ``row["passed"]`` (see :func:`bridges.store.rows.passed_through`): the stored row
     keeps only the last, and listeners must still hear each one.
     """
 
@@ -95,16 +94,14 @@ class ResultSink:
                 # It costs ~8% of batched upsert throughput (bench/sink.py).
                 rows = await self.store.upsert_events(items, report_current=True)
                 break
-            except TRANSIENT as exc:
-                if not is_transient(exc):
-                    raise
+            except StoreUnavailable as exc:
                 self.failures += 1
                 delay = backoff(attempt, self.retry_base_s, self.retry_max_s)
                 log.warning(
                     "sink: writing %d events to PostgreSQL failed (attempt %d): %s: %s; retrying in %.2fs",
                     len(items), attempt, type(exc).__name__, exc, delay,
                 )  # fmt: skip
-                if isinstance(exc, BROKEN_CONNECTION):
+                if exc.broken_connection:
                     await self.store.reset()  # the pool itself may be closed or broken
                 await self._sleep(delay)
         self.batches_written += 1

@@ -1,24 +1,28 @@
-"""The one error tree of Inferstream.
+"""The one error tree of Inferstream: the errors, and the data they carry (no HTTP statuses: the gateway maps them).
 
 ::
 
     InferstreamError
-    ├── ClientError                    (the caller sent something wrong; maps to 4xx)
-    │   ├── InvalidRequest             400 invalid_request
-    │   ├── Unauthorized               401 unauthorized
-    │   ├── NotFound                   404 not_found
-    │   ├── Conflict                   409 conflict
-    │   ├── PayloadTooLarge            413 payload_too_large
-    │   ├── IdempotencyMismatch        422 idempotency_key_mismatch
-    │   └── QuotaExceeded              429 request_quota_exceeded | token_quota_exceeded | rate_limited
-    ├── Unavailable                    503 unavailable (retry_after): admission cannot be decided now
+    ├── PublicError                    reported to the caller: type, message, details, retry_after
+    │   ├── ClientError                the caller sent something wrong, or more than its plan allows
+    │   │   ├── InvalidRequest         invalid_request
+    │   │   ├── Unauthorized           unauthorized
+    │   │   ├── NotFound               not_found
+    │   │   ├── Conflict               conflict
+    │   │   ├── PayloadTooLarge        payload_too_large
+    │   │   ├── IdempotencyMismatch    idempotency_key_mismatch
+    │   │   └── QuotaExceeded          request_quota_exceeded | token_quota_exceeded | rate_limited (retry_after)
+    │   └── Unavailable                unavailable: retryable, not the caller's fault (retry_after)
+    │       └── StoreUnavailable       PostgreSQL unreachable, restarting or overloaded (broken_connection)
     ├── ConfigurationError             a worker refuses to start: the message names what to change
     │   └── TopologyError              a topic's partition count breaks co-partitioning (topic, expected, actual)
-    └── ModelError                     a model call failed
+    └── ModelError                     a model call failed (status: the model service's HTTP status, if any)
         ├── RetryableModelError        timeouts, connection errors, 408, 409, 425, 429, 5xx (retry_after)
         └── FatalModelError            other 4xx, malformed answers: fail at once
 
-Errors carry their data: ``retry_after`` seconds, the quota figures, the status.
+Clients define their own beside their code, under ``InferstreamError``:
+``bridges.redis.CacheUnavailable``, ``bridges.rabbitmq.PublishError`` and ``UnknownRoute``,
+``bridges.sink.SinkStopped``, ``inferstream.egress.EgressRefused``, ``inferstream.localbroker.BrokerError``.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ class InferstreamError(Exception):
     """Root of every error Inferstream raises on purpose."""
 
 
-class ClientError(InferstreamError):
-    status = 400
+class PublicError(InferstreamError):
+    """An error the API reports to its caller as ``{"error": {"type", "message", **details}}``."""
+
     type = "invalid_request"
 
     def __init__(self, message: str, *, retry_after: float | None = None, **details: Any) -> None:
@@ -44,45 +49,63 @@ class ClientError(InferstreamError):
         return {"error": {"type": self.type, "message": self.message, **self.details}}
 
 
+class ClientError(PublicError):
+    """The caller sent something wrong, or asked for more than its plan allows."""
+
+
 class InvalidRequest(ClientError):
-    status, type = 400, "invalid_request"
+    type = "invalid_request"
 
 
 class Unauthorized(ClientError):
-    status, type = 401, "unauthorized"
+    type = "unauthorized"
 
 
 class NotFound(ClientError):
-    status, type = 404, "not_found"
+    type = "not_found"
 
 
 class Conflict(ClientError):
-    status, type = 409, "conflict"
+    type = "conflict"
 
 
 class PayloadTooLarge(ClientError):
-    status, type = 413, "payload_too_large"
+    type = "payload_too_large"
 
 
 class IdempotencyMismatch(ClientError):
-    status, type = 422, "idempotency_key_mismatch"
+    type = "idempotency_key_mismatch"
 
 
 class QuotaExceeded(ClientError):
-    status = 429
-
     def __init__(self, type_: str, message: str, *, retry_after: float, **details: Any) -> None:
         super().__init__(message, retry_after=retry_after, **details)
         self.type = type_
 
 
-class Unavailable(ClientError):
-    """Not the client's fault, but answered like a client error: 503 with Retry-After."""
+class Unavailable(PublicError):
+    """Not the caller's fault and worth another try after ``retry_after`` seconds."""
 
-    status, type = 503, "unavailable"
+    type = "unavailable"
 
     def __init__(self, message: str, *, retry_after: float = 1.0, **details: Any) -> None:
         super().__init__(message, retry_after=retry_after, **details)
+
+
+class StoreUnavailable(Unavailable):
+    """PostgreSQL cannot answer now: unreachable, restarting, overloaded, or the connection broke.
+
+    ``message`` is safe to show a caller; ``str()`` adds the driver's reason, for logs.
+    ``broken_connection`` says the pool is not worth keeping (reset it before the next try).
+    """
+
+    def __init__(
+        self, reason: str, *, retry_after: float = 1.0, broken_connection: bool = False
+    ) -> None:
+        super().__init__("PostgreSQL is unavailable", retry_after=retry_after)
+        self.args = (f"PostgreSQL is unavailable: {reason}",)
+        self.reason = reason
+        self.broken_connection = broken_connection
 
 
 class ConfigurationError(InferstreamError):
@@ -98,7 +121,7 @@ class TopologyError(ConfigurationError):
 
 
 class ModelError(InferstreamError):
-    """A model call failed. ``status`` is the HTTP status if there was one."""
+    """A model call failed. ``status`` is the model service's HTTP status if there was one."""
 
     def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)

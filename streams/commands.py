@@ -9,8 +9,8 @@ import click
 import faust
 from faust.cli import AppCommand, option
 
-from bridges.postgres import Store
 from bridges.redis import RedisClient
+from bridges.store import Store
 from inferstream.settings import Settings
 from schemas.migrate import migrate as apply_migrations
 from streams.audit import register_audit
@@ -40,13 +40,13 @@ def register(app: faust.App, settings: Settings, store: Store) -> None:
             if action == "create":
                 if not user:
                     raise click.UsageError("keys create needs --user USER")
-                new_key = await store.create_key(user, plan)
+                new_key = await store.keys.create_key(user, plan)
                 self.say(f"created a key for user {user!r} on plan {plan!r}; it is shown only once:")
                 self.say(new_key)
             else:
                 if not key:
                     raise click.UsageError("keys revoke needs the KEY")
-                if not await store.revoke_key(key):
+                if not await store.keys.revoke_key(key):
                     raise click.ClickException("no such active key")
                 self.say("revoked; running workers refuse it within a second")
         finally:
@@ -71,7 +71,7 @@ def register(app: faust.App, settings: Settings, store: Store) -> None:
     ) -> None:
         """Create or change a plan (``plans set NAME ...``); running workers apply it within a second."""
         try:
-            await store.set_plan(name, requests_per_day, tokens_per_day, requests_per_minute, max_priority)
+            await store.keys.set_plan(name, requests_per_day, tokens_per_day, requests_per_minute, max_priority)
             self.say(
                 f"plan {name}: {requests_per_day} requests/day, {tokens_per_day} tokens/day, "
                 f"{requests_per_minute} requests/minute, max priority {max_priority}"

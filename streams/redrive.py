@@ -25,7 +25,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from faust.cli import AppCommand, option
 
-from bridges.postgres import Store
+from bridges.store import DeadLetters, Store
 from inferstream import clock
 from inferstream.ids import new_request_id
 from inferstream.settings import Settings
@@ -59,7 +59,7 @@ def resubmission(dead: Mapping[str, Any], now: float) -> InferenceRequest:
 
 
 async def redrive_letters(
-    settings: Settings, store: Store, dead_letters: Sequence[Mapping[str, Any]]
+    settings: Settings, store: DeadLetters, dead_letters: Sequence[Mapping[str, Any]]
 ) -> list[Redriven]:
     """Write a new request per dead letter to the log (acked), then record each redrive."""
     if not dead_letters:
@@ -130,7 +130,7 @@ def register_redrive(app: faust.App, settings: Settings, store: Store) -> None:
         """List dead letters, or re-submit them as new requests linked to the old ones."""
         try:
             if list_only or not (all_pending or request_ids):
-                rows = await store.list_dead_letters(limit, pending_only=not all_pending)
+                rows = await store.dead_letters.list_dead_letters(limit, pending_only=not all_pending)
                 self.say(f"{len(rows)} dead letter(s){'' if all_pending else ' not yet redriven'}:")
                 for row in rows:
                     self.say(describe(row))
@@ -138,15 +138,15 @@ def register_redrive(app: faust.App, settings: Settings, store: Store) -> None:
             if all_pending and request_ids:
                 raise click.UsageError("give REQUEST_IDs or --all, not both")
             if all_pending:
-                chosen = await store.list_dead_letters(limit, pending_only=True)
+                chosen = await store.dead_letters.list_dead_letters(limit, pending_only=True)
             else:
                 chosen = []
                 for rid in request_ids:
-                    found = await store.get_dead_letter(rid)
+                    found = await store.dead_letters.get_dead_letter(rid)
                     if found is None:
                         raise click.ClickException(f"no dead letter {rid!r}")
                     chosen.append(found)
-            done = await redrive_letters(settings, store, chosen)
+            done = await redrive_letters(settings, store.dead_letters, chosen)
             self.say(f"redrove {len(done)} dead letter(s):")
             for r in done:
                 self.say(

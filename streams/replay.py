@@ -30,10 +30,10 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.cli import AppCommand, option
 
-from bridges.postgres import Store
-from bridges.postgres_rows import Event
 from bridges.redis import CacheUnavailable, RedisClient
 from bridges.sink import ResultSink
+from bridges.store import Store
+from bridges.store.rows import Event
 from inferstream.settings import Settings
 from schemas.documents import request_doc
 from schemas.records import InferenceRequest, ResultEvent
@@ -236,7 +236,7 @@ def register_replay(app: faust.App, settings: Settings, store: Store, redis: Red
     ) -> None:
         """Re-project a range of the log into PostgreSQL (idempotent; no worker needed)."""
         topic, decode = resolve_topic(settings, topic_name)
-        sink = ResultSink(settings, store, refresher(redis))
+        sink = ResultSink(settings, store.requests, refresher(redis))
         bar: Any = None
 
         def plan(total: int) -> None:

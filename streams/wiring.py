@@ -16,18 +16,18 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
 import mode
 
 from bridges.dead_letters import DeadLetterRecorder
 from bridges.key_events import KeyEvents
 from bridges.model import ModelClient
-from bridges.postgres import Store
 from bridges.rabbitmq import RabbitClient
 from bridges.redis import CacheUnavailable, NotificationHub, RedisClient
 from bridges.results_bridge import ResultsBridge
 from bridges.sink import ResultSink
+from bridges.store import Store
 from bridges.webhooks import WebhookSender
+from inferstream.errors import StoreUnavailable
 from schemas.documents import earlier_doc, request_doc
 from schemas.records import TERMINAL
 from streams import commands, quirks
@@ -55,7 +55,7 @@ store = Store(settings)
 redis = RedisClient(settings)
 rabbit = RabbitClient(settings)
 model = ModelClient(settings)
-keys = KeyCache.from_settings(settings, store.find_key)
+keys = KeyCache.from_settings(settings, store.keys.find_key)
 _health: dict[str, Any] = {"postgres": False}
 
 
@@ -73,7 +73,7 @@ class Clients(mode.Service):
         for close in closers:
             try:
                 await close()
-            except (OSError, RuntimeError, asyncpg.PostgresError) as exc:
+            except (OSError, RuntimeError, StoreUnavailable) as exc:
                 log.warning("closing %r: %r", close, exc)
 
 
@@ -93,8 +93,8 @@ async def _refresh_keys_once() -> None:
     async with _key_reload:
         as_of = keys.epoch
         try:
-            loaded, plans = await asyncio.gather(store.load_keys(), store.load_plans())
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            loaded, plans = await asyncio.gather(store.keys.load_keys(), store.keys.load_plans())
+        except StoreUnavailable as exc:
             # Keep the last good cache: a PostgreSQL outage must not lock every client out.
             _health["postgres"] = False
             log.warning("key refresh failed, keeping %s cache: %r", "the last" if keys.loaded else "an empty", exc)
@@ -121,7 +121,7 @@ async def _on_applied(rows: Sequence[dict[str, Any]]) -> None:
 
 
 async def _record_webhook(request_id: str, state: str, attempts: int, last_error: str | None) -> None:
-    await store.record_webhook_attempt(
+    await store.webhooks.record_webhook_attempt(
         request_id, delivered=state == "delivered", error=last_error, final=state == "failed"
     )
 
@@ -141,7 +141,7 @@ if settings.has_pipeline:
         idempotency=IdempotencyBook(tables.idempotency, settings.idempotency_ttl_s),
         keys=keys,
         router=router,
-        store=store,
+        store=store.requests,
         redis=redis,
         hub=hub,
     )
@@ -149,23 +149,23 @@ if settings.has_pipeline:
     quirks.install(app, [settings.requests_topic, settings.results_topic])
     register_forward(app, settings, topics, rabbit, quota_book)
     register_settle(app, settings, topics, quota_book)
-    register_watchdog(app, settings, store, rabbit, topics)
+    register_watchdog(app, settings, store.requests, rabbit, topics)
     register_orphan_sweep(app, settings, tables.quota, quota_book)
-    register_sinks(app, settings, topics, ResultSink(settings, store, _on_applied))
+    register_sinks(app, settings, topics, ResultSink(settings, store.requests, _on_applied))
 
     async def _produce_results(pairs: list[tuple[bytes, bytes]]) -> None:
         # Bodies pass through as they are: the ML worker already wrote ResultEvent JSON.
         await send_and_wait(topics.results, ((k.decode(), v) for k, v in pairs), value_serializer="raw")
 
     quirks.run_with_app(app, ResultsBridge(settings, rabbit, _produce_results))
-    quirks.run_with_app(app, DeadLetterRecorder(settings, rabbit, store))
+    quirks.run_with_app(app, DeadLetterRecorder(settings, rabbit, store.dead_letters))
 
     @app.timer(interval=60.0, on_leader=True)
     async def resend_pending_webhooks() -> None:
         """Deliveries left pending by a crash, an outage or a replay: retried by the leader only."""
         try:
-            rows = await store.pending_webhooks(100, older_than_s=600)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            rows = await store.webhooks.pending_webhooks(100, older_than_s=600)
+        except StoreUnavailable as exc:
             log.warning("pending webhook sweep skipped: %r", exc)
             return
         for row in rows:
@@ -178,7 +178,7 @@ if settings.has_pipeline:
         plan_changed = asyncio.Event()
         events = KeyEvents(
             settings.postgres_dsn,
-            store.keys_channel,
+            store.keys.channel,
             on_key=keys.invalidate,
             on_plan=lambda _name: plan_changed.set(),
             on_connected=_refresh_keys_once,  # the first load, and after an outage: notifications were missed

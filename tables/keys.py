@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 
 from inferstream.apikeys import hash_key
-from inferstream.errors import Unauthorized, Unavailable
+from inferstream.errors import StoreUnavailable, Unauthorized, Unavailable
 from inferstream.settings import Settings
 from schemas.plans import DEFAULT_PLAN, KeyRecord, Plan
 from workers.ratelimit import TokenBucket
@@ -32,7 +32,7 @@ LOOKUPS = Counter("inferstream_key_lookups_total", "PostgreSQL lookups of key di
 LOOKUPS_REFUSED = Counter("inferstream_key_lookups_refused_total", "Cache misses answered 503: lookup rate bound reached")
 
 # A lookup answers the key's record and its plan's row (None when the plan is gone), or None when
-# no active key has that digest. It raises Unavailable when PostgreSQL cannot answer.
+# no active key has that digest. It raises StoreUnavailable (an Unavailable) when PostgreSQL cannot answer.
 Lookup = Callable[[str], Awaitable[tuple[KeyRecord, Plan | None] | None]]
 
 
@@ -163,6 +163,11 @@ class KeyCache:
             raise Unavailable(
                 "API key cannot be checked right now (PostgreSQL is slow to answer)", retry_after=1
             ) from None
+        except StoreUnavailable as exc:
+            LOOKUPS.labels("error").inc()
+            raise Unavailable(
+                "API key cannot be checked right now (PostgreSQL is unavailable)", retry_after=1
+            ) from exc
         except Unavailable:
             LOOKUPS.labels("error").inc()
             raise

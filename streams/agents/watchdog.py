@@ -26,14 +26,14 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import faust
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
-from bridges.postgres import Store
 from bridges.rabbitmq import PublishError, RabbitClient
+from bridges.store import Requests
 from inferstream import clock
+from inferstream.errors import StoreUnavailable
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from streams.agents.forward import send_events
@@ -72,11 +72,11 @@ def request_of_row(row: Mapping[str, Any]) -> InferenceRequest:
     )
 
 
-async def redispatch_stalled(settings: Settings, store: Store, rabbit: RabbitClient, topics: Topics) -> int:
+async def redispatch_stalled(settings: Settings, store: Requests, rabbit: RabbitClient, topics: Topics) -> int:
     """One sweep: how many requests were dispatched again."""
     try:
         rows = await store.stalled_queued(settings.watchdog_stall_s)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except StoreUnavailable as exc:
         log.warning("watchdog sweep skipped (PostgreSQL): %r", exc)
         return 0
     routes = set(rabbit.routes())
@@ -101,7 +101,7 @@ async def redispatch_stalled(settings: Settings, store: Store, rabbit: RabbitCli
     return len(stalled)
 
 
-def register_watchdog(app: faust.App, settings: Settings, store: Store, rabbit: RabbitClient, topics: Topics) -> None:
+def register_watchdog(app: faust.App, settings: Settings, store: Requests, rabbit: RabbitClient, topics: Topics) -> None:
     @app.timer(interval=settings.watchdog_interval_s, on_leader=True)
     async def watch_stalled_requests() -> None:
         """Leader only: one sweep for the whole deployment."""

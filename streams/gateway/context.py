@@ -10,11 +10,11 @@ from typing import Any
 
 import faust
 
-from bridges.postgres import BROKEN_CONNECTION, TRANSIENT, Store, is_transient
 from bridges.redis import CacheUnavailable, NotificationHub, OwnedDoc, RedisClient
+from bridges.store import Requests
 from inferstream import clock
 from inferstream.coalesce import CoalescedWrites
-from inferstream.errors import Unavailable
+from inferstream.errors import StoreUnavailable, Unavailable
 from inferstream.settings import Settings
 from schemas.documents import request_doc
 from schemas.records import InferenceRequest
@@ -27,15 +27,6 @@ from tables.quota import QuotaBook
 log = logging.getLogger(__name__)
 
 
-STORE_DOWN = (*TRANSIENT, *BROKEN_CONNECTION)
-
-
-def raise_if_store_down(exc: BaseException) -> None:
-    """PostgreSQL unreachable or restarting is a 503 with Retry-After, not a 500."""
-    if is_transient(exc) or isinstance(exc, BROKEN_CONNECTION):
-        raise Unavailable("the request store is unavailable", retry_after=2) from exc
-
-
 @dataclass
 class Gateway:
     settings: Settings
@@ -45,7 +36,7 @@ class Gateway:
     idempotency: IdempotencyBook
     keys: KeyCache
     router: OwnerRouter
-    store: Store
+    store: Requests
     redis: RedisClient
     hub: NotificationHub
     now: Callable[[], float] = clock.now
@@ -84,9 +75,8 @@ class Gateway:
             return doc if owner == user_id else None
         try:
             row = await self.store.get_request(user_id, request_id)
-        except STORE_DOWN as exc:
-            raise_if_store_down(exc)
-            raise
+        except StoreUnavailable as exc:
+            raise Unavailable("the request store is unavailable", retry_after=2) from exc
         return request_doc(row) if row is not None else None
 
     async def list_rows(
@@ -94,9 +84,8 @@ class Gateway:
     ) -> list[dict[str, Any]]:
         try:
             return await self.store.list_requests(user_id, status, limit, after)
-        except STORE_DOWN as exc:
-            raise_if_store_down(exc)
-            raise
+        except StoreUnavailable as exc:
+            raise Unavailable("the request store is unavailable", retry_after=2) from exc
 
     async def request_cancel(self, request_id: str) -> None:
         try:

@@ -10,7 +10,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from inferstream.errors import ClientError, InvalidRequest, PayloadTooLarge
+from inferstream.errors import InvalidRequest, PayloadTooLarge, PublicError
+from streams.gateway.errors import http_status
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +24,11 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
     )
 
 
-def error_response(exc: ClientError, headers: Mapping[str, str] | None = None) -> web.Response:
+def error_response(exc: PublicError, headers: Mapping[str, str] | None = None) -> web.Response:
     extra = dict(headers or {})
     if exc.retry_after is not None:
         extra["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return json_response(exc.body(), status=exc.status, headers=extra)
+    return json_response(exc.body(), status=http_status(exc), headers=extra)
 
 
 def api_key(request: web.Request) -> str | None:
@@ -70,7 +71,7 @@ def guarded(fun: Handler) -> Handler:
     async def handler(*args: Any, **kwargs: Any) -> web.StreamResponse:
         try:
             return await fun(*args, **kwargs)
-        except ClientError as exc:
+        except PublicError as exc:
             return error_response(exc)
         except web.HTTPException:
             raise

@@ -110,7 +110,7 @@ async def test_a_revoked_key_is_refused_by_both_workers_within_1s(
         if round_ == 0:
             await cli(pipeline, "keys", "revoke", key)  # the operator's path; timed from the CLI's exit
         else:
-            assert await pipeline.store.revoke_key(key)
+            assert await pipeline.store.keys.revoke_key(key)
         figures += await asyncio.gather(*(time_until_refused(api) for api in apis))
     print(f"\nrevocation reached both workers: max {max(figures) * 1000:.1f} ms, "
           f"all {[round(f * 1000, 1) for f in figures]} ms")

@@ -141,7 +141,7 @@ async def test_redrive_resubmits_a_dead_letter_under_a_new_id(
     assert failed["error"]["type"]
 
     async def recorded() -> dict[str, Any] | None:
-        return await pipeline.store.get_dead_letter(old)
+        return await pipeline.store.dead_letters.get_dead_letter(old)
 
     dead = await wait_for(recorded, timeout=30, what="the dead letter in PostgreSQL")
     assert dead["user_id"] == "carol" and dead["payload"]["input"] == ["doomed"]
@@ -159,7 +159,7 @@ async def test_redrive_resubmits_a_dead_letter_under_a_new_id(
     assert done["metadata"] == {"tag": "x", "redrive_of": old}
     assert done["result"]["text"]
 
-    dead = await pipeline.store.get_dead_letter(old)
+    dead = await pipeline.store.dead_letters.get_dead_letter(old)
     assert dead is not None and dead["redriven_at"] is not None and dead["redrive_count"] == 1
     (old_row,) = await rows(pipeline, [old])
     assert old_row["status"] == "failed"  # a terminal row never goes back

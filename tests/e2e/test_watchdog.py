@@ -51,7 +51,7 @@ async def test_a_stranded_request_completes_and_normal_ones_run_once(
         input=["stranded"], estimated_tokens=10, created_at=now, quota_day=clock.utc_day(now),
         params={"max_tokens": 4},
     )  # fmt: skip
-    await pipeline.store.upsert_events([stranded])
+    await pipeline.store.requests.upsert_events([stranded])
     doc = await api.wait_status(stranded.request_id, {"completed"}, timeout=60)
     assert doc["result"]["text"]
     # Sweeps ran every 0.5 s meanwhile, with the normal requests 2 s past admission: none was re-sent.

@@ -12,8 +12,9 @@ import asyncpg
 import pytest
 
 from bridges.key_events import KeyEvents
-from bridges.postgres import Store, hash_key
-from inferstream.errors import InvalidRequest, Unavailable
+from bridges.store import Store
+from inferstream.apikeys import hash_key
+from inferstream.errors import InvalidRequest, StoreUnavailable
 from inferstream.ids import new_request_id
 from inferstream.localbroker import free_port
 from inferstream.settings import Settings
@@ -72,7 +73,7 @@ def ev(req: InferenceRequest, status: str, dt: float, **extra: Any) -> ResultEve
 
 
 async def test_migrate_again_applies_nothing(store: Store) -> None:
-    assert await migrate(DSN, store.schema) == []
+    assert await migrate(DSN, store.pool.schema) == []
     assert await store.migrate() == []
 
 
@@ -92,39 +93,39 @@ async def test_concurrent_migrations_apply_each_file_once() -> None:
 
 
 async def test_keys_are_stored_hashed_loaded_and_revoked(store: Store) -> None:
-    key = await store.create_key("alice")
+    key = await store.keys.create_key("alice")
     assert key.startswith("isk_") and len(key) > 40
     digest = hash_key(store.settings.key_secret, key)
-    assert (await store.load_keys())[digest] == KeyRecord(user_id="alice", plan="default")
+    assert (await store.keys.load_keys())[digest] == KeyRecord(user_id="alice", plan="default")
     pool = await store.connect()
     row = await pool.fetchrow("SELECT * FROM api_keys WHERE key_hash = $1", digest)
     assert row["key_prefix"] == key[:8] and key not in [str(v) for v in row.values()]
-    assert await store.revoke_key(key) is True
-    assert await store.revoke_key(key) is False
-    assert digest not in await store.load_keys()
+    assert await store.keys.revoke_key(key) is True
+    assert await store.keys.revoke_key(key) is False
+    assert digest not in await store.keys.load_keys()
     with pytest.raises(InvalidRequest, match="unknown plan 'gold'"):
-        await store.create_key("alice", plan="gold")
+        await store.keys.create_key("alice", plan="gold")
 
 
 async def test_key_and_plan_changes_are_notified_on_commit_and_found_by_digest(store: Store) -> None:
     conn = await asyncpg.connect(DSN)
     heard: asyncio.Queue[str] = asyncio.Queue()
-    await conn.add_listener(store.keys_channel, lambda _c, _pid, _ch, payload: heard.put_nowait(payload))
+    await conn.add_listener(store.keys.channel, lambda _c, _pid, _ch, payload: heard.put_nowait(payload))
     try:
-        key = await store.create_key("ivy")
+        key = await store.keys.create_key("ivy")
         digest = hash_key(store.settings.key_secret, key)
         assert await asyncio.wait_for(heard.get(), 5) == f"key:{digest}"
-        found = await store.find_key(digest)
+        found = await store.keys.find_key(digest)
         assert found is not None and found[0] == KeyRecord(user_id="ivy", plan="default")
         assert found[1] == DEFAULT_PLAN
-        assert await store.revoke_key(key)
+        assert await store.keys.revoke_key(key)
         assert await asyncio.wait_for(heard.get(), 5) == f"key:{digest}"
-        assert await store.find_key(digest) is None
-        assert not await store.revoke_key(key)  # nothing revoked, nothing notified
-        await store.set_plan("notified", 5, 5, 5)
+        assert await store.keys.find_key(digest) is None
+        assert not await store.keys.revoke_key(key)  # nothing revoked, nothing notified
+        await store.keys.set_plan("notified", 5, 5, 5)
         assert await asyncio.wait_for(heard.get(), 5) == "plan:notified"
         assert heard.empty()
-        assert await store.find_key(hash_key(store.settings.key_secret, "isk_never")) is None
+        assert await store.keys.find_key(hash_key(store.settings.key_secret, "isk_never")) is None
     finally:
         await conn.close()
 
@@ -132,9 +133,9 @@ async def test_key_and_plan_changes_are_notified_on_commit_and_found_by_digest(s
 async def test_a_key_lookup_with_postgres_down_is_unavailable() -> None:
     down = Store(Settings(postgres_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"))
     try:
-        with pytest.raises(Unavailable) as info:
-            await down.find_key("0" * 64)
-        assert info.value.status == 503 and info.value.retry_after == 1
+        with pytest.raises(StoreUnavailable) as info:
+            await down.keys.find_key("0" * 64)
+        assert info.value.retry_after == 1 and not info.value.broken_connection
     finally:
         await down.close()
 
@@ -147,22 +148,22 @@ async def test_key_events_reconnect_and_reload_after_the_connection_is_killed(st
         connects.append(asyncio.get_running_loop().time())
 
     events = KeyEvents(
-        DSN, store.keys_channel, on_key=digests.append, on_plan=lambda _n: None, on_connected=connected, ping_s=0.5
+        DSN, store.keys.channel, on_key=digests.append, on_plan=lambda _n: None, on_connected=connected, ping_s=0.5
     )
     running = asyncio.ensure_future(events.run())
     try:
         await wait_for(lambda: _true(events.connected), timeout=10, what="listener connected")
-        key = await store.create_key("jay")
+        key = await store.keys.create_key("jay")
         await wait_for(lambda: _true(digests), timeout=5, what="the create notification")
         pool = await store.connect()
         killed = await pool.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
             " WHERE query LIKE 'LISTEN %' AND query LIKE $1",
-            f"%{store.keys_channel}%",
+            f"%{store.keys.channel}%",
         )
         assert killed >= 1
         await wait_for(lambda: _true(len(connects) >= 2 and events.connected), timeout=15, what="reconnected")
-        await store.revoke_key(key)
+        await store.keys.revoke_key(key)
         await wait_for(lambda: _true(len(digests) >= 2), timeout=5, what="a notification after reconnecting")
         assert digests == [hash_key(store.settings.key_secret, key)] * 2
     finally:
@@ -176,26 +177,26 @@ async def _true(value: object) -> bool:
 
 
 async def test_plans_default_set_and_update(store: Store) -> None:
-    plans = await store.load_plans()
+    plans = await store.keys.load_plans()
     assert plans["default"] == DEFAULT_PLAN
-    pro = await store.set_plan("pro", 1000, 1_000_000, 600, "normal")
+    pro = await store.keys.set_plan("pro", 1000, 1_000_000, 600, "normal")
     assert pro == Plan("pro", 1000, 1_000_000, 600, "normal")
-    await store.set_plan("pro", 2000, 5_000_000_000, 600, "low")
-    assert (await store.load_plans())["pro"] == Plan("pro", 2000, 5_000_000_000, 600, "low")
-    assert (await store.create_key("bob", plan="pro")).startswith("isk_")
+    await store.keys.set_plan("pro", 2000, 5_000_000_000, 600, "low")
+    assert (await store.keys.load_plans())["pro"] == Plan("pro", 2000, 5_000_000_000, 600, "low")
+    assert (await store.keys.create_key("bob", plan="pro")).startswith("isk_")
     with pytest.raises(InvalidRequest):
-        await store.set_plan("bad", 1, 1, 1, "urgent")
+        await store.keys.set_plan("bad", 1, 1, 1, "urgent")
 
 
 async def test_same_event_twice_is_one_row(store: Store) -> None:
     req = request()
-    (first,) = await store.upsert_events([req, req])
+    (first,) = await store.requests.upsert_events([req, req])
     assert first["status"] == "queued" and first["input"] == ["hello world"]
-    assert await store.upsert_events([req]) == []
+    assert await store.requests.upsert_events([req]) == []
     done = ev(req, "completed", 2, result={"text": "hi"}, usage={"total_tokens": 12}, attempts=1)
-    assert [r["status"] for r in await store.upsert_events([done])] == ["completed"]
-    assert await store.upsert_events([done]) == []
-    row = await store.get_request("alice", req.request_id)
+    assert [r["status"] for r in await store.requests.upsert_events([done])] == ["completed"]
+    assert await store.requests.upsert_events([done]) == []
+    row = await store.requests.get_request("alice", req.request_id)
     assert row is not None and row["status"] == "completed" and row["attempts"] == 1
     assert [h["status"] for h in row["history"]] == ["queued", "completed"]
 
@@ -203,12 +204,12 @@ async def test_same_event_twice_is_one_row(store: Store) -> None:
 async def test_out_of_order_result_first_keeps_the_request(store: Store) -> None:
     req = request(callback_url="https://hooks.example/x")
     done = ev(req, "completed", 3, result={"text": "hi"}, usage={"total_tokens": 12}, attempts=2)
-    (first,) = await store.upsert_events([done])
+    (first,) = await store.requests.upsert_events([done])
     assert first["status"] == "completed" and first["input"] is None and first["task"] == "generate"
     assert first["webhook_state"] == "pending"
     # The request and its dispatch arrive late: they fill in, they change no status, nobody is notified.
-    assert await store.upsert_events([ev(req, "dispatched", 1), req]) == []
-    row = await store.get_request("alice", req.request_id)
+    assert await store.requests.upsert_events([ev(req, "dispatched", 1), req]) == []
+    row = await store.requests.get_request("alice", req.request_id)
     assert row is not None
     assert row["status"] == "completed" and row["result"] == {"text": "hi"}
     assert row["input"] == ["hello world"] and row["metadata"] == {"ticket": 42}
@@ -222,11 +223,11 @@ async def test_out_of_order_result_first_keeps_the_request(store: Store) -> None
 
 async def test_terminal_status_never_goes_back(store: Store) -> None:
     req = request()
-    await store.upsert_events([req, ev(req, "completed", 3, result={"text": "ok"}, attempts=1)])
+    await store.requests.upsert_events([req, ev(req, "completed", 3, result={"text": "ok"}, attempts=1)])
     failed = ev(req, "failed", 5, error={"type": "model_error", "message": "late"}, attempts=4)
-    assert await store.upsert_events([ev(req, "running", 2, attempts=3)]) == []  # delivered late
-    assert await store.upsert_events([failed]) == []
-    row = await store.get_request("alice", req.request_id)
+    assert await store.requests.upsert_events([ev(req, "running", 2, attempts=3)]) == []  # delivered late
+    assert await store.requests.upsert_events([failed]) == []
+    row = await store.requests.get_request("alice", req.request_id)
     assert row is not None
     assert (row["status"], row["result"], row["error"], row["attempts"]) == (
         "completed",
@@ -241,11 +242,11 @@ async def test_terminal_status_never_goes_back(store: Store) -> None:
 async def test_a_retry_reports_rows_it_may_already_have_written(store: Store) -> None:
     req = request()
     done = ev(req, "completed", 2, result={"text": "hi"})
-    assert len(await store.upsert_events([req, done])) == 1
-    assert await store.upsert_events([done]) == []
-    (row,) = await store.upsert_events([done, ev(req, "running", 1)], report_current=True)
+    assert len(await store.requests.upsert_events([req, done])) == 1
+    assert await store.requests.upsert_events([done]) == []
+    (row,) = await store.requests.upsert_events([done, ev(req, "running", 1)], report_current=True)
     assert row["status"] == "completed" and row["result"] == {"text": "hi"}
-    assert await store.upsert_events([ev(req, "running", 1)], report_current=True) == []
+    assert await store.requests.upsert_events([ev(req, "running", 1)], report_current=True) == []
 
 
 async def test_lifecycle_batch_by_batch_returns_each_transition(store: Store) -> None:
@@ -253,7 +254,7 @@ async def test_lifecycle_batch_by_batch_returns_each_transition(store: Store) ->
     seen = []
     for item in (req, ev(req, "dispatched", 1), ev(req, "running", 2), ev(req, "cancelled", 3)):
         seen += [
-            (r["status"], r["updated_at"].timestamp()) for r in await store.upsert_events([item])
+            (r["status"], r["updated_at"].timestamp()) for r in await store.requests.upsert_events([item])
         ]
     assert [s for s, _ in seen] == ["queued", "dispatched", "running", "cancelled"]
     assert [t for _, t in seen] == pytest.approx([T0 + d for d in range(4)])
@@ -262,61 +263,61 @@ async def test_lifecycle_batch_by_batch_returns_each_transition(store: Store) ->
 async def test_list_newest_first_with_status_filter_and_cursor(store: Store) -> None:
     user = f"u{uuid.uuid4().hex[:6]}"
     reqs = [request(user, dt=i) for i in range(7)]
-    await store.upsert_events([*reqs, *(ev(r, "completed", 1) for r in reqs[::2])])
-    await store.upsert_events([request("mallory", dt=3.5)])
+    await store.requests.upsert_events([*reqs, *(ev(r, "completed", 1) for r in reqs[::2])])
+    await store.requests.upsert_events([request("mallory", dt=3.5)])
     newest_first = [r.request_id for r in reversed(reqs)]
 
-    page1 = await store.list_requests(user, limit=3)
-    page2 = await store.list_requests(user, limit=3, after=page1[-1]["request_id"])
-    page3 = await store.list_requests(user, limit=3, after=page2[-1]["request_id"])
+    page1 = await store.requests.list_requests(user, limit=3)
+    page2 = await store.requests.list_requests(user, limit=3, after=page1[-1]["request_id"])
+    page3 = await store.requests.list_requests(user, limit=3, after=page2[-1]["request_id"])
     assert [r["request_id"] for r in page1 + page2 + page3] == newest_first
     assert len(page3) == 1
 
-    done = await store.list_requests(user, status="completed", limit=2)
-    more = await store.list_requests(
+    done = await store.requests.list_requests(user, status="completed", limit=2)
+    more = await store.requests.list_requests(
         user, status="completed", limit=10, after=done[-1]["request_id"]
     )
     assert [r["request_id"] for r in done + more] == [r.request_id for r in reversed(reqs[::2])]
     assert {r["status"] for r in done + more} == {"completed"}
-    assert await store.list_requests(user, status="running") == []
+    assert await store.requests.list_requests(user, status="running") == []
 
 
 async def test_get_is_none_for_another_users_request(store: Store) -> None:
     req = request("alice")
-    await store.upsert_events([req])
-    assert await store.get_request("alice", req.request_id) is not None
-    assert await store.get_request("mallory", req.request_id) is None
-    assert await store.get_request("alice", "req_doesnotexist") is None
+    await store.requests.upsert_events([req])
+    assert await store.requests.get_request("alice", req.request_id) is not None
+    assert await store.requests.get_request("mallory", req.request_id) is None
+    assert await store.requests.get_request("alice", "req_doesnotexist") is None
 
 
 async def test_dead_letters_and_redrive(store: Store) -> None:
     req = request()
-    await store.upsert_events(
+    await store.requests.upsert_events(
         [req, ev(req, "failed", 2, error={"type": "model_http_500", "message": "x"})]
     )
-    await store.record_dead_letter(
+    await store.dead_letters.record_dead_letter(
         req, {"type": "model_http_500", "message": "x"}, [{"attempt": 1}]
     )
-    (dead,) = [d for d in await store.list_dead_letters(100) if d["request_id"] == req.request_id]
+    (dead,) = [d for d in await store.dead_letters.list_dead_letters(100) if d["request_id"] == req.request_id]
     assert InferenceRequest.from_data(dead["payload"]) == req and dead["redrive_count"] == 0
-    assert await store.mark_redriven(req.request_id) is True
-    assert await store.mark_redriven("req_unknown") is False
+    assert await store.dead_letters.mark_redriven(req.request_id) is True
+    assert await store.dead_letters.mark_redriven("req_unknown") is False
     assert req.request_id not in [
-        d["request_id"] for d in await store.list_dead_letters(100, pending_only=True)
+        d["request_id"] for d in await store.dead_letters.list_dead_letters(100, pending_only=True)
     ]
-    after = await store.get_dead_letter(req.request_id)
+    after = await store.dead_letters.get_dead_letter(req.request_id)
     assert after is not None and after["redrive_count"] == 1 and after["redriven_at"] is not None
-    row = await store.get_request("alice", req.request_id)
+    row = await store.requests.get_request("alice", req.request_id)
     assert row is not None and row["history"][-1]["status"] == "redriven"
 
 
 async def test_webhook_delivery_state(store: Store) -> None:
     req = request(callback_url="https://hooks.example/y")
-    await store.upsert_events([req, ev(req, "completed", 1, result={"text": "hi"})])
-    pending = [r["request_id"] for r in await store.pending_webhooks(1000)]
+    await store.requests.upsert_events([req, ev(req, "completed", 1, result={"text": "hi"})])
+    pending = [r["request_id"] for r in await store.webhooks.pending_webhooks(1000)]
     assert req.request_id in pending
-    await store.record_webhook_attempt(req.request_id, delivered=False, error="HTTP 500")
-    await store.record_webhook_attempt(req.request_id, delivered=True)
+    await store.webhooks.record_webhook_attempt(req.request_id, delivered=False, error="HTTP 500")
+    await store.webhooks.record_webhook_attempt(req.request_id, delivered=True)
     pool = await store.connect()
     row = await pool.fetchrow("SELECT * FROM requests WHERE request_id = $1", req.request_id)
     assert (row["webhook_state"], row["webhook_attempts"], row["webhook_last_error"]) == (
@@ -324,14 +325,14 @@ async def test_webhook_delivery_state(store: Store) -> None:
         2,
         None,
     )
-    assert req.request_id not in [r["request_id"] for r in await store.pending_webhooks(1000)]
+    assert req.request_id not in [r["request_id"] for r in await store.webhooks.pending_webhooks(1000)]
 
 
 async def test_reads_survive_a_killed_connection(store: Store) -> None:
     one = Store(store.settings, min_size=1, max_size=1)
     try:
         req = request()
-        await one.upsert_events([req])
+        await one.requests.upsert_events([req])
         pool = await one.connect()
         pid = await pool.fetchval("SELECT pg_backend_pid()")
         admin = await asyncpg.connect(DSN)
@@ -339,7 +340,7 @@ async def test_reads_survive_a_killed_connection(store: Store) -> None:
             assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
         finally:
             await admin.close()
-        row = await one.get_request("alice", req.request_id)
+        row = await one.requests.get_request("alice", req.request_id)
         assert row is not None and row["status"] == "queued"
     finally:
         await one.close()

@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from bridges.postgres import Store
-from bridges.postgres_rows import Event
 from bridges.sink import ResultSink
+from bridges.store import Store
+from bridges.store.rows import Event
 from inferstream.ids import new_request_id
 from inferstream.localbroker import free_port as closed_port
 from inferstream.settings import Settings
@@ -102,14 +102,14 @@ async def assert_all_completed(settings: Settings, reqs: Sequence[InferenceReque
 async def test_write_waits_for_an_unreachable_postgres(settings: Settings) -> None:
     store = Store(settings, dsn=f"postgresql://postgres@127.0.0.1:{closed_port()}/postgres")
     collector = Collector()
-    sink = ResultSink(settings, store, collector, retry_base_s=0.01, retry_max_s=0.05)
+    sink = ResultSink(settings, store.requests, collector, retry_base_s=0.01, retry_max_s=0.05)
     reqs, done = lifecycle(200)
     batch: list[Event] = [*reqs, *done]
     task = asyncio.create_task(sink.write(batch))
     try:
         await wait_for(lambda: sink.failures >= 3, 10, "three failed attempts")
         assert not task.done()
-        store.dsn = DSN  # PostgreSQL "comes back"
+        store.pool.dsn = DSN  # PostgreSQL "comes back"
         await asyncio.wait_for(task, 10)
     finally:
         await sink.stop()
@@ -132,10 +132,10 @@ async def test_a_batch_replayed_after_a_crash_still_reaches_the_cache(settings: 
     store = Store(settings)
     try:
         # The worker that crashed: rows committed, its on_applied never ran.
-        await ResultSink(settings, store, None).write([*reqs, *done])
+        await ResultSink(settings, store.requests, None).write([*reqs, *done])
         collector = Collector()
         # The restarted worker replays the uncommitted offsets: the same events.
-        await ResultSink(settings, store, collector).write([*reqs, *done])
+        await ResultSink(settings, store.requests, collector).write([*reqs, *done])
     finally:
         await store.close()
     assert sorted(r["request_id"] for r in collector.rows) == sorted(r.request_id for r in reqs)
@@ -144,7 +144,7 @@ async def test_a_batch_replayed_after_a_crash_still_reaches_the_cache(settings: 
 
 async def test_killed_connections_and_a_closed_pool_are_replaced(settings: Settings) -> None:
     store = Store(settings, min_size=1, max_size=1)
-    sink = ResultSink(settings, store, retry_base_s=0.01, retry_max_s=0.05)
+    sink = ResultSink(settings, store.requests, retry_base_s=0.01, retry_max_s=0.05)
     reqs, done = lifecycle(50)
     try:
         await sink.write(reqs[:25])
@@ -167,7 +167,7 @@ async def test_a_missing_table_is_raised_not_retried(settings: Settings) -> None
     store = Store(
         Settings(namespace=f"t{uuid.uuid4().hex[:8]}", postgres_dsn=DSN)
     )  # never migrated
-    sink = ResultSink(settings, store, retry_base_s=0.01, retry_max_s=0.05)
+    sink = ResultSink(settings, store.requests, retry_base_s=0.01, retry_max_s=0.05)
     try:
         with pytest.raises(asyncpg.UndefinedTableError):
             await sink.write(lifecycle(1)[0])
@@ -197,7 +197,7 @@ async def wait_postgres_up(within: float) -> None:
 async def test_postgres_restart_mid_load_loses_nothing(settings: Settings) -> None:
     store = Store(settings, max_size=2)
     collector = Collector()
-    sink = ResultSink(settings, store, collector, retry_base_s=0.05, retry_max_s=0.5)
+    sink = ResultSink(settings, store.requests, collector, retry_base_s=0.05, retry_max_s=0.5)
     reqs, done = lifecycle(2000)
     # Each batch admits 50 new requests and completes the previous 50, like the live stream.
     batches: list[list[Event]] = []

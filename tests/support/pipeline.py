@@ -23,8 +23,8 @@ import aiohttp
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from bridges.postgres import Store
 from bridges.rabbitmq import RabbitClient
+from bridges.store import Store
 from inferstream.settings import Settings
 from schemas.migrate import migrate
 from tests.support.modelserver import free_port
@@ -190,7 +190,7 @@ class Pipeline:
         return proc.returncode, out.decode(errors="replace")
 
     async def create_key(self, user_id: str, plan: str = "default") -> str:
-        return await self.store.create_key(user_id, plan)
+        return await self.store.keys.create_key(user_id, plan)
 
     async def set_plan(
         self,
@@ -201,7 +201,7 @@ class Pipeline:
         requests_per_minute: int = 100_000,
         max_priority: str = "high",
     ) -> None:
-        await self.store.set_plan(
+        await self.store.keys.set_plan(
             name, requests_per_day, tokens_per_day, requests_per_minute, max_priority
         )
 

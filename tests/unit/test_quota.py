@@ -60,7 +60,7 @@ def test_admits_exactly_the_daily_requests_then_429_with_details() -> None:
     assert [a.requests_remaining for a in admissions] == [4, 3, 2, 1, 0]
     assert admissions[-1].tokens_remaining == 1_000 - 50
     exc = rejection(qb.admit, "u", PLAN, "r5", 10)
-    assert exc.status == 429 and exc.type == "request_quota_exceeded"
+    assert exc.type == "request_quota_exceeded"
     body = exc.body()["error"]
     assert body["requests"] == {"used": 5, "limit": 5}
     assert body["tokens"] == {"used": 0, "reserved": 50, "limit": 1_000, "estimated": 10}
@@ -437,7 +437,7 @@ def test_owner_lookup_is_unavailable_while_rebalancing_or_recovering(
     router = OwnerRouter(_FakeApp(rebalancing=rebalancing, recovered=recovered), table=None, timeout_s=1)  # type: ignore[arg-type]
     with pytest.raises(Unavailable) as info:
         router.owner("alice")
-    assert info.value.status == 503 and info.value.retry_after == 1
+    assert info.value.type == "unavailable" and info.value.retry_after == 1
 
 
 async def test_written_resolves_at_once_for_a_plain_mapping() -> None:

@@ -10,8 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from bridges.postgres_rows import Event
-from bridges.sink import ResultSink, SinkStopped, backoff, is_transient
+from bridges.sink import ResultSink, SinkStopped, backoff
+from bridges.store.pool import unavailable
+from bridges.store.rows import Event
+from inferstream.errors import StoreUnavailable
 from inferstream.settings import Settings
 from schemas.records import ResultEvent
 
@@ -55,27 +57,33 @@ def test_backoff_is_capped_full_jitter() -> None:
 
 
 @pytest.mark.parametrize(
-    ("exc", "transient"),
+    ("exc", "transient", "broken"),
     [
-        (ConnectionRefusedError(111, "refused"), True),
-        (TimeoutError(), True),
-        (asyncpg.CannotConnectNowError("starting up"), True),
-        (asyncpg.AdminShutdownError("terminating"), True),
-        (asyncpg.InterfaceError("pool is closed"), True),
-        (asyncpg.exceptions._base.InternalClientError("another operation is in progress"), True),
-        (asyncpg.UndefinedTableError("no requests table"), False),
-        (asyncpg.exceptions._base.DataError("bad parameter"), False),
-        (ValueError("bug"), False),
+        (ConnectionRefusedError(111, "refused"), True, False),
+        (TimeoutError(), True, False),
+        (asyncpg.CannotConnectNowError("starting up"), True, False),
+        (asyncpg.AdminShutdownError("terminating"), True, False),
+        (asyncpg.InterfaceError("pool is closed"), True, True),
+        (asyncpg.exceptions._base.InternalClientError("another operation is in progress"), True, True),
+        (asyncpg.UndefinedTableError("no requests table"), False, False),
+        (asyncpg.exceptions._base.DataError("bad parameter"), False, False),
+        (ValueError("bug"), False, False),
     ],
 )
-def test_transient_errors(exc: BaseException, transient: bool) -> None:
-    assert is_transient(exc) is transient
+def test_driver_errors_become_store_unavailable_at_the_boundary(
+    exc: BaseException, transient: bool, broken: bool
+) -> None:
+    down = unavailable(exc)
+    assert (down is not None) is transient
+    if down is not None:
+        assert down.broken_connection is broken and down.retry_after == 1
+        assert down.message == "PostgreSQL is unavailable" and type(exc).__name__ in str(down)
 
 
 async def test_retries_until_the_store_answers_and_loses_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    store = FlakyStore(3, ConnectionRefusedError(111, "Connection refused"))
+    store = FlakyStore(3, StoreUnavailable("ConnectionRefusedError: Connection refused"))
     applied: list[list[dict[str, Any]]] = []
 
     async def on_applied(rows: list[dict[str, Any]]) -> None:
@@ -97,7 +105,7 @@ async def test_retries_until_the_store_answers_and_loses_nothing(
 
 
 async def test_a_closed_pool_is_reset() -> None:
-    store = FlakyStore(1, asyncpg.InterfaceError("pool is closed"))
+    store = FlakyStore(1, StoreUnavailable("InterfaceError: pool is closed", broken_connection=True))
     await sink(store).write(EVENTS)
     assert store.resets == 1 and store.written == EVENTS
 
@@ -125,7 +133,7 @@ async def test_callback_errors_are_logged_not_retried(caplog: pytest.LogCaptureF
 
 
 async def test_stop_interrupts_a_waiting_write() -> None:
-    store = FlakyStore(10**9, ConnectionRefusedError(111, "refused"))
+    store = FlakyStore(10**9, StoreUnavailable("ConnectionRefusedError: refused"))
     s = ResultSink(Settings(), store, retry_base_s=5.0, retry_max_s=5.0)
     task = asyncio.create_task(s.write(EVENTS))
     deadline = asyncio.get_running_loop().time() + 5

@@ -1,0 +1,44 @@
+"""PostgreSQL, the system of record: keys and plans, requests, dead letters and webhooks over one pool."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from bridges.store.dead_letters import DeadLetters
+from bridges.store.keys import Keys
+from bridges.store.pool import Pool
+from bridges.store.requests import Requests
+from bridges.store.webhooks import Webhooks
+from inferstream.settings import Settings
+
+__all__ = ["DeadLetters", "Keys", "Pool", "Requests", "Store", "Webhooks"]
+
+
+class Store:
+    """The aggregates sharing one pool; hand each part only the aggregate it uses.
+
+    Usable before ``connect()`` (the pool opens on first use); after ``close()``
+    a further call opens a new pool, so stop the users of the store first.
+    """
+
+    def __init__(
+        self, settings: Settings, *, dsn: str | None = None, min_size: int = 1, max_size: int = 10
+    ) -> None:
+        self.settings = settings
+        self.pool = Pool(settings, dsn=dsn, min_size=min_size, max_size=max_size)
+        self.keys = Keys(self.pool, settings)
+        self.requests = Requests(self.pool)
+        self.dead_letters = DeadLetters(self.pool)
+        self.webhooks = Webhooks(self.pool)
+
+    async def connect(self) -> asyncpg.Pool:
+        return await self.pool.connect()
+
+    async def reset(self) -> None:
+        await self.pool.reset()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> list[str]:
+        return await self.pool.migrate()
