@@ -5,8 +5,10 @@ burst of admissions); each would make its own small round trip. Writes on
 loopback are what the worker spends most of its CPU on (py-spy: 35% in socket
 writes under load), so one round trip serves them all:
 
-* :class:`CoalescedLookup`: "which of these ids are cancelled?";
-* :class:`CoalescedWrites`: "write these items" (e.g. cache documents).
+* :class:`Coalesced`: "do this for these items" (e.g. write cache documents);
+  every caller gets the combined call's result or its exception;
+* :class:`CoalescedLookup`: "which of these ids are cancelled?", built on it:
+  one lookup of the union, each caller told about its own ids.
 """
 
 from __future__ import annotations
@@ -16,63 +18,28 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 Lookup = Callable[[Sequence[str]], Awaitable[set[str]]]
 
 
-class CoalescedLookup:
-    def __init__(self, lookup: Lookup) -> None:
-        self._lookup = lookup
-        self._waiting: list[tuple[frozenset[str], asyncio.Future[set[str]]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.calls = 0
+class Coalesced(Generic[T, R]):
+    """``await coalesced(item)`` returns what the one ``call(items)`` that carried ``item`` returned."""
 
-    async def __call__(self, ids: Sequence[str]) -> set[str]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[set[str]] = loop.create_future()
-        if not self._waiting:
-            loop.call_soon(self._flush)
-        self._waiting.append((frozenset(ids), fut))
-        return await fut
-
-    def _flush(self) -> None:
-        batch, self._waiting = self._waiting, []
-        task = asyncio.get_running_loop().create_task(self._run(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, batch: list[tuple[frozenset[str], asyncio.Future[set[str]]]]) -> None:
-        wanted = sorted(set().union(*(ids for ids, _ in batch)))
-        self.calls += 1
-        try:
-            found = set(await self._lookup(wanted))
-        except Exception as exc:  # handed to every waiter, which decides what a failure means
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for ids, fut in batch:
-            if not fut.done():
-                fut.set_result(found & ids)
-
-
-class CoalescedWrites(Generic[T]):
-    """``await writes(item)`` returns once the combined call that carried ``item`` returned."""
-
-    def __init__(self, write: Callable[[list[T]], Awaitable[None]]) -> None:
-        self._write = write
+    def __init__(self, call: Callable[[list[T]], Awaitable[R]]) -> None:
+        self._call = call
         self._items: list[T] = []
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[R]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.calls = 0
 
-    async def __call__(self, item: T) -> None:
+    async def __call__(self, item: T) -> R:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[R] = loop.create_future()
         if not self._items:
             loop.call_soon(self._flush)
         self._items.append(item)
         self._waiters.append(fut)
-        await fut
+        return await fut
 
     def _flush(self) -> None:
         items, waiters = self._items, self._waiters
@@ -81,10 +48,10 @@ class CoalescedWrites(Generic[T]):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, items: list[T], waiters: list[asyncio.Future[None]]) -> None:
+    async def _run(self, items: list[T], waiters: list[asyncio.Future[R]]) -> None:
         self.calls += 1
         try:
-            await self._write(items)
+            result = await self._call(items)
         except Exception as exc:  # handed to every waiter, which decides what a failure means
             for fut in waiters:
                 if not fut.done():
@@ -92,4 +59,23 @@ class CoalescedWrites(Generic[T]):
             return
         for fut in waiters:
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(result)
+
+
+class CoalescedLookup:
+    """``await lookup(ids)``: those of ``ids`` that the tick's one lookup (of every caller's ids) found."""
+
+    def __init__(self, lookup: Lookup) -> None:
+        self._lookup = lookup
+        self._batch: Coalesced[frozenset[str], set[str]] = Coalesced(self._look_up_all)
+
+    @property
+    def calls(self) -> int:
+        return self._batch.calls
+
+    async def __call__(self, ids: Sequence[str]) -> set[str]:
+        wanted = frozenset(ids)
+        return await self._batch(wanted) & wanted
+
+    async def _look_up_all(self, wanted: list[frozenset[str]]) -> set[str]:
+        return set(await self._lookup(sorted(frozenset[str]().union(*wanted))))

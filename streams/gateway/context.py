@@ -13,7 +13,7 @@ import faust
 from bridges.redis import CacheUnavailable, NotificationHub, OwnedDoc, RedisClient
 from bridges.store import Requests
 from inferstream import clock
-from inferstream.coalesce import CoalescedWrites
+from inferstream.coalesce import Coalesced
 from inferstream.errors import StoreUnavailable, Unavailable
 from inferstream.settings import Settings
 from schemas.documents import request_doc
@@ -45,7 +45,7 @@ class Gateway:
     def __post_init__(self) -> None:
         self.model_routes = self.settings.model_routes
         # One Redis round trip for all the admissions of a tick.
-        self._cache_new: CoalescedWrites[OwnedDoc] = CoalescedWrites(self.redis.cache_docs)
+        self._cache_new: Coalesced[OwnedDoc, None] = Coalesced(self.redis.cache_docs)
 
     async def write_request(self, req: InferenceRequest) -> None:
         """Append to the requests topic and wait for the broker's ack; cache the queued doc meanwhile."""
