@@ -352,13 +352,6 @@ class RabbitClient(Service):
         }
 
     # ---- test and admin helpers ---------------------------------------
-    async def purge_namespace(self) -> None:
-        connection = await self._connection_ready()
-        async with connection.channel() as channel:
-            for name in self.all_queue_names():
-                queue = await channel.get_queue(name, ensure=True)
-                await queue.purge()
-
     async def delete_namespace(self) -> None:
         """Delete this namespace's queues and exchanges (tests clean up with it)."""
         connection = await self._connection_ready()

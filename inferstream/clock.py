@@ -8,18 +8,10 @@ from datetime import UTC, datetime
 
 Clock = Callable[[], float]
 
-_offset = 0.0
-
 
 def now() -> float:
-    """Seconds since the epoch, plus any offset a test injected."""
-    return time.time() + _offset
-
-
-def set_offset(seconds: float) -> None:
-    """Shift this process's clock (tests and the INFERSTREAM_CLOCK_OFFSET_S hook only)."""
-    global _offset
-    _offset = seconds
+    """Seconds since the epoch (tests hand a :data:`Clock` of their own where time matters)."""
+    return time.time()
 
 
 def utc_day(ts: float) -> str:

@@ -1,12 +1,14 @@
 """The API-key and plan cache every gateway reads: a full load, a bounded PostgreSQL lookup on a miss, pushed invalidations.
 
-A key is looked up by its HMAC-SHA256 digest (the raw key is never stored) and
-the stored digest is compared in constant time. A digest the cache has not
-seen is looked up in PostgreSQL at once, so a key works on the very next
-request after ``keys create``; answers are cached (unknown digests for
-``INFERSTREAM_KEY_NEGATIVE_TTL_S``). Lookups are single-flight per digest and
-bounded by a token bucket, so a flood of bad keys costs at most
-``burst + rate * seconds`` queries; past the bound an unknown key is 503, not
+A key is looked up by its HMAC-SHA256 digest (the raw key is never stored). The
+lookup is a dict access, not a constant-time comparison, and needs none: what
+its timing could reveal is how a digest of the caller's own guess compares with
+stored digests, and without the server secret no guess can be steered towards
+a stored digest. A digest the cache has not seen is looked up in PostgreSQL at
+once, so a key works on the very next request after ``keys create``; answers
+are cached (unknown digests for ``INFERSTREAM_KEY_NEGATIVE_TTL_S``). Lookups are
+single-flight per digest and bounded by a token bucket, so a flood of bad keys
+costs at most ``burst + rate * seconds`` queries; past the bound an unknown key is 503, not
 401, because admission cannot be decided. Revocations and plan changes arrive
 by LISTEN/NOTIFY (``bridges/key_events.py``) and call :meth:`KeyCache.invalidate`;
 the periodic full reload stays as a safety net.
@@ -15,7 +17,6 @@ the periodic full reload stays as a safety net.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ class KeyCache:
         self._bucket = TokenBucket(max(lookups_per_s, 1e-9), max(lookup_burst, 1.0), clock=clock)
         # Live misses are bounded by the bucket (burst + rate * ttl); expired ones are swept past twice that.
         self._misses_cap = 2 * int(self._bucket.burst + self._bucket.rate * negative_ttl_s) + 64
-        self._keys: dict[str, tuple[str, str, str]] = {}  # digest -> (stored digest, user_id, plan)
+        self._keys: dict[str, tuple[str, str]] = {}  # digest -> (user_id, plan)
         self._plans: dict[str, Plan] = {}
         self._misses: dict[str, float] = {}  # digest -> when the "unknown" answer expires
         self._inflight: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
@@ -90,7 +91,7 @@ class KeyCache:
     ) -> None:
         """``keys`` maps a stored digest to (user_id, plan name), read after ``epoch`` was ``as_of``."""
         stale = {d for d, e in self._invalidated.items() if as_of is not None and e > as_of}
-        self._keys = {digest: (digest, user, plan) for digest, (user, plan) in keys.items() if digest not in stale}
+        self._keys = {digest: (user, plan) for digest, (user, plan) in keys.items() if digest not in stale}
         self._invalidated = {d: e for d, e in self._invalidated.items() if d in stale}
         self._plans = dict(plans)
         self.loaded = True
@@ -115,9 +116,8 @@ class KeyCache:
             raise Unavailable("API keys are still loading", retry_after=1)
         digest = hash_key(self._secret, key)
         found = self._keys.get(digest)
-        # Found by digest (which says nothing about the key); confirmed in constant time.
-        if found is not None and hmac.compare_digest(found[0], digest):
-            return Principal(user_id=found[1], plan=self.plan(found[2]))
+        if found is not None:
+            return Principal(user_id=found[0], plan=self.plan(found[1]))
         answer = await self._miss(digest)
         if answer is None:
             raise Unauthorized("invalid or revoked API key")
@@ -184,7 +184,7 @@ class KeyCache:
             # older than one a plan notification has loaded since.
             self._plans.setdefault(plan.name, plan)
         if epoch == self.epoch:
-            self._keys[digest] = (digest, record.user_id, record.plan)
+            self._keys[digest] = (record.user_id, record.plan)
         return record.user_id, record.plan
 
     def _drop_expired_misses(self) -> None:
