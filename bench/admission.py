@@ -30,8 +30,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inferstream.localbroker import LocalBroker  # noqa: E402
-from tests.support.pipeline import Api, Pipeline  # noqa: E402
+from inferstream.localbroker import LocalBroker
+from tests.support.pipeline import Api, Pipeline
 
 PLAN = "bench"
 BODY = b'{"task": "embed", "input": "a short sentence to embed"}'

@@ -21,12 +21,12 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridges.store import Store  # noqa: E402
-from bridges.store.rows import Event  # noqa: E402
-from inferstream.ids import new_request_id  # noqa: E402
-from inferstream.settings import Settings  # noqa: E402
-from schemas.migrate import migrate  # noqa: E402
-from schemas.records import InferenceRequest, ResultEvent  # noqa: E402
+from bridges.store import Store
+from bridges.store.rows import Event
+from inferstream.ids import new_request_id
+from inferstream.settings import Settings
+from schemas.migrate import migrate
+from schemas.records import InferenceRequest, ResultEvent
 
 STAGES = ("queued", "dispatched", "running", "completed")
 

@@ -4,7 +4,7 @@
 agents, services, views and commands for the roles this worker runs.
 """
 
-from streams import wiring  # noqa: E402,F401  (registers everything on the app)
+from streams import wiring  # noqa: F401  (registers everything on the app)
 from streams.app import app, settings
 
 __all__ = ["app", "settings"]
