@@ -3,7 +3,7 @@
 PostgreSQL is the dead letters' source of truth (``faust -A streams redrive``
 lists and re-submits from there); the queue is only how they arrive. Each
 message is recorded (an idempotent upsert by request id) before it is acked,
-one at a time, retrying with backoff while PostgreSQL is down, so none is lost
+one at a time, retrying while PostgreSQL is down (:data:`inferstream.retrying.DEAD_LETTER_RECORD`), so none is lost
 and the small prefetch bounds what waits in memory. A message whose body is
 not a request (nothing could ever redrive it) is logged in full and acked.
 """
@@ -17,11 +17,12 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from mode import Service
+from tenacity import RetryCallState
 
 from bridges.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
-from bridges.sink import backoff
 from bridges.store import DeadLetters
 from inferstream.errors import StoreUnavailable
+from inferstream.retrying import DEAD_LETTER_RECORD, failure, next_sleep
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest
 
@@ -64,8 +65,8 @@ class DeadLetterRecorder(Service):
         store: DeadLetters,
         *,
         prefetch: int = 16,
-        retry_base_s: float = 0.2,
-        retry_max_s: float = 5.0,
+        retry_base_s: float = DEAD_LETTER_RECORD.base_s,
+        retry_max_s: float = DEAD_LETTER_RECORD.cap_s,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -73,8 +74,7 @@ class DeadLetterRecorder(Service):
         self.rabbit = rabbit
         self.store = store
         self.prefetch = prefetch
-        self.retry_base_s = retry_base_s
-        self.retry_max_s = retry_max_s
+        self.retry = DEAD_LETTER_RECORD.tuned(retry_base_s, retry_max_s)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._consumer: Consumer | None = None
         self.recorded = 0
@@ -117,20 +117,17 @@ class DeadLetterRecorder(Service):
     async def _record(
         self, request: InferenceRequest, error: dict[str, Any], history: list[dict[str, Any]]
     ) -> None:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
+        async def failed(state: RetryCallState) -> None:
+            exc = failure(state)
+            log.warning(
+                "recording dead letter %s failed (attempt %d): %r; retrying in %.2fs",
+                request.request_id, state.attempt_number, exc, next_sleep(state),
+            )  # fmt: skip
+            if isinstance(exc, StoreUnavailable) and exc.broken_connection:
+                await self.store.reset()
+
+        async for attempt in self.retry.retrying(StoreUnavailable, before_sleep=failed):
+            with attempt:
                 await self.store.record_dead_letter(request, error, history)
-                self.recorded += 1
-                log.info("dead letter %s recorded (%s)", request.request_id, error.get("type"))
-                return
-            except StoreUnavailable as exc:
-                delay = backoff(attempt, self.retry_base_s, self.retry_max_s)
-                log.warning(
-                    "recording dead letter %s failed (attempt %d): %r; retrying in %.2fs",
-                    request.request_id, attempt, exc, delay,
-                )  # fmt: skip
-                if exc.broken_connection:
-                    await self.store.reset()
-                await asyncio.sleep(delay)
+        self.recorded += 1
+        log.info("dead letter %s recorded (%s)", request.request_id, error.get("type"))

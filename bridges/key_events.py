@@ -7,10 +7,10 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from bridges.store.pool import translated
 from inferstream.errors import StoreUnavailable
+from inferstream.retrying import POSTGRES_LISTEN, failure
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,9 @@ class KeyEvents:
             log.warning("ignoring key notification %r on %s", payload, self.channel)
 
     async def _connect(self) -> asyncpg.Connection:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(StoreUnavailable),
-            wait=wait_exponential_jitter(initial=0.1, max=2.0),
-            before_sleep=lambda state: log.warning(
-                "key notifications: connecting failed (%r); retrying", state.outcome and state.outcome.exception()
-            ),
+        async for attempt in POSTGRES_LISTEN.retrying(
+            StoreUnavailable,
+            before_sleep=lambda state: log.warning("key notifications: connecting failed (%r); retrying", failure(state)),
         ):
             with attempt, translated():
                 return await asyncpg.connect(self.dsn, timeout=PING_TIMEOUT_S)

@@ -6,16 +6,14 @@ Only the documented OpenAI wire format is used (``POST {base}/embeddings`` and
 
 Failures map onto the error tree: timeouts, connection errors, 408, 409,
 425, 429 and 5xx raise :class:`RetryableModelError` (with the ``Retry-After``
-seconds, if sent); other 4xx (400, 401, 403, 404, 422, ...) and answers that
+seconds, if sent: :func:`inferstream.retrying.parse_retry_after`); other 4xx (400, 401, 403, 404, 422, ...) and answers that
 do not parse raise :class:`FatalModelError`: the same request would fail again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
-import time
 from typing import Any
 
 import aiohttp
@@ -23,9 +21,10 @@ import orjson
 from mode import Service
 
 from inferstream.errors import FatalModelError, RetryableModelError
+from inferstream.retrying import parse_retry_after
 from inferstream.settings import Settings
 
-__all__ = ["ModelClient", "is_retryable_status", "parse_retry_after"]
+__all__ = ["ModelClient", "is_retryable_status"]
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +38,6 @@ RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 def is_retryable_status(status: int) -> bool:
     """Whether an HTTP error status from the model is worth another attempt."""
     return status >= 500 or status in RETRYABLE_4XX
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _usage(body: dict[str, Any]) -> Usage:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inferstream.errors import InferstreamError
+from inferstream.retrying import REDIS_SUBSCRIBE, any_error
 from inferstream.settings import Settings
 from schemas.documents import doc_at, step_of
 from schemas.records import STATUS_RANK
@@ -261,14 +261,14 @@ class NotificationHub:
         cache: RedisClient | None = None,
         queue_size: int = 16,
         ping_interval_s: float = 2.0,
-        backoff_max_s: float = 5.0,
+        backoff_max_s: float = REDIS_SUBSCRIBE.cap_s,
         connect_timeout_s: float = 0.5,
     ) -> None:
         self.settings = settings
         self.prefix = f"{settings.namespace}:events:"
         self._queue_size = queue_size
         self._ping_interval_s = ping_interval_s
-        self._backoff_max_s = backoff_max_s
+        self._reconnect = REDIS_SUBSCRIBE.tuned(REDIS_SUBSCRIBE.base_s, backoff_max_s)
         self._connect_timeout_s = connect_timeout_s
         self._subs: dict[str, set[Subscription]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -276,7 +276,6 @@ class NotificationHub:
         self._healthy_event = asyncio.Event()
         self._own_cache = cache is None
         self.cache = cache if cache is not None else RedisClient(settings)
-        self.reconnects = 0
 
     @property
     def healthy(self) -> bool:
@@ -356,36 +355,36 @@ class NotificationHub:
             sub.offer(doc)
 
     async def _run(self) -> None:
-        backoff = 0.1
         while True:
-            redis = _connect(
-                self.settings,
-                op_timeout_s=self._connect_timeout_s,
-                connect_timeout_s=self._connect_timeout_s,
-            )
-            pubsub = redis.pubsub()
-            try:
-                await pubsub.psubscribe(f"{self.prefix}*")
-                await self._listen(pubsub)
-            except _DOWN as exc:
-                if self._healthy:
-                    backoff = 0.1
-                    log.warning(
-                        "notification hub lost redis (%s); listeners fall back to polling", exc
-                    )
-                self._set_healthy(False)
-            except Exception:
+            # A fresh policy per live subscription: after losing one, the first reconnect is
+            # immediate and the backoff starts again from its shortest wait.
+            async for attempt in self._reconnect.retrying(any_error):
+                with attempt:
+                    await self._subscription()
+
+    async def _subscription(self) -> None:
+        """One connection's subscription; raises if it ended before it went live, returns if after."""
+        redis = _connect(
+            self.settings, op_timeout_s=self._connect_timeout_s, connect_timeout_s=self._connect_timeout_s
+        )
+        pubsub = redis.pubsub()
+        try:
+            await pubsub.psubscribe(f"{self.prefix}*")
+            await self._listen(pubsub)
+        except Exception as exc:
+            if not isinstance(exc, _DOWN):
                 # Keep the one subscription alive whatever happened; the traceback says what.
                 log.exception("notification hub failed; reconnecting")
-                self._set_healthy(False)
-            finally:
-                with contextlib.suppress(*_DOWN):
-                    await pubsub.aclose()
-                with contextlib.suppress(*_DOWN):
-                    await redis.aclose()
-            await asyncio.sleep(random.uniform(backoff / 2, backoff))
-            backoff = min(self._backoff_max_s, backoff * 2)
-            self.reconnects += 1
+            elif self._healthy:
+                log.warning("notification hub lost redis (%s); listeners fall back to polling", exc)
+            if not self._healthy:
+                raise
+        finally:
+            self._set_healthy(False)
+            with contextlib.suppress(*_DOWN):
+                await pubsub.aclose()
+            with contextlib.suppress(*_DOWN):
+                await redis.aclose()
 
     async def _listen(self, pubsub: PubSub) -> None:
         loop = asyncio.get_running_loop()

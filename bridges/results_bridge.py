@@ -4,7 +4,7 @@ Messages are taken with a large prefetch, gathered for up to ``batch_size``
 messages or ``batch_wait_ms``, handed to ``produce`` (which returns only when
 the log acknowledged every record), and only then acked, all at once with
 ``multiple=True``. If ``produce`` raises, nothing is acked and the same batch
-is retried with backoff; a bridge that dies leaves them unacked and RabbitMQ
+is retried (:data:`inferstream.retrying.LOG_PRODUCE`); a bridge that dies leaves them unacked and RabbitMQ
 redelivers them. Duplicates in the log are fine: its consumers are idempotent.
 Bodies pass through untouched; the key is the ``user_id`` header.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,8 +20,10 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from mode import Service
 from prometheus_client import Counter
+from tenacity import RetryCallState
 
 from bridges.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
+from inferstream.retrying import LOG_PRODUCE, any_error, failure, next_sleep
 from inferstream.settings import Settings
 
 __all__ = ["Produce", "ResultsBridge"]
@@ -60,8 +61,8 @@ class ResultsBridge(Service):
         batch_size: int = 500,
         batch_wait_ms: float = 5.0,
         prefetch: int = 500,
-        retry_base_s: float = 0.1,
-        retry_max_s: float = 5.0,
+        retry_base_s: float = LOG_PRODUCE.base_s,
+        retry_max_s: float = LOG_PRODUCE.cap_s,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -71,8 +72,7 @@ class ResultsBridge(Service):
         self.batch_size = max(1, batch_size)
         self.batch_wait_s = batch_wait_ms / 1000
         self.prefetch = max(prefetch, self.batch_size)
-        self.retry_base_s = retry_base_s
-        self.retry_max_s = retry_max_s
+        self.retry = LOG_PRODUCE.tuned(retry_base_s, retry_max_s)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._consumer: Consumer | None = None
         self.moved = 0
@@ -90,9 +90,6 @@ class ResultsBridge(Service):
                 await consumer.close()
             except AMQP_ERRORS as exc:
                 log.warning("closing the results consumer failed: %r", exc)
-
-    def health(self) -> dict[str, Any]:
-        return {"consuming": self._consumer is not None and self._consumer.consuming, "moved": self.moved}
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         await self._inbox.put(message)
@@ -129,16 +126,14 @@ class ResultsBridge(Service):
             BRIDGED.inc(len(batch))
 
     async def _produce_until_done(self, records: list[tuple[bytes, bytes]]) -> None:
-        attempt = 0
-        while True:
-            try:
+        # produce is an injected boundary: whatever it raises is logged with its traceback and retried.
+        def failed(state: RetryCallState) -> None:
+            PRODUCE_FAILURES.inc()
+            log.error(
+                "producing %d results failed (attempt %d); retrying in %.2fs",
+                len(records), state.attempt_number, next_sleep(state), exc_info=failure(state),
+            )  # fmt: skip
+
+        async for attempt in self.retry.retrying(any_error, before_sleep=failed):
+            with attempt:
                 await self.produce(records)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - produce is an injected boundary; log with traceback and retry
-                attempt += 1
-                PRODUCE_FAILURES.inc()
-                delay = random.uniform(0, min(self.retry_max_s, self.retry_base_s * 2 ** (attempt - 1)))
-                log.exception("producing %d results failed (attempt %d); retrying in %.2fs", len(records), attempt, delay)
-                await asyncio.sleep(delay)

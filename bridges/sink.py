@@ -3,7 +3,7 @@
 The caller (a Faust agent reading ``stream.take(...)``) hands over one batch at
 a time and acks the log offsets only after ``write`` returns, so a PostgreSQL
 outage stops the consumer instead of growing memory, and nothing is dropped:
-``write`` retries with exponential backoff and full jitter while the database
+``write`` retries (:data:`inferstream.retrying.POSTGRES_WRITE`) while the database
 is unreachable, until it succeeds or the sink is stopped. The upsert is
 idempotent, so a batch written twice (a timeout after the commit, a replayed
 offset) changes nothing the second time. Errors that another attempt cannot
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from tenacity import RetryCallState
+
 from bridges.store.rows import Event, passed_through
 from inferstream.errors import InferstreamError, StoreUnavailable
+from inferstream.retrying import POSTGRES_WRITE, failure, next_sleep
 from inferstream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,11 +41,6 @@ class UpsertStore(Protocol):
     async def reset(self) -> None: ...
 
 
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
-    return random.uniform(0.0, min(cap, base * 2 ** min(attempt - 1, 32)))
-
-
 class ResultSink:
     """Writes batches to PostgreSQL through ``store``; calls ``on_applied`` with the changed rows.
 
@@ -58,14 +55,13 @@ class ResultSink:
         store: UpsertStore,
         on_applied: OnApplied | None = None,
         *,
-        retry_base_s: float = 0.1,
-        retry_max_s: float = 5.0,
+        retry_base_s: float = POSTGRES_WRITE.base_s,
+        retry_max_s: float = POSTGRES_WRITE.cap_s,
     ) -> None:
         self.settings = settings
         self.store = store
         self.on_applied = on_applied
-        self.retry_base_s = retry_base_s
-        self.retry_max_s = retry_max_s
+        self.retry = POSTGRES_WRITE.tuned(retry_base_s, retry_max_s)
         self._stopped = asyncio.Event()
         # Counters for metrics and tests.
         self.batches_written = 0
@@ -81,29 +77,18 @@ class ResultSink:
         """Upsert ``items``; returns only once they are committed (or raises ``SinkStopped``)."""
         if not items:
             return
-        attempt = 0
-        while True:
-            if self._stopped.is_set():
-                raise SinkStopped(f"sink stopped with {len(items)} events unwritten")
-            attempt += 1
-            try:
+        async for attempt in self.retry.retrying(
+            StoreUnavailable, before_sleep=lambda state: self._failed(state, len(items)), sleep=self._sleep
+        ):
+            with attempt:
+                if self._stopped.is_set():
+                    raise SinkStopped(f"sink stopped with {len(items)} events unwritten")
                 # Rows already at the batch's status are reported too: a failed attempt may
                 # have committed, and a batch replayed after a crash (kill -9 between the
                 # PostgreSQL commit and the Redis write) finds its rows applied. Reporting only
                 # changed rows left the cache at `queued` and SSE without the terminal event.
                 # It costs ~8% of batched upsert throughput (bench/sink.py).
                 rows = await self.store.upsert_events(items, report_current=True)
-                break
-            except StoreUnavailable as exc:
-                self.failures += 1
-                delay = backoff(attempt, self.retry_base_s, self.retry_max_s)
-                log.warning(
-                    "sink: writing %d events to PostgreSQL failed (attempt %d): %s: %s; retrying in %.2fs",
-                    len(items), attempt, type(exc).__name__, exc, delay,
-                )  # fmt: skip
-                if exc.broken_connection:
-                    await self.store.reset()  # the pool itself may be closed or broken
-                await self._sleep(delay)
         self.batches_written += 1
         self.events_written += len(items)
         self.rows_changed += len(rows)
@@ -111,7 +96,18 @@ class ResultSink:
             passed_through(items, rows)
             await self._notify(rows)
 
+    async def _failed(self, state: RetryCallState, count: int) -> None:
+        exc = failure(state)
+        self.failures += 1
+        log.warning(
+            "sink: writing %d events to PostgreSQL failed (attempt %d): %s: %s; retrying in %.2fs",
+            count, state.attempt_number, type(exc).__name__, exc, next_sleep(state),
+        )  # fmt: skip
+        if isinstance(exc, StoreUnavailable) and exc.broken_connection:
+            await self.store.reset()  # the pool itself may be closed or broken
+
     async def _sleep(self, delay: float) -> None:
+        """Waits ``delay`` or until the sink is stopped; the next attempt then raises ``SinkStopped``."""
         try:
             await asyncio.wait_for(self._stopped.wait(), timeout=delay)
         except TimeoutError:

@@ -2,9 +2,9 @@
 
 Each delivery carries ``X-Inferstream-Signature: sha256=<hex HMAC-SHA256 of the raw body>``
 (key: ``settings.webhook_secret``) and ``X-Inferstream-Timestamp`` (Unix seconds of the
-attempt). Connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff
-and full jitter (a ``Retry-After`` header is honoured, capped) up to
-``settings.webhook_max_attempts``; any other status fails at once. After every attempt the
+attempt). Connection errors, timeouts, 408, 429 and 5xx are retried
+(:data:`inferstream.retrying.WEBHOOK_DELIVERY`: full-jitter backoff, a ``Retry-After`` header
+waited for, capped) up to ``settings.webhook_max_attempts``; any other status fails at once. After every attempt the
 delivery state goes to the injected ``record`` callback: ``pending`` while a retry is due,
 then ``delivered`` or ``failed``.
 
@@ -19,16 +19,17 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import aiohttp
 import orjson
+from tenacity import RetryCallState, RetryError
 from yarl import URL
 
 from inferstream.egress import EgressPolicy, EgressRefused, GuardedResolver
+from inferstream.retrying import WEBHOOK_DELIVERY, failure, parse_retry_after, retry_after
 from inferstream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,6 @@ class _Rejected(Exception):
     """The receiver refused the delivery for good (a 4xx other than 408/429, or a bad URL)."""
 
 
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP date: rare enough that our own backoff will do
-
-
 class WebhookSender:
     """Background webhook deliveries, at most ``concurrency`` at a time."""
 
@@ -87,8 +79,8 @@ class WebhookSender:
         resolver: aiohttp.abc.AbstractResolver | None = None,
         concurrency: int = 32,
         timeout_s: float = 10.0,
-        base_delay_s: float = 1.0,
-        max_delay_s: float = 60.0,
+        base_delay_s: float = WEBHOOK_DELIVERY.base_s,
+        max_delay_s: float = WEBHOOK_DELIVERY.cap_s,
     ) -> None:
         self.settings = settings
         self._record = record
@@ -99,8 +91,8 @@ class WebhookSender:
         self._resolver: GuardedResolver | None = None
         self._semaphore = asyncio.Semaphore(concurrency)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._base_delay_s = base_delay_s
-        self._max_delay_s = max_delay_s
+        self._retry = WEBHOOK_DELIVERY.tuned(base_delay_s, max_delay_s, settings.webhook_max_attempts)
+        self._backoff = self._retry.wait()
         self._tasks: set[asyncio.Task[DeliveryState]] = set()
         self._lock = asyncio.Lock()
 
@@ -146,33 +138,31 @@ class WebhookSender:
         """Deliver now, retrying as needed, and record the outcome."""
         body = orjson.dumps(doc)
         signature = sign(self.settings.webhook_secret, body)
-        max_attempts = max(1, self.settings.webhook_max_attempts)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                async with self._semaphore:
-                    await self._attempt(callback_url, body, signature)
-            except _Retry as exc:
-                if attempt >= max_attempts:
-                    log.warning(
-                        "webhook %s to %s failed after %d attempts: %s",
-                        request_id,
-                        callback_url,
-                        attempt,
-                        exc.reason,
-                    )
-                    await self._record(request_id, "failed", attempt, exc.reason)
-                    return "failed"
-                await self._record(request_id, "pending", attempt, exc.reason)
-                await asyncio.sleep(self._delay(attempt, exc.retry_after))
-            except _Rejected as exc:
-                log.warning("webhook %s to %s rejected: %s", request_id, callback_url, exc)
-                await self._record(request_id, "failed", attempt, str(exc))
-                return "failed"
-            else:
-                await self._record(request_id, "delivered", attempt, None)
-                return "delivered"
+
+        async def pending(state: RetryCallState) -> None:
+            await self._record(request_id, "pending", state.attempt_number, str(failure(state)))
+
+        retrying = self._retry.retrying(_Retry, before_sleep=pending, wait=self._wait)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    async with self._semaphore:
+                        await self._attempt(callback_url, body, signature)
+        except RetryError as gave_up:
+            attempts, reason = gave_up.last_attempt.attempt_number, str(gave_up.last_attempt.exception())
+            log.warning("webhook %s to %s failed after %d attempts: %s", request_id, callback_url, attempts, reason)
+            await self._record(request_id, "failed", attempts, reason)
+            return "failed"
+        except _Rejected as exc:
+            log.warning("webhook %s to %s rejected: %s", request_id, callback_url, exc)
+            await self._record(request_id, "failed", retrying.statistics["attempt_number"], str(exc))
+            return "failed"
+        await self._record(request_id, "delivered", retrying.statistics["attempt_number"], None)
+        return "delivered"
+
+    def _wait(self, state: RetryCallState) -> float:
+        """The jittered backoff, or the receiver's ``Retry-After`` (capped) if that is longer."""
+        return max(self._backoff(state), min(retry_after(state) or 0.0, self._retry.cap_s))
 
     async def _attempt(self, url: str, body: bytes, signature: str) -> None:
         session = await self._client()
@@ -199,7 +189,7 @@ class WebhookSender:
                     return
                 if resp.status >= 500 or resp.status in _RETRY_STATUSES:
                     raise _Retry(
-                        f"HTTP {resp.status}", _retry_after(resp.headers.get("Retry-After"))
+                        f"HTTP {resp.status}", parse_retry_after(resp.headers.get("Retry-After"))
                     )
                 raise _Rejected(f"HTTP {resp.status}")
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
@@ -208,13 +198,6 @@ class WebhookSender:
             raise _Rejected(f"invalid callback_url: {exc}") from exc
         except EgressRefused as exc:
             raise _Rejected(f"callback_url {exc}") from exc
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        ceiling = min(self._max_delay_s, self._base_delay_s * 2 ** (attempt - 1))
-        delay = random.uniform(0, ceiling)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self._max_delay_s))
-        return delay
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Let in-flight deliveries finish for up to ``timeout_s``, cancel the rest, close the session.

@@ -28,6 +28,7 @@ from inferstream.settings import Settings
 __all__ = [
     "AGENT_BATCH",
     "DEAD_LETTER_RECORD",
+    "Hook",
     "LOG_PRODUCE",
     "POSTGRES_LISTEN",
     "POSTGRES_WRITE",

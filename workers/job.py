@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from tenacity import RetryCallState, RetryError
 
 from inferstream import clock
 from inferstream.errors import ModelError
+from inferstream.retrying import failure, next_sleep
 from schemas.records import InferenceRequest, ResultEvent
 from workers import metrics
 from workers.endpoint import DeadlinePassed, Endpoint, RetryBudgetSpent
@@ -40,39 +42,47 @@ class Job:
         """
         req = self.req
         budget = policy.budget()
+        retry = policy.for_request(budget, req.deadline_at)
         last: dict[str, Any] | None = None
-        while True:
-            if req.deadline_at is not None and clock.now() >= req.deadline_at:
-                return self.event("expired"), False
-            self.attempts += 1
-            try:
-                result, usage = await self.endpoint.infer(
-                    req.model, list(req.input), req.params, req.deadline_at, budget
-                )
-            except DeadlinePassed:
-                self.attempts -= 1  # it expired waiting for the endpoint: no call was made
-                return self.event("expired"), False
-            except RetryBudgetSpent as spent:
-                self.attempts -= 1
-                error = last or {"type": "retry_budget_spent", "message": str(spent)}
-                return self._failed(error, "retry_budget_spent", budget), True
-            except ModelError as err:
-                now = clock.now()
-                # A call went out before it failed, so the budget has started: start() gives its end.
-                decision = policy.decide(
-                    err, self.attempts, now=now, budget_end=budget.start(now), deadline_at=req.deadline_at
-                )
-                self.history.append(attempt_record(self.attempts, now, err, decision.delay))
-                last = error_info(err)
-                if decision.reason == "deadline":
-                    return self.event("expired"), False
-                if decision.delay is None:
-                    assert decision.reason is not None
-                    return self._failed(last, decision.reason, budget), True
-                metrics.RETRIES.labels(self.endpoint.label).inc()
-                await asyncio.sleep(decision.delay)
-                continue
-            return self.event("completed", result=result, usage=usage or None), False
+
+        def retrying_in(state: RetryCallState) -> None:
+            nonlocal last
+            error = failure(state)
+            assert isinstance(error, ModelError)
+            self.history.append(attempt_record(self.attempts, clock.now(), error, next_sleep(state)))
+            last = error_info(error)
+            metrics.RETRIES.labels(self.endpoint.label).inc()
+
+        try:
+            async for attempt in retry.retrying(before_sleep=retrying_in):
+                with attempt:
+                    if req.deadline_at is not None and clock.now() >= req.deadline_at:
+                        return self.event("expired"), False
+                    self.attempts += 1
+                    result, usage = await self.endpoint.infer(
+                        req.model, list(req.input), req.params, req.deadline_at, budget
+                    )
+                    return self.event("completed", result=result, usage=usage or None), False
+        except DeadlinePassed:
+            self.attempts -= 1  # it expired waiting for the endpoint: no call was made
+            return self.event("expired"), False
+        except RetryBudgetSpent as spent:
+            self.attempts -= 1
+            error = last or {"type": "retry_budget_spent", "message": str(spent)}
+            return self._failed(error, "retry_budget_spent", budget), True
+        except ModelError as fatal:  # not retryable: raised at once
+            return self._gave_up(fatal, "fatal", budget)
+        except RetryError as stopped:
+            err = stopped.last_attempt.exception()
+            assert isinstance(err, ModelError) and retry.reason is not None
+            return self._gave_up(err, retry.reason, budget)
+        raise AssertionError("tenacity ended without an outcome")
+
+    def _gave_up(self, error: ModelError, reason: GiveUp, budget: RetryBudget) -> tuple[ResultEvent, bool]:
+        self.history.append(attempt_record(self.attempts, clock.now(), error, None))
+        if reason == "deadline":
+            return self.event("expired"), False
+        return self._failed(error_info(error), reason, budget), True
 
     def _failed(self, error: dict[str, Any], reason: GiveUp, budget: RetryBudget) -> ResultEvent:
         elapsed = budget.elapsed(clock.now())

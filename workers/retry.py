@@ -12,27 +12,19 @@ waits for, so time is what bounds the retries. A fatal error stops at once.
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from tenacity import AsyncRetrying, RetryCallState
+
+from inferstream import clock
 from inferstream.errors import ModelError, RetryableModelError
+from inferstream.retrying import Hook, Policy, model_call, retry_after
 from inferstream.settings import Settings
 
 # Why retrying stopped: "deadline" ends as `expired`, the others as `failed` (dead-lettered).
 GiveUp = Literal["fatal", "max_attempts", "retry_budget_spent", "deadline"]
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Retry after ``delay`` seconds, or (``delay is None``) stop for ``reason``."""
-
-    delay: float | None
-    reason: GiveUp | None = None
-
-    @classmethod
-    def stop(cls, reason: GiveUp) -> Decision:
-        return cls(None, reason)
 
 
 @dataclass
@@ -58,56 +50,72 @@ class RetryBudget:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Attempt ``n`` (1-based) that failed waits ``uniform(0, min(cap, base * 2**(n-1)))``.
+    """The model-call backoff (:func:`inferstream.retrying.model_call`) within a retry budget of ``budget_s``."""
 
-    A server's ``retry_after`` is added to that wait and may exceed ``cap``:
-    retrying earlier than asked only earns another refusal, and the jitter on
-    top keeps requests refused together from all coming back in the same
-    instant. The request's limit bounds every wait, so one bad header parks a
-    request no longer than its budget; a ``retry_after`` that ends past the
-    limit stops retrying now.
-    """
-
-    base_s: float
-    cap_s: float
-    max_attempts: int
+    backoff: Policy
     budget_s: float
-    rng: random.Random = field(default_factory=random.Random, compare=False)
 
     @classmethod
-    def from_settings(cls, settings: Settings, rng: random.Random | None = None) -> RetryPolicy:
-        return cls(
-            base_s=settings.ml_retry_base_s,
-            cap_s=settings.ml_retry_max_s,
-            max_attempts=max(1, settings.ml_max_attempts),
-            budget_s=max(0.0, settings.ml_retry_budget_s),
-            rng=rng or random.Random(),
-        )
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(model_call(settings), max(0.0, settings.ml_retry_budget_s))
 
     def budget(self) -> RetryBudget:
         return RetryBudget(self.budget_s)
 
-    def backoff(self, attempt: int) -> float:
-        """The jittered wait after failed attempt ``attempt``, before ``Retry-After`` and limits."""
-        return self.rng.uniform(0.0, min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1))))
+    def for_request(
+        self, budget: RetryBudget, deadline_at: float | None, *, now: Callable[[], float] = clock.now
+    ) -> RequestRetry:
+        return RequestRetry(self.backoff, budget, deadline_at, now)
 
-    def decide(
-        self, error: ModelError, attempt: int, *, now: float, budget_end: float, deadline_at: float | None = None
-    ) -> Decision:
-        """Whether (and when) to make attempt ``attempt + 1``; times are wall-clock seconds."""
-        if not isinstance(error, RetryableModelError):
-            return Decision.stop("fatal")
-        if attempt >= self.max_attempts:
-            return Decision.stop("max_attempts")
-        limit: float = budget_end
-        cut_by: GiveUp = "retry_budget_spent"
-        if deadline_at is not None and deadline_at <= budget_end:
-            limit, cut_by = deadline_at, "deadline"
-        remaining = limit - now
-        if remaining <= 0 or (error.retry_after is not None and error.retry_after >= remaining):
-            return Decision.stop(cut_by)
-        wait = self.backoff(attempt) + (error.retry_after or 0.0)
-        return Decision(min(wait, remaining))
+
+class RequestRetry:
+    """One request's retries as tenacity ``stop`` and ``wait``; ``reason`` says why they stopped.
+
+    Failed attempt ``n`` waits the policy's full-jitter backoff plus the server's ``retry_after``,
+    which may exceed the cap: retrying earlier than asked only earns another refusal, and the
+    jitter on top keeps requests refused together from all coming back in the same instant. The
+    request's limit (the budget's end, or its deadline if earlier) bounds every wait, so one bad
+    header parks a request no longer than its budget; a ``retry_after`` that ends past the limit
+    stops retrying now, as does the attempt cap.
+    """
+
+    def __init__(
+        self, backoff: Policy, budget: RetryBudget, deadline_at: float | None, now: Callable[[], float]
+    ) -> None:
+        self.policy = backoff
+        self.budget = budget
+        self.deadline_at = deadline_at
+        self.reason: GiveUp | None = None
+        self._now = now
+        self._backoff = backoff.wait()
+        self._stop_at_cap = backoff.stop()
+
+    def _limit(self) -> tuple[float, GiveUp]:
+        """Seconds left before the request's limit, and what that limit is."""
+        now = self._now()
+        end = self.budget.start(now)  # a call went out before it failed: the budget has started
+        if self.deadline_at is not None and self.deadline_at <= end:
+            return self.deadline_at - now, "deadline"
+        return end - now, "retry_budget_spent"
+
+    def stop(self, state: RetryCallState) -> bool:
+        if self._stop_at_cap(state):
+            self.reason = "max_attempts"
+            return True
+        remaining, cut_by = self._limit()
+        asked = retry_after(state)
+        if remaining <= 0 or (asked is not None and asked >= remaining):
+            self.reason = cut_by
+            return True
+        return False
+
+    def wait(self, state: RetryCallState) -> float:
+        remaining, _ = self._limit()
+        return max(0.0, min(self._backoff(state) + (retry_after(state) or 0.0), remaining))
+
+    def retrying(self, before_sleep: Hook | None = None) -> AsyncRetrying:
+        """Retries :class:`RetryableModelError`; any other error is raised at once (``fatal``)."""
+        return self.policy.retrying(RetryableModelError, before_sleep=before_sleep, wait=self.wait, stop=self.stop)
 
 
 def error_info(error: ModelError) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from bridges.model import ModelClient
 from bridges.rabbitmq import AMQP_ERRORS, Consumer, PublishError, RabbitClient
 from inferstream import clock
 from inferstream.coalesce import CoalescedLookup
+from inferstream.retrying import TERMINAL_PUBLISH, failure, next_sleep
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from workers import metrics
@@ -265,21 +266,21 @@ class MLWorker(Service):
 
     async def _publish_terminal(self, job: Job, event: ResultEvent, dead: bool) -> None:
         """Publish until confirmed: the message is not acked before, so a crash here redelivers it."""
-        delay = 0.05
         dead_sent = not dead
-        while True:
-            try:
+        async for attempt in TERMINAL_PUBLISH.retrying(
+            PublishError,
+            before_sleep=lambda state: log.warning(
+                "terminal event of %s not confirmed, retrying in %.2fs: %r",
+                event.request_id, next_sleep(state), failure(state),
+            ),  # fmt: skip
+        ):
+            with attempt:
                 if not dead_sent:
                     # The attempt history travels in its own header, not twice.
                     error = {k: v for k, v in (event.error or {}).items() if k != "history"}
                     await self.rabbit.publish_dead_letter(job.req, job.history, error)
                     dead_sent = True
                 await self.rabbit.publish_result(event)
-                return
-            except PublishError as exc:
-                log.warning("terminal event of %s not confirmed, retrying in %.2fs: %r", event.request_id, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     @staticmethod
     async def _settle(message: AbstractIncomingMessage, *, requeue: bool = False, reject: bool = False) -> None:

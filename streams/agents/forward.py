@@ -1,7 +1,7 @@
 """Agent: requests topic -> RabbitMQ work queues, offsets committed only after the publisher confirms.
 
-A batch is published with confirms and retried with backoff until RabbitMQ takes
-it (the partition waits meanwhile: that is the back-pressure). Faust acks the
+A batch is published with confirms and retried (:data:`inferstream.retrying.REQUEST_PUBLISH`)
+until RabbitMQ takes it (the partition waits meanwhile: that is the back-pressure). Faust acks the
 batch's offsets only after this body returns, so a crash re-publishes the batch;
 duplicates are harmless because everything downstream is idempotent by request id.
 Then a ``dispatched`` status event per request goes to the results topic.
@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import faust
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from bridges.rabbitmq import PublishError, RabbitClient
 from inferstream import clock
+from inferstream.retrying import REQUEST_PUBLISH, failure
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from streams.agents.guard import until_done
@@ -37,15 +37,12 @@ log = logging.getLogger(__name__)
 
 
 async def publish_confirmed(rabbit: RabbitClient, batch: Sequence[InferenceRequest]) -> None:
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(PublishError),
-        wait=wait_exponential_jitter(initial=0.1, max=5.0),
-        before_sleep=lambda rs: log.warning(
+    async for attempt in REQUEST_PUBLISH.retrying(
+        PublishError,
+        before_sleep=lambda state: log.warning(
             "publishing %d requests to RabbitMQ failed (attempt %d), retrying: %r",
-            len(batch),
-            rs.attempt_number,
-            rs.outcome.exception() if rs.outcome else None,
-        ),
+            len(batch), state.attempt_number, failure(state),
+        ),  # fmt: skip
     ):
         with attempt:
             await rabbit.publish_requests(batch)
