@@ -15,11 +15,29 @@ from workers.retry import RetryBudget
 
 
 class FakeClock:
+    """A clock the test moves; ``read_by(n)`` waits until it has been read ``n`` times in all.
+
+    An open breaker's ``acquire`` reads the clock to work out how long to wait, then waits
+    without another ``await`` in between: once a waiter has read it, it is parked.
+    """
+
     def __init__(self) -> None:
         self.t = 0.0
+        self.reads = 0
+        self._read = asyncio.Condition()
 
     def __call__(self) -> float:
+        self.reads += 1
+        asyncio.get_running_loop().create_task(self._notify())
         return self.t
+
+    async def _notify(self) -> None:
+        async with self._read:
+            self._read.notify_all()
+
+    async def read_by(self, n: int) -> None:
+        async with self._read:
+            await asyncio.wait_for(self._read.wait_for(lambda: self.reads >= n), 5)
 
 
 async def test_opens_after_threshold_and_probes_half_open() -> None:
@@ -31,18 +49,19 @@ async def test_opens_after_threshold_and_probes_half_open() -> None:
     assert b.state == "closed"
     b.on_failure(False)
     assert b.state == "open"
-    waiter = asyncio.ensure_future(b.acquire())
-    await asyncio.sleep(0.01)
-    assert not waiter.done()
+    reads = clock.reads
+    first, second = asyncio.ensure_future(b.acquire()), asyncio.ensure_future(b.acquire())
+    await clock.read_by(reads + 4)  # each waiter read it twice (state, then its wait): both parked while open
+    assert not first.done() and not second.done()
     clock.t = 5.0
-    assert b.state == "half_open"
-    assert await asyncio.wait_for(waiter, 1) is True  # the probe
-    second = asyncio.ensure_future(b.acquire())
-    await asyncio.sleep(0.01)
-    assert not second.done(), "only one probe while half-open"
+    assert b.state == "half_open"  # wakes both; one becomes the probe, the other waits again
+    done, _ = await asyncio.wait({first, second}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    assert len(done) == 1 and done.pop().result() is True  # the probe
+    other = second if first.done() else first
+    assert not other.done(), "only one probe while half-open"
     b.on_success(True)
     assert b.state == "closed"
-    assert await asyncio.wait_for(second, 1) is False
+    assert await asyncio.wait_for(other, 1) is False
     assert changes == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
 
 
@@ -69,12 +88,17 @@ async def test_success_resets_the_count_and_cancelled_probe_frees_the_slot() -> 
     b.on_failure(False)
     assert b.state == "closed"
     b.on_failure(False)
+    reads = clock.reads
+    probe, other = asyncio.ensure_future(b.acquire()), asyncio.ensure_future(b.acquire())
+    await clock.read_by(reads + 4)  # both parked while open
     clock.t = 1.0
-    assert await b.acquire() is True
-    other = asyncio.ensure_future(b.acquire())
-    await asyncio.sleep(0.01)
-    b.release(True)
-    assert await asyncio.wait_for(other, 1) is True
+    assert b.state == "half_open"  # wakes both
+    done, _ = await asyncio.wait({probe, other}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    assert [t.result() for t in done] == [True]
+    waiting = other if probe in done else probe
+    assert not waiting.done()
+    b.release(True)  # the probe's call was cancelled: the waiting caller probes instead
+    assert await asyncio.wait_for(waiting, 1) is True
 
 
 async def test_late_success_of_a_non_probe_does_not_close_an_open_breaker() -> None:
@@ -136,9 +160,10 @@ async def test_the_budget_starts_at_the_first_call_not_while_waiting_for_a_slot(
     """A prefetched message queued behind a backlog keeps its whole budget for its own calls."""
     settings = Settings(ml_concurrency=1)
     endpoint = Endpoint(settings, ModelClient(settings), "generate")
-    release = asyncio.Event()
+    called, release = asyncio.Event(), asyncio.Event()
 
     async def slow() -> str:
+        called.set()
         await release.wait()
         return "first"
 
@@ -146,11 +171,11 @@ async def test_the_budget_starts_at_the_first_call_not_while_waiting_for_a_slot(
         return "second"
 
     first = asyncio.ensure_future(endpoint.call(slow))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(called.wait(), 5)  # the first holds the only slot
     budget = RetryBudget(0.1)  # shorter than its wait for the only slot
     second = asyncio.ensure_future(endpoint.call(quick, budget=budget))
-    await asyncio.sleep(0.3)
-    assert budget.started_at is None and not second.done()
+    done, _ = await asyncio.wait({second}, timeout=0.3)  # three budgets' time waiting for the slot
+    assert not done and budget.started_at is None
     release.set()
     assert await first == "first" and await second == "second"
     assert budget.started_at is not None
