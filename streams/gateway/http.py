@@ -7,7 +7,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import orjson
+import msgspec
 from aiohttp import web
 
 from inferstream.errors import InvalidRequest, PayloadTooLarge, PublicError
@@ -16,11 +16,13 @@ from streams.gateway.errors import http_status
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
+_encode = msgspec.json.Encoder().encode
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """``body`` (a contract model from ``schemas.documents``, or plain JSON data) as ``application/json``."""
     return web.Response(
-        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+        body=_encode(body), status=status, headers=headers, content_type="application/json"
     )
 
 

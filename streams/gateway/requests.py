@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from aiokafka.errors import KafkaError
 
@@ -15,8 +16,8 @@ from inferstream.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from inferstream.ids import is_request_id, new_request_id
 from inferstream.tokens import estimate_tokens
 from schemas.api import check_callback_url, parse_submission
-from schemas.documents import request_doc
-from schemas.records import TERMINAL, InferenceRequest
+from schemas.documents import Accepted, Links, request_doc
+from schemas.records import TERMINAL, InferenceRequest, Status
 from streams.gateway import metrics
 from streams.gateway.context import Gateway
 from streams.gateway.http import api_key, error_response, json_response, query_int, read_body
@@ -26,6 +27,7 @@ from tables.idempotency import fingerprint
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255
+STATUSES = frozenset(Status)
 
 
 async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
@@ -80,17 +82,18 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
         callback_url=sub.callback_url,
     )
     self_url = f"/v1/requests/{request_id}"
-    answer = {
-        "request_id": request_id,
-        "status": "queued",
-        "estimated_tokens": estimated,
-        "created_at": clock.iso(now),
-        "links": {"self": self_url, "events": f"{self_url}/events"},
-    }
+    answer = Accepted(
+        request_id=request_id,
+        status="queued",
+        estimated_tokens=estimated,
+        created_at=clock.iso(now) or "",
+        links=Links(self_=self_url, events=f"{self_url}/events"),
+    )
     headers = {**admission.headers(), "Location": self_url}
     charged = [gw.quota.written(user)]
     if idem_key is not None:
-        gw.idempotency.remember(user, idem_key, body_fp, {"status": 202, "headers": headers, "body": answer})
+        replay = {"status": 202, "headers": headers, "body": msgspec.to_builtins(answer)}
+        gw.idempotency.remember(user, idem_key, body_fp, replay)
         charged.append(gw.idempotency.written(user))
     # ---- awaits from here on ------------------------------------------------
     try:
@@ -134,7 +137,7 @@ async def get_one(gw: Gateway, request: web.Request, request_id: str) -> web.Str
 async def list_mine(gw: Gateway, request: web.Request) -> web.StreamResponse:
     principal = await gw.keys.authenticate(api_key(request))
     status = request.query.get("status")
-    if status is not None and status not in ("queued", "dispatched", "running", *TERMINAL):
+    if status is not None and status not in STATUSES:
         raise InvalidRequest(f"unknown status {status!r}", field="status")
     limit = query_int(request, "limit", 20, 1, 100)
     after = request.query.get("after")

@@ -135,6 +135,17 @@ async def test_errors_are_json(
     for (status, body, _), want_status, want_type in cases:
         assert status == want_status, body
         assert body["error"]["type"] == want_type and body["error"]["message"], body
+    # Each invalid field is named, as the spec's schema says it would be refused.
+    named = [
+        (await api.submit({"task": "embed", "input": "x", "model": ""}), "model"),
+        (await api.submit({"task": "embed", "input": ["x"], "deadline_s": 0}), "deadline_s"),
+        (await api.submit({"task": "generate", "input": "x", "params": {"max_tokens": 0}}), "params.max_tokens"),
+        (await api.call("GET", "/v1/requests?after=page2"), "after"),
+        (await api.call("GET", "/v1/requests?status=done"), "status"),
+    ]
+    for (status, body, _), field in named:
+        assert status == 400 and body["error"]["type"] == "invalid_request", body
+        assert body["error"]["field"] == field, body
 
 
 async def test_another_users_request_is_404(
