@@ -18,7 +18,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from inferstream import clock
 from inferstream.settings import Settings
 from streams.logread import read_topic
-from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

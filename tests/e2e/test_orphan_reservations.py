@@ -19,7 +19,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from inferstream import clock
 from inferstream.ids import new_request_id
-from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

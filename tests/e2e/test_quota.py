@@ -16,7 +16,8 @@ from aiokafka import AIOKafkaProducer
 
 from inferstream.tokens import estimate_tokens
 from schemas.records import InferenceRequest, ResultEvent
-from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

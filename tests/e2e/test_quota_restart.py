@@ -14,7 +14,8 @@ import pytest
 
 from inferstream import clock
 from streams.audit import audit
-from tests.support.pipeline import Api, Pipeline, wait_for
+from tests.support.pipeline import Api, Pipeline
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

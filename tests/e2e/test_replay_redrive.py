@@ -12,7 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

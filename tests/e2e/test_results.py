@@ -19,8 +19,9 @@ from inferstream.ids import new_request_id
 from schemas.records import ResultEvent
 from tests.support.listener import loopback_listener
 from tests.support.modelserver import model_faults
-from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess
 from tests.support.sse import read_sse
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

@@ -21,9 +21,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.support.modelserver import free_port, model_faults
-from tests.support.pipeline import Api, Pipeline, wait_for
+from tests.support.pipeline import Api, Pipeline
 from tests.support.services import postgres_stopped
 from tests.support.sse import read_sse
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

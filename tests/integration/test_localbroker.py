@@ -7,9 +7,8 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,18 +24,10 @@ from inferstream.localbroker import (
     port_is_free,
     probe,
 )
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture
@@ -79,7 +70,7 @@ async def test_produce_and_consume_then_stop_frees_the_port(tmp_path: Path) -> N
     finally:
         broker.stop()
     assert broker.process is None
-    assert _wait_until(lambda: port_is_free(port)), f"port {port} still taken after stop()"
+    await wait_for(lambda: port_is_free(port), timeout=10, what=f"port {port} free after stop()")
     assert "listening on" in (tmp_path / "tansu.log").read_text()
 
 
@@ -124,7 +115,7 @@ def test_stop_is_idempotent(tmp_path: Path) -> None:
     assert broker.pid is None
 
 
-def test_cli_start_status_stop(tmp_path: Path) -> None:
+async def test_cli_start_status_stop(tmp_path: Path) -> None:
     port = free_port()
     pidfile = tmp_path / "broker.pid"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -147,5 +138,5 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
         stopped = cli("stop", "--pidfile", str(pidfile))
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not pidfile.exists()
-    assert _wait_until(lambda: port_is_free(port))
+    await wait_for(lambda: port_is_free(port), timeout=10, what=f"port {port} free after stop")
     assert cli("status", "--port", str(port)).returncode == 1

@@ -22,7 +22,7 @@ from schemas.documents import request_doc
 from schemas.migrate import migrate, migrations
 from schemas.plans import DEFAULT_PLAN, KeyRecord, Plan
 from schemas.records import InferenceRequest, ResultEvent
-from tests.support.pipeline import wait_for
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -152,9 +152,9 @@ async def test_key_events_reconnect_and_reload_after_the_connection_is_killed(st
     )
     running = asyncio.ensure_future(events.run())
     try:
-        await wait_for(lambda: _true(events.connected), timeout=10, what="listener connected")
+        await wait_for(lambda: events.connected, timeout=10, what="listener connected")
         key = await store.keys.create_key("jay")
-        await wait_for(lambda: _true(digests), timeout=5, what="the create notification")
+        await wait_for(lambda: digests, timeout=5, what="the create notification")
         pool = await store.connect()
         killed = await pool.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -162,18 +162,14 @@ async def test_key_events_reconnect_and_reload_after_the_connection_is_killed(st
             f"%{store.keys.channel}%",
         )
         assert killed >= 1
-        await wait_for(lambda: _true(len(connects) >= 2 and events.connected), timeout=15, what="reconnected")
+        await wait_for(lambda: len(connects) >= 2 and events.connected, timeout=15, what="reconnected")
         await store.keys.revoke_key(key)
-        await wait_for(lambda: _true(len(digests) >= 2), timeout=5, what="a notification after reconnecting")
+        await wait_for(lambda: len(digests) >= 2, timeout=5, what="a notification after reconnecting")
         assert digests == [hash_key(store.settings.key_secret, key)] * 2
     finally:
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
-
-
-async def _true(value: object) -> bool:
-    return bool(value)
 
 
 async def test_plans_default_set_and_update(store: Store) -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,6 +14,7 @@ from bridges.results_bridge import ResultsBridge
 from inferstream.localbroker import free_port
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +25,6 @@ def make_req(priority: str = "normal", task: str = "generate", model: str = "sim
         input=["hello"], estimated_tokens=5, created_at=time.time(), quota_day="2030-01-01",
         priority=priority, **extra,
     )
-
-
-async def until(cond: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -111,31 +103,30 @@ async def test_results_bridge_moves_batches_and_never_acks_a_failed_produce(
     try:
         for e in events:
             await rabbit.publish_result(e)
-        await until(lambda: _true(failing["calls"] >= 3))  # retried, and nothing acked meanwhile
+        # retried, and nothing acked meanwhile
+        await wait_for(lambda: failing["calls"] >= 3, timeout=10, what="three failed produces")
         assert got == []
-        await until(lambda: _count_is(rabbit, rabbit.results_queue_name, 0))  # all held unacked by the bridge
+        # all held unacked by the bridge
+        await wait_for(lambda: _count_is(rabbit, rabbit.results_queue_name, 0), timeout=10, what="an empty results queue")
     finally:
         await bridge.stop()
     # Unacked messages went back to the queue when the bridge's channel closed.
-    await until(lambda: _count_is(rabbit, rabbit.results_queue_name, 50))
+    await wait_for(lambda: _count_is(rabbit, rabbit.results_queue_name, 50), timeout=10, what="50 messages in the results queue")
 
     failing["on"] = False
     bridge = ResultsBridge(settings, rabbit, produce)
     await bridge.start()
     try:
-        await until(lambda: _true(len(got) >= 50))
+        await wait_for(lambda: len(got) >= 50, timeout=10, what="50 results produced")
     finally:
         await bridge.stop()
     assert sorted(v for _, v in got) == sorted(e.to_bytes() for e in events)  # bodies untouched
     assert {k for k, _ in got} == {e.user_id.encode() for e in events}
     assert dict(got)[events[0].user_id.encode()] == events[0].to_bytes()
-    await until(lambda: _count_is(rabbit, rabbit.results_queue_name, 0))
+    await wait_for(lambda: _count_is(rabbit, rabbit.results_queue_name, 0), timeout=10, what="an empty results queue")
     assert bridge.moved == 50
 
 
 async def _count_is(rabbit: RabbitClient, queue: str, n: int) -> bool:
     return await rabbit.message_count(queue) == n
 
-
-async def _true(value: bool) -> bool:
-    return value

@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -20,19 +20,12 @@ from inferstream.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 from schemas.migrate import migrate
 from schemas.records import InferenceRequest, ResultEvent
-from tests.support.services import pg_ctl
+from tests.support.services import pg_ctl, postgres_up
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 T0 = 1_800_000_000.0
-
-
-async def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +100,7 @@ async def test_write_waits_for_an_unreachable_postgres(settings: Settings) -> No
     batch: list[Event] = [*reqs, *done]
     task = asyncio.create_task(sink.write(batch))
     try:
-        await wait_for(lambda: sink.failures >= 3, 10, "three failed attempts")
+        await wait_for(lambda: sink.failures >= 3, timeout=10, what="three failed attempts")
         assert not task.done()
         store.pool.dsn = DSN  # PostgreSQL "comes back"
         await asyncio.wait_for(task, 10)
@@ -176,20 +169,6 @@ async def test_a_missing_table_is_raised_not_retried(settings: Settings) -> None
     assert sink.failures == 0
 
 
-async def wait_postgres_up(within: float) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        try:
-            conn = await asyncpg.connect(DSN, timeout=2)
-        except (OSError, asyncpg.PostgresError):
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.1)
-        else:
-            await conn.close()
-            return
-
-
 @pytest.mark.integration
 @pytest.mark.skipif(
     not os.path.isdir("/etc/postgresql"), reason="needs a local pg_ctlcluster PostgreSQL"
@@ -213,13 +192,17 @@ async def test_postgres_restart_mid_load_loses_nothing(settings: Settings) -> No
 
     task = asyncio.create_task(load())
     try:
-        await wait_for(lambda: written >= 5, 30, "the first batches")
+        await wait_for(lambda: written >= 5, timeout=30, what="the first batches")
         await pg_ctl("stop")
-        await wait_for(lambda: sink.failures >= 3, 30, "the sink to notice PostgreSQL is down")
+        await wait_for(
+            lambda: sink.failures >= 3, timeout=30, what="the sink to notice PostgreSQL is down"
+        )
         assert not task.done()
     finally:
         await pg_ctl("start")
-        await wait_postgres_up(60)
+        await wait_for(
+            lambda: postgres_up(DSN), timeout=60, interval=0.1, what="PostgreSQL back up"
+        )
     try:
         await asyncio.wait_for(task, 60)
     finally:

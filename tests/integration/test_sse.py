@@ -18,6 +18,7 @@ from bridges.redis import NotificationHub, RedisClient
 from inferstream.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 from streams.gateway.sse import stream_events
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -57,13 +58,6 @@ async def read_stream(resp: aiohttp.ClientResponse) -> AsyncIterator[Event]:
 async def events_until_end(resp: aiohttp.ClientResponse, timeout_s: float = 10.0) -> list[Event]:
     async with asyncio.timeout(timeout_s):
         return [e async for e in read_stream(resp) if e.kind == "event"]
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -146,7 +140,7 @@ async def test_events_in_order_with_ids_and_end_after_terminal(
             rest = [e async for e in stream if e.kind == "event"]
     assert [(e.id, e.event) for e in rest] == [(2, "dispatched"), (3, "running"), (4, "completed")]
     assert rest[-1].data == later[-1]
-    await until(lambda: hub.listeners == 0)
+    await wait_for(lambda: hub.listeners == 0, timeout=5, what="no listeners")
 
 
 async def test_resume_with_last_event_id(
@@ -371,7 +365,9 @@ async def test_redis_lost_mid_stream_then_back(
             stream = read_stream(resp)
             assert (await anext(stream)).event == "queued"
             await proxy.cut()
-            await until(lambda: not hub.healthy)
+            await wait_for(
+                lambda: not hub.healthy, timeout=5, what="the hub to notice Redis is gone"
+            )
             store["req_5"] = doc("req_5", "completed")  # published while the hub is deaf
             async with asyncio.timeout(10):
                 rest = [e async for e in stream if e.kind == "event"]
@@ -397,7 +393,7 @@ async def test_client_disconnect_cleans_up_quietly(
     async with aiohttp.ClientSession() as http, http.get(f"{base}/events/req_7") as resp:
         assert (await anext(read_stream(resp))).event == "queued"
         assert hub.listeners == 1
-    await until(lambda: hub.listeners == 0)
+    await wait_for(lambda: hub.listeners == 0, timeout=5, what="no listeners")
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
@@ -437,7 +433,7 @@ async def test_one_server_holds_1000_streams(
             await asyncio.gather(*tasks)
         done = time.perf_counter()
     assert all(received[rid] == ["queued", "completed"] for rid in ids)
-    await until(lambda: hub.listeners == 0)
+    await wait_for(lambda: hub.listeners == 0, timeout=5, what="no listeners")
     print(
         f"\n{n} SSE streams: opened in {opened - started:.2f}s, all terminal events received {done - opened:.2f}s after publish"
     )

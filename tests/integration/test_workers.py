@@ -28,6 +28,7 @@ from tests.support.modelserver import (
     stop_modelserver,
     wait_healthy,
 )
+from tests.support.wait import wait_for
 from workers.worker import IsCancelled, MLWorker, no_cancellations
 
 pytestmark = pytest.mark.integration
@@ -40,19 +41,6 @@ def make_req(priority: str = "normal", task: str = "generate", model: str = "sim
         input=extra.pop("input", ["hello there"]), estimated_tokens=10, created_at=time.time(),
         quota_day="2030-01-01", priority=priority, **extra,
     )
-
-
-async def until(cond: Callable[[], Awaitable[bool] | bool], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        value = cond()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 class Admin:
@@ -97,7 +85,7 @@ class Results:
             await self._drain()
             return set(ids) <= set(self.terminal())
 
-        await until(done, within)
+        await wait_for(done, timeout=within, what=f"{len(ids)} terminal events")
         terminals = [e.request_id for e in self.events if e.is_terminal]
         assert len(terminals) == len(set(terminals)), "exactly one terminal event per request"
         return self.terminal()
@@ -270,7 +258,7 @@ async def test_half_failing_model_pauses_on_the_breaker_and_completes_every_requ
     closed = [r for r in caplog.records if "half_open -> closed" in r.getMessage()]
     assert opened and closed, "the breaker opened and closed again"
     assert max(e.attempts for e in done.values()) > 1
-    await until(lambda: worker.endpoints["generate"].breaker.state == "closed" and worker.health()["consuming"])
+    await wait_for(lambda: worker.endpoints["generate"].breaker.state == "closed" and worker.health()["consuming"], timeout=20)
 
 
 async def test_a_400_fails_at_once_without_retry(admin: Admin, harness_factory: Any) -> None:
@@ -294,7 +282,7 @@ async def test_undecodable_message_is_rejected_to_dead_letters(admin: Admin, har
     async def dead_lettered() -> bool:
         return await h.rabbit.message_count(h.rabbit.dead_letter_queue_name) == 1
 
-    await until(dead_lettered)
+    await wait_for(dead_lettered, timeout=20)
     assert await h.rabbit.message_count(queue) == 0
 
 
@@ -308,7 +296,7 @@ async def test_model_down_opens_breaker_stops_consuming_then_recovers(harness_fa
     await h.rabbit.publish_requests(reqs)
     endpoint = worker.endpoints["generate"]
 
-    await until(lambda: endpoint.breaker.state != "closed" and not worker.health()["endpoints"][endpoint.name]["consuming"])
+    await wait_for(lambda: endpoint.breaker.state != "closed" and not worker.health()["endpoints"][endpoint.name]["consuming"], timeout=20)
     queue = h.rabbit.work_queue_name("generate", "sim-gpt")
     assert await h.rabbit.message_count(queue) >= 6  # held back in RabbitMQ, not bounced around
     assert worker.health()["in_flight"] <= 2
@@ -319,7 +307,7 @@ async def test_model_down_opens_breaker_stops_consuming_then_recovers(harness_fa
         await wait_healthy(f"http://{HOST}:{port}", time.monotonic() + 60, proc)
         done = await h.results.wait_terminal([r.request_id for r in reqs], within=30)
         assert {e.status for e in done.values()} == {"completed"}
-        await until(lambda: endpoint.breaker.state == "closed" and worker.health()["consuming"])
+        await wait_for(lambda: endpoint.breaker.state == "closed" and worker.health()["consuming"], timeout=20)
     finally:
         stop_modelserver(proc)
 
@@ -364,7 +352,7 @@ async def test_cancel_while_running_aborts_the_call(admin: Admin, harness_factor
     await h.worker(is_cancelled)
     req = make_req()
     await h.rabbit.publish_requests([req])
-    await until(lambda: _called(admin))
+    await wait_for(lambda: _called(admin), timeout=20)
     started = time.monotonic()
     cancelled_ids.add(req.request_id)
     event = (await h.results.wait_terminal([req.request_id]))[req.request_id]
@@ -382,18 +370,18 @@ async def test_shutdown_requeues_unfinished_work_and_finishes_quick_work(admin: 
     worker = await h.worker(ml_shutdown_grace_s=0.2)
     reqs = [make_req() for _ in range(3)]
     await h.rabbit.publish_requests(reqs)
-    await until(lambda: worker.health()["in_flight"] == 3)
+    await wait_for(lambda: worker.health()["in_flight"] == 3, timeout=20)
     await worker.stop()
     queue = h.rabbit.work_queue_name("generate", "sim-gpt")
 
     async def requeued() -> bool:
         return await h.rabbit.message_count(queue) == 3
 
-    await until(requeued)
+    await wait_for(requeued, timeout=20)
 
     await admin.faults(latency_ms=300)
     worker = await h.worker(ml_shutdown_grace_s=10)
-    await until(lambda: worker.health()["in_flight"] == 3)
+    await wait_for(lambda: worker.health()["in_flight"] == 3, timeout=20)
     await worker.stop()  # waits for the calls in flight instead of dropping them
     done = await h.results.wait_terminal([r.request_id for r in reqs], within=5)
     assert {e.status for e in done.values()} == {"completed"}

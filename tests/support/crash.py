@@ -22,7 +22,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tests.support.pipeline import Api, Pipeline, WorkerProcess, wait_for
+from tests.support.pipeline import Api, Pipeline, WorkerProcess
+from tests.support.wait import wait_for
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 

@@ -13,9 +13,8 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +27,10 @@ from bridges.store import Store
 from inferstream.settings import Settings
 from schemas.migrate import migrate
 from tests.support.modelserver import free_port
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 LOG_DIR = Path(os.environ.get("INFERSTREAM_TEST_LOG_DIR", "/tmp/inferstream-test-logs"))
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[Any]],
-    *,
-    timeout: float,
-    interval: float = 0.05,
-    what: str = "condition",
-) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 class WorkerProcess:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from tests.support.pipeline import wait_for
+from tests.support.wait import wait_for
 
 
 def has_local_cluster() -> bool:
