@@ -20,7 +20,7 @@
         ├── RetryableModelError        timeouts, connection errors, 408, 409, 425, 429, 5xx (retry_after)
         └── FatalModelError            other 4xx, malformed answers: fail at once
 
-Clients define their own beside their code, under ``InferstreamError``:
+Defined beside the code that raises them, also directly under ``InferstreamError``:
 ``bridges.redis.CacheUnavailable``, ``bridges.rabbitmq.PublishError`` and ``UnknownRoute``,
 ``bridges.sink.SinkStopped``, ``inferstream.egress.EgressRefused``, ``inferstream.localbroker.BrokerError``.
 """
