@@ -91,7 +91,8 @@ class ResultSink:
                 rows = await self.store.upsert_events(items, report_current=True)
         self.batches_written += 1
         self.events_written += len(items)
-        self.rows_changed += len(rows)
+        # Rows reported only because they were already current (a replay) changed nothing.
+        self.rows_changed += sum(r.get("prev_rank") is None or r["prev_rank"] < r["status_rank"] for r in rows)
         if rows and self.on_applied is not None:
             passed_through(items, rows)
             await self._notify(rows)

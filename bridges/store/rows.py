@@ -256,7 +256,7 @@ def _build_upsert_sql(report_current: bool) -> str:
         f"""
    OR up.status = (SELECT b.status FROM b WHERE b.request_id = up.request_id)
 UNION ALL
-SELECT {", ".join(f"r.{c}" for c in RETURNED_COLUMNS)}, NULL::smallint FROM requests r JOIN b USING (request_id)
+SELECT {", ".join(f"r.{c}" for c in RETURNED_COLUMNS)}, r.status_rank FROM requests r JOIN b USING (request_id)
 WHERE r.status = b.status AND NOT EXISTS (SELECT 1 FROM up WHERE up.request_id = r.request_id)"""
         if report_current
         else ""
