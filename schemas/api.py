@@ -122,6 +122,10 @@ def parse_submission(body: bytes, model_routes: dict[str, list[str]]) -> Submiss
         data = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    # PostgreSQL text and jsonb cannot hold U+0000: accepted, such a request could never be stored
+    # (the sink would fail its batch for ever). JSON must escape it, so the bytes tell cheaply.
+    if b"\\u0000" in body and (where := _nul_at(data, "")) is not None:
+        raise InvalidRequest("strings must not contain the NUL character (U+0000)", field=where or "body")
     try:
         sub = msgspec.convert(data, SubmissionBody)
     except msgspec.ValidationError as exc:
@@ -150,6 +154,24 @@ def parse_submission(body: bytes, model_routes: dict[str, list[str]]) -> Submiss
         metadata=sub.metadata or {},
         callback_url=sub.callback_url,
     )
+
+
+def _nul_at(value: object, path: str) -> str | None:
+    """The dotted path of the first string (or object key) holding U+0000, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return inner
+            if (found := _nul_at(item, inner)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _nul_at(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
 
 
 def _callback_url(value: str) -> URL:

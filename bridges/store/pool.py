@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -83,8 +84,17 @@ def limit_of(limit: int) -> int:
     return max(1, min(int(limit), MAX_LIST_LIMIT))
 
 
+# An escaped U+0000 in JSON text (not an escaped backslash followed by "u0000").
+_ESCAPED_NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
 def _jsonb_encode(value: Any) -> bytes:
-    return b"\x01" + orjson.dumps(value)  # jsonb binary format: version byte, then JSON text
+    data = orjson.dumps(value)
+    if b"\\u0000" in data:
+        # jsonb cannot hold U+0000 and one such string fails the whole batch statement (the sink
+        # would retry it for ever). Clients are refused at submit; this covers what a model returns.
+        data = _ESCAPED_NUL.sub(rb"\1\\ufffd", data)
+    return b"\x01" + data  # jsonb binary format: version byte, then JSON text
 
 
 def _jsonb_decode(data: bytes) -> Any:

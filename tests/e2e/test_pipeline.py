@@ -142,6 +142,9 @@ async def test_errors_are_json(
         (await api.submit({"task": "generate", "input": "x", "params": {"max_tokens": 0}}), "params.max_tokens"),
         (await api.call("GET", "/v1/requests?after=page2"), "after"),
         (await api.call("GET", "/v1/requests?status=done"), "status"),
+        # PostgreSQL cannot store U+0000: accepted, it used to wedge the sink's partition for ever.
+        (await api.submit({"task": "embed", "input": ["ok", "a\u0000b"]}), "input[1]"),
+        (await api.submit({"task": "embed", "input": "x", "metadata": {"k": "\u0000"}}), "metadata.k"),
     ]
     for (status, body, _), field in named:
         assert status == 400 and body["error"]["type"] == "invalid_request", body

@@ -112,6 +112,23 @@ async def test_write_waits_for_an_unreachable_postgres(settings: Settings) -> No
     await assert_all_completed(settings, reqs)
 
 
+async def test_a_nul_in_model_output_does_not_wedge_the_batch(settings: Settings) -> None:
+    """PostgreSQL's jsonb refuses U+0000; one such result used to fail its whole batch for ever."""
+    reqs, done = lifecycle(3)
+    poisoned = ResultEvent.for_request(
+        reqs[1], "completed", reqs[1].created_at + 1, result={"text": "bad\x00byte"}, attempts=1
+    )
+    store = Store(settings)
+    try:
+        await ResultSink(settings, store.requests).write([*reqs, done[0], poisoned, done[2]])
+        row = await store.requests.get_request(reqs[1].user_id, reqs[1].request_id)
+    finally:
+        await store.close()
+    assert row is not None and row["status"] == "completed"
+    assert row["result"] == {"text": "bad\ufffdbyte"}
+    await assert_all_completed(settings, reqs)
+
+
 async def test_a_batch_replayed_after_a_crash_still_reaches_the_cache(settings: Settings) -> None:
     """kill -9 between the PostgreSQL commit and the Redis write: the restarted worker re-reads the batch.
 
