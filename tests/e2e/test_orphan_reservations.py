@@ -163,7 +163,7 @@ async def test_a_pending_request_that_arrives_is_charged_once(
     p = crashed.pipeline
     # Written by the gateway that crashed, just before it died: the log holds it after all.
     record = request_record(LATE_ID, LATE_USER, crashed.created_at[LATE_USER])
-    await produce(p.env["INFERSTREAM_BROKER_URL"], p.settings.requests_topic, LATE_USER, record)
+    await produce(p.settings.bootstrap_servers, p.settings.requests_topic, LATE_USER, record)
     late = await api.wait_status(LATE_ID, {"completed"}, timeout=60)
     (later,) = await submit_and_complete(api, 1)
     usage = late["usage"]["total_tokens"] + (await api.wait_status(later, {"completed"}))["usage"]["total_tokens"]
