@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
+from mode import Service
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
@@ -82,12 +83,13 @@ def _connect(settings: Settings, *, op_timeout_s: float | None, connect_timeout_
     )
 
 
-class RedisClient:
-    """Cache, notifications and cancellations over one lazily created connection pool."""
+class RedisClient(Service):
+    """Cache, notifications and cancellations over one lazily created connection pool; closed on stop."""
 
     def __init__(
-        self, settings: Settings, *, op_timeout_s: float = 0.5, connect_timeout_s: float = 0.5
+        self, settings: Settings, *, op_timeout_s: float = 0.5, connect_timeout_s: float = 0.5, **kwargs: Any
     ) -> None:
+        super().__init__(**kwargs)
         self.settings = settings
         self.prefix = f"{settings.namespace}:"
         self._op_timeout_s = op_timeout_s
@@ -107,9 +109,8 @@ class RedisClient:
                     )
         return self._redis
 
-    async def start(self) -> None:
-        """Check that Redis answers; raises :class:`CacheUnavailable` if it does not."""
-        await self.ping()
+    async def on_stop(self) -> None:
+        await self.close()
 
     async def ping(self) -> None:
         redis = await self._client()
@@ -246,7 +247,7 @@ class Subscription:
             yield await self._queue.get()
 
 
-class NotificationHub:
+class NotificationHub(Service):
     """One Redis pub/sub connection per process (``PSUBSCRIBE {ns}:events:*``), fanned out in-process.
 
     ``healthy`` is True while the subscription is live. On every connect and disconnect all
@@ -263,7 +264,9 @@ class NotificationHub:
         ping_interval_s: float = 2.0,
         backoff_max_s: float = REDIS_SUBSCRIBE.cap_s,
         connect_timeout_s: float = 0.5,
+        **kwargs: Any,
     ) -> None:
+        super().__init__(**kwargs)
         self.settings = settings
         self.prefix = f"{settings.namespace}:events:"
         self._queue_size = queue_size
@@ -285,7 +288,7 @@ class NotificationHub:
     def listeners(self) -> int:
         return sum(len(s) for s in self._subs.values())
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         self._ensure_started()
 
     def _ensure_started(self) -> None:
@@ -294,7 +297,7 @@ class NotificationHub:
                 self._run(), name="notification-hub"
             )
 
-    async def stop(self) -> None:
+    async def on_stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

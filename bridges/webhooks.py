@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import aiohttp
 import orjson
+from mode import Service
 from tenacity import RetryCallState, RetryError
 from yarl import URL
 
@@ -68,8 +69,8 @@ class _Rejected(Exception):
     """The receiver refused the delivery for good (a 4xx other than 408/429, or a bad URL)."""
 
 
-class WebhookSender:
-    """Background webhook deliveries, at most ``concurrency`` at a time."""
+class WebhookSender(Service):
+    """Background webhook deliveries, at most ``concurrency`` at a time; on stop, in-flight ones get 5 s."""
 
     def __init__(
         self,
@@ -81,7 +82,9 @@ class WebhookSender:
         timeout_s: float = 10.0,
         base_delay_s: float = WEBHOOK_DELIVERY.base_s,
         max_delay_s: float = WEBHOOK_DELIVERY.cap_s,
+        **kwargs: Any,
     ) -> None:
+        super().__init__(**kwargs)
         self.settings = settings
         self._record = record
         self._policy = EgressPolicy.parse(settings.webhook_allow)
@@ -93,16 +96,16 @@ class WebhookSender:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._retry = WEBHOOK_DELIVERY.tuned(base_delay_s, max_delay_s, settings.webhook_max_attempts)
         self._backoff = self._retry.wait()
-        self._tasks: set[asyncio.Task[DeliveryState]] = set()
+        self._deliveries: set[asyncio.Task[DeliveryState]] = set()
         self._lock = asyncio.Lock()
 
     @property
     def in_flight_count(self) -> int:
-        return len(self._tasks)
+        return len(self._deliveries)
 
     def delivering(self, request_id: str) -> bool:
         """Whether a delivery for ``request_id`` is under way in this process."""
-        return any(t.get_name() == f"webhook-{request_id}" for t in self._tasks)
+        return any(t.get_name() == f"webhook-{request_id}" for t in self._deliveries)
 
     async def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -122,12 +125,12 @@ class WebhookSender:
         task = asyncio.get_running_loop().create_task(
             self.deliver(request_id, callback_url, doc), name=f"webhook-{request_id}"
         )
-        self._tasks.add(task)
+        self._deliveries.add(task)
         task.add_done_callback(self._done)
         return task
 
     def _done(self, task: asyncio.Task[DeliveryState]) -> None:
-        self._tasks.discard(task)
+        self._deliveries.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             # Most likely the record callback (the database) failed; the delivery state is unknown.
             log.error("webhook delivery %s crashed", task.get_name(), exc_info=exc)
@@ -199,12 +202,15 @@ class WebhookSender:
         except EgressRefused as exc:
             raise _Rejected(f"callback_url {exc}") from exc
 
+    async def on_stop(self) -> None:
+        await self.close()
+
     async def close(self, timeout_s: float = 5.0) -> None:
         """Let in-flight deliveries finish for up to ``timeout_s``, cancel the rest, close the session.
 
         A cancelled delivery keeps its last recorded state (``pending`` after a failed attempt).
         """
-        tasks = list(self._tasks)
+        tasks = list(self._deliveries)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout_s)
             for task in pending:

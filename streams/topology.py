@@ -28,7 +28,7 @@ from faust.cli import AppCommand, option
 
 from inferstream.errors import TopologyError
 from inferstream.settings import Settings
-from streams.app import InferstreamApp
+from streams.application import InferstreamApp
 
 __all__ = ["TopicSpec", "ensure_topics", "install_topology", "topic_specs"]
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
+from mode import Service
 
 from bridges.store.dead_letters import DeadLetters
 from bridges.store.keys import Keys
@@ -14,16 +17,18 @@ from inferstream.settings import Settings
 __all__ = ["DeadLetters", "Keys", "Pool", "Requests", "Store", "Webhooks"]
 
 
-class Store:
+class Store(Service):
     """The aggregates sharing one pool; hand each part only the aggregate it uses.
 
     Usable before ``connect()`` (the pool opens on first use); after ``close()``
-    a further call opens a new pool, so stop the users of the store first.
+    a further call opens a new pool, so stop the users of the store first. As a
+    service it closes the pool on stop.
     """
 
     def __init__(
-        self, settings: Settings, *, dsn: str | None = None, min_size: int = 1, max_size: int = 10
+        self, settings: Settings, *, dsn: str | None = None, min_size: int = 1, max_size: int = 10, **kwargs: Any
     ) -> None:
+        super().__init__(**kwargs)
         self.settings = settings
         self.pool = Pool(settings, dsn=dsn, min_size=min_size, max_size=max_size)
         self.keys = Keys(self.pool, settings)
@@ -39,6 +44,9 @@ class Store:
 
     async def close(self) -> None:
         await self.pool.close()
+
+    async def on_stop(self) -> None:
+        await self.close()
 
     async def migrate(self) -> list[str]:
         return await self.pool.migrate()

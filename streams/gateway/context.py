@@ -1,4 +1,4 @@
-"""What the gateway views work with, gathered in one object built by ``streams.wiring``."""
+"""What the gateway views work with, gathered in one object built by ``streams.pipeline``."""
 
 from __future__ import annotations
 

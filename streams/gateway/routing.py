@@ -12,11 +12,13 @@ table's changelog topic.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import aiohttp
 import faust
 from aiohttp import web
 from faust.types import TableT
+from mode import Service
 from yarl import URL
 
 from inferstream.errors import Unavailable
@@ -44,10 +46,11 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-class OwnerRouter:
+class OwnerRouter(Service):
     """Finds the owner of a user's partition and forwards whole HTTP exchanges to it."""
 
-    def __init__(self, app: faust.App, table: TableT, timeout_s: float) -> None:
+    def __init__(self, app: faust.App, table: TableT, timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.app = app
         self.table = table
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -98,6 +101,9 @@ class OwnerRouter:
                 timeout=self.timeout, connector=aiohttp.TCPConnector(limit=256)
             )
         return self._session
+
+    async def on_stop(self) -> None:
+        await self.close()
 
     async def close(self) -> None:
         if self._session is not None:

@@ -75,7 +75,7 @@ async def test_closed_port_fails_fast_with_cache_unavailable(settings: Settings)
             lambda: dead.publish_docs([("u", doc("req_a", "queued"))]),
             lambda: dead.cancelled(["req_a"]),
             lambda: dead.mark_cancelled("req_a"),
-            dead.start,
+            dead.ping,
         ):
             started = time.perf_counter()
             with pytest.raises(CacheUnavailable):

@@ -65,7 +65,7 @@ def test_worker_with_default_secrets_on_a_public_bind_exits_before_starting() ->
 def test_the_app_still_builds_on_loopback_and_with_secrets_set() -> None:
     for env in (_env(web_host="127.0.0.1"), _env(web_host="0.0.0.0", **SECRETS)):
         done = subprocess.run(
-            [sys.executable, "-c", "import streams.app"],
+            [sys.executable, "-c", "import streams; streams.app"],
             cwd=ROOT,
             env=env,
             capture_output=True,

@@ -1,23 +1,13 @@
-"""The one place that builds the Faust app from the settings. No I/O happens here."""
+"""Builds the Faust app object from the settings (``build_app``); no I/O, no global state."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
 import faust
-import mode.loop
 
 from inferstream.settings import Settings
 from streams import quirks
-
-settings = Settings.from_env()
-if _insecure := settings.insecure_defaults():
-    # Before anything binds or connects: a clear message and exit status 1, not a traceback.
-    raise SystemExit("inferstream refuses to start: " + "; ".join(_insecure))
-if settings.event_loop == "uvloop":
-    # Before the worker creates its loop (Faust imports the app while parsing the
-    # command line); the same as `faust -L uvloop`, without changing the command.
-    mode.loop.use("uvloop")
 
 
 class InferstreamApp(faust.App):
@@ -68,6 +58,3 @@ def build_app(cfg: Settings) -> InferstreamApp:
         # Standbys shorten fail-over: the survivor already holds the quota state.
         table_standby_replicas=1,
     )
-
-
-app = build_app(settings)

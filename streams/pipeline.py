@@ -1,0 +1,208 @@
+"""The composition root: ``build_pipeline(settings)`` builds the app with every client and stage its roles need.
+
+Nothing here runs at import. Building opens no connection either: clients
+connect lazily, and every long-lived part is a ``mode.Service`` listed once,
+in :class:`Lifecycle`, in the order they start (they stop in reverse).
+
+The stages, in the order a request travels (``pipeline`` role unless noted):
+
+1. gateway views -> admission on the owner of the user's quota partition (``streams/gateway``, ``tables``);
+2. the requests topic -> forward agent -> RabbitMQ work queues (``streams/agents/forward.py``);
+3. ML workers: model calls with retries, breaker, batching (``workers``; ``ml`` role);
+4. RabbitMQ results -> the results topic (``bridges/results_bridge.py``), dead letters -> PostgreSQL;
+5. the results topic -> quota settlement (``streams/agents/settle.py``) and the PostgreSQL sink
+   (``streams/agents/sink.py``, ``bridges/sink.py``);
+6. delivery: Redis cache, notifications for SSE on any worker, webhooks (``streams/delivery.py``).
+
+Alongside: topology (topics created before the log is touched), the watchdog and
+the orphan sweep, key sync, readiness, and the operator commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mode.loop
+from mode import Service, ServiceT
+
+from bridges.dead_letters import DeadLetterRecorder
+from bridges.model import ModelClient
+from bridges.rabbitmq import RabbitClient
+from bridges.redis import NotificationHub, RedisClient
+from bridges.results_bridge import ResultsBridge
+from bridges.sink import ResultSink
+from bridges.store import Store
+from bridges.webhooks import WebhookSender
+from inferstream.settings import Settings
+from streams import commands, quirks
+from streams.agents.forward import register_forward
+from streams.agents.orphans import register_orphan_sweep
+from streams.agents.settle import register_settle
+from streams.agents.sink import register_sinks
+from streams.agents.watchdog import register_watchdog
+from streams.application import InferstreamApp, build_app
+from streams.delivery import PENDING_SWEEP_S, Delivery, attempt_recorder
+from streams.gateway.context import Gateway
+from streams.gateway.ops import ReadinessCheck, register_ops
+from streams.gateway.routing import OwnerRouter
+from streams.gateway.views import register_gateway
+from streams.keysync import KeySync
+from streams.topics import Topics, define_topics, send_and_wait
+from streams.topology import install_topology
+from tables.definitions import define_tables
+from tables.idempotency import IdempotencyBook
+from tables.keys import KeyCache
+from tables.quota import QuotaBook
+from workers.worker import MLWorker
+
+
+@dataclass
+class PipelineRole:
+    """What the ``pipeline`` role added: its services in start order, and what readiness reads."""
+
+    keys: KeyCache
+    key_sync: KeySync
+    hub: NotificationHub
+    services: list[ServiceT]
+
+
+class Lifecycle(Service):
+    """Every long-lived part of one worker, started in the order given and stopped in reverse."""
+
+    def __init__(self, parts: Sequence[ServiceT], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.parts = list(parts)
+
+    def on_init_dependencies(self) -> list[ServiceT]:
+        return self.parts
+
+
+def from_environment() -> InferstreamApp:
+    """What ``faust -A streams`` runs: the settings from ``INFERSTREAM_*``, checked, then the pipeline."""
+    settings = Settings.from_env()
+    if insecure := settings.insecure_defaults():
+        # Before anything binds or connects: a clear message and exit status 1, not a traceback.
+        raise SystemExit("inferstream refuses to start: " + "; ".join(insecure))
+    if settings.event_loop == "uvloop":
+        # Before the worker creates its loop (Faust imports the app while parsing the
+        # command line); the same as `faust -L uvloop`, without changing the command.
+        mode.loop.use("uvloop")
+    return build_pipeline(settings)
+
+
+def build_pipeline(settings: Settings) -> InferstreamApp:
+    """The app for ``settings.roles``, with its clients, stages, views and commands attached."""
+    app = build_app(settings)
+    store = Store(settings)
+    redis = RedisClient(settings)
+    rabbit = RabbitClient(settings)
+    webhooks = WebhookSender(settings, record=attempt_recorder(store.webhooks))
+    parts: list[ServiceT] = [store, redis, rabbit, webhooks]
+
+    commands.register(app, settings, store)
+    install_topology(app, settings)
+    topics = define_topics(app, settings)
+    role: PipelineRole | None = None
+    if settings.has_pipeline:
+        role = _pipeline_role(app, settings, topics, store, redis, rabbit, webhooks)
+        parts += role.services
+    else:
+        # An ML-only worker needs no log. With the Kafka consumer on, it would join
+        # the pipeline's consumer group (for Faust's leader topic alone), force a
+        # stop-the-world rebalance of the pipeline workers whenever it starts or
+        # stops, and could become the group's leader. Without Kafka it starts only
+        # the web server (ops routes) and the services, and never waits for tables.
+        app.boot_strategy = app.BootStrategy(app, enable_kafka=False)
+    ml_worker: MLWorker | None = None
+    if settings.has_ml:
+        model = ModelClient(settings)
+        ml_worker = MLWorker(settings, rabbit, model, redis.cancelled)
+        parts += [model, ml_worker]
+    quirks.run_with_app(app, Lifecycle(parts))
+    register_ops(app, _readiness(app, settings, rabbit, role, ml_worker))
+    return app
+
+
+def _pipeline_role(
+    app: InferstreamApp,
+    settings: Settings,
+    topics: Topics,
+    store: Store,
+    redis: RedisClient,
+    rabbit: RabbitClient,
+    webhooks: WebhookSender,
+) -> PipelineRole:
+    """Gateway, tables, agents and bridges; the services they need, in start order."""
+    tables = define_tables(app, settings)
+    quota = QuotaBook(tables.quota)
+    keys = KeyCache.from_settings(settings, store.keys.find_key)
+    key_sync = KeySync(settings, store.keys, keys)
+    router = OwnerRouter(app, tables.quota, settings.admission_timeout_s)
+    hub = NotificationHub(settings, cache=redis)
+    gateway = Gateway(
+        settings=settings,
+        app=app,
+        topics=topics,
+        quota=quota,
+        idempotency=IdempotencyBook(tables.idempotency, settings.idempotency_ttl_s),
+        keys=keys,
+        router=router,
+        store=store.requests,
+        redis=redis,
+        hub=hub,
+    )
+    register_gateway(app, gateway)
+    quirks.install(app, [settings.requests_topic, settings.results_topic])
+    delivery = Delivery(redis, webhooks, store.webhooks)
+    register_forward(app, settings, topics, rabbit, quota)
+    register_settle(app, settings, topics, quota)
+    register_sinks(app, settings, topics, ResultSink(settings, store.requests, delivery.on_applied))
+    register_watchdog(app, settings, store.requests, rabbit, topics)
+    register_orphan_sweep(app, settings, tables.quota, quota)
+    app.timer(interval=PENDING_SWEEP_S, on_leader=True)(delivery.resend_pending)
+
+    async def produce_results(pairs: list[tuple[bytes, bytes]]) -> None:
+        # Bodies pass through as they are: the ML worker already wrote ResultEvent JSON.
+        await send_and_wait(topics.results, ((k.decode(), v) for k, v in pairs), value_serializer="raw")
+
+    services: list[ServiceT] = [
+        key_sync,
+        hub,
+        router,
+        ResultsBridge(settings, rabbit, produce_results),
+        DeadLetterRecorder(settings, rabbit, store.dead_letters),
+    ]
+    return PipelineRole(keys=keys, key_sync=key_sync, hub=hub, services=services)
+
+
+def _readiness(
+    app: InferstreamApp,
+    settings: Settings,
+    rabbit: RabbitClient,
+    role: PipelineRole | None,
+    ml_worker: MLWorker | None,
+) -> ReadinessCheck:
+    async def readiness() -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {
+            "roles": sorted(settings.role_set),
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+        }
+        ready = True
+        if role is not None:
+            checks["tables_recovered"] = quirks.tables_recovered(app)
+            checks["rebalancing"] = bool(app.rebalancing)
+            checks["keys_loaded"] = role.keys.loaded
+            checks["postgres"] = role.key_sync.postgres_ok
+            checks["redis_pubsub"] = role.hub.healthy
+            ready = checks["tables_recovered"] and not checks["rebalancing"] and role.keys.loaded
+        checks["rabbitmq"] = rabbit.connected
+        if ml_worker is not None:
+            checks["ml"] = ml_worker.health()
+            # An open breaker pauses consumption on purpose: detail, not unreadiness.
+            ready = ready and checks["ml"]["ready"]
+        return ready, checks
+
+    return readiness
