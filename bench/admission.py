@@ -30,7 +30,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inferstream.localbroker import LocalBroker
+from devtools.localbroker import LocalBroker
 from tests.support.pipeline import Api, Pipeline
 
 PLAN = "bench"

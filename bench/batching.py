@@ -32,7 +32,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.direct_model import MODEL, measure, sentences
-from inferstream.localbroker import LocalBroker
+from devtools.localbroker import LocalBroker
 from tests.support.modelserver import (
     HOST,
     free_port,

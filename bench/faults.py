@@ -17,7 +17,7 @@ import asyncio
 import signal
 import time
 
-from inferstream.localbroker import LocalBroker
+from devtools.localbroker import LocalBroker
 from tests.support.crash import RABBITMQ, CrashRun, Kill, Outcome
 from tests.support.modelserver import running_modelserver
 from tests.support.pipeline import Pipeline

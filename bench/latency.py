@@ -19,7 +19,7 @@ from datetime import datetime
 
 import aiohttp
 
-from inferstream.localbroker import LocalBroker
+from devtools.localbroker import LocalBroker
 from tests.support.modelserver import running_modelserver
 from tests.support.pipeline import Api, Pipeline
 

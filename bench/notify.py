@@ -31,7 +31,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from bridges.redis import NotificationHub, RedisClient
+from bridges.clients.redis import NotificationHub, RedisClient
 from inferstream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridges.store import Store
-from bridges.store.rows import Event
+from bridges.clients.store import Store
+from bridges.clients.store.rows import Event
 from inferstream.ids import new_request_id
 from inferstream.settings import Settings
 from schemas.migrate import migrate

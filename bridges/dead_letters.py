@@ -19,8 +19,8 @@ from aio_pika.abc import AbstractIncomingMessage
 from mode import Service
 from tenacity import RetryCallState
 
-from bridges.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
-from bridges.store import DeadLetters
+from bridges.clients.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
+from bridges.clients.store import DeadLetters
 from inferstream.errors import StoreUnavailable
 from inferstream.retrying import DEAD_LETTER_RECORD, failure, next_sleep
 from inferstream.settings import Settings

@@ -22,7 +22,7 @@ from mode import Service
 from prometheus_client import Counter
 from tenacity import RetryCallState
 
-from bridges.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
+from bridges.clients.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
 from inferstream.retrying import LOG_PRODUCE, any_error, failure, next_sleep
 from inferstream.settings import Settings
 

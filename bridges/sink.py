@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from tenacity import RetryCallState
 
-from bridges.store.rows import Event, passed_through
+from bridges.clients.store.rows import Event, passed_through
 from inferstream.errors import InferstreamError, StoreUnavailable
 from inferstream.retrying import POSTGRES_WRITE, failure, next_sleep
 from inferstream.settings import Settings
@@ -45,7 +45,7 @@ class ResultSink:
     """Writes batches to PostgreSQL through ``store``; calls ``on_applied`` with the changed rows.
 
     A row that the batch moved through several statuses carries them, below its own, in
-    ``row["passed"]`` (see :func:`bridges.store.rows.passed_through`): the stored row
+    ``row["passed"]`` (see :func:`bridges.clients.store.rows.passed_through`): the stored row
     keeps only the last, and listeners must still hear each one.
     """
 

@@ -21,8 +21,8 @@
         └── FatalModelError            other 4xx, malformed answers: fail at once
 
 Defined beside the code that raises them, also directly under ``InferstreamError``:
-``bridges.redis.CacheUnavailable``, ``bridges.rabbitmq.PublishError`` and ``UnknownRoute``,
-``bridges.sink.SinkStopped``, ``inferstream.egress.EgressRefused``, ``inferstream.localbroker.BrokerError``.
+``bridges.clients.redis.CacheUnavailable``, ``bridges.clients.rabbitmq.PublishError`` and ``UnknownRoute``,
+``bridges.sink.SinkStopped``, ``inferstream.egress.EgressRefused``, ``devtools.localbroker.BrokerError``.
 """
 
 from __future__ import annotations

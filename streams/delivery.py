@@ -14,9 +14,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from bridges.redis import CacheUnavailable, RedisClient
-from bridges.store.webhooks import Webhooks
-from bridges.webhooks import WebhookSender
+from bridges.clients.redis import CacheUnavailable, RedisClient
+from bridges.clients.store.webhooks import Webhooks
+from bridges.clients.webhooks import WebhookSender
 from inferstream.errors import StoreUnavailable
 from schemas.documents import earlier_doc, request_doc
 from schemas.records import TERMINAL

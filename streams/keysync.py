@@ -15,8 +15,8 @@ import logging
 
 from mode import Service
 
-from bridges.key_events import KeyEvents
-from bridges.store.keys import Keys
+from bridges.clients.key_events import KeyEvents
+from bridges.clients.store.keys import Keys
 from inferstream.errors import StoreUnavailable
 from inferstream.settings import Settings
 from tables.keys import KeyCache

@@ -28,16 +28,17 @@ from typing import Any
 import mode.loop
 from mode import Service, ServiceT
 
+from bridges.clients.model import ModelClient
+from bridges.clients.rabbitmq import RabbitClient
+from bridges.clients.redis import NotificationHub, RedisClient
+from bridges.clients.store import Store
+from bridges.clients.webhooks import WebhookSender
 from bridges.dead_letters import DeadLetterRecorder
-from bridges.model import ModelClient
-from bridges.rabbitmq import RabbitClient
-from bridges.redis import NotificationHub, RedisClient
 from bridges.results_bridge import ResultsBridge
 from bridges.sink import ResultSink
-from bridges.store import Store
-from bridges.webhooks import WebhookSender
 from inferstream.settings import Settings
 from streams import commands, quirks
+from streams.admission import AdmissionService
 from streams.agents.forward import register_forward
 from streams.agents.orphans import register_orphan_sweep
 from streams.agents.settle import register_settle
@@ -142,17 +143,21 @@ def _pipeline_role(
     key_sync = KeySync(settings, store.keys, keys)
     router = OwnerRouter(app, tables.quota, settings.admission_timeout_s)
     hub = NotificationHub(settings, cache=redis)
+    idempotency = IdempotencyBook(tables.idempotency, settings.idempotency_ttl_s)
     gateway = Gateway(
         settings=settings,
         app=app,
         topics=topics,
         quota=quota,
-        idempotency=IdempotencyBook(tables.idempotency, settings.idempotency_ttl_s),
+        idempotency=idempotency,
         keys=keys,
         router=router,
         store=store.requests,
         redis=redis,
         hub=hub,
+        admission=AdmissionService(
+            settings, keys=keys, router=router, quota=quota, idempotency=idempotency, topics=topics, redis=redis
+        ),
     )
     register_gateway(app, gateway)
     quirks.install(app, [settings.requests_topic, settings.results_topic])

@@ -10,7 +10,7 @@ same partitioner), so before the app consumes or produces anything it creates
 every topic it uses with ``INFERSTREAM_PARTITIONS`` and
 ``INFERSTREAM_REPLICATION_FACTOR``, and refuses to start, naming the topic and
 both counts, when one that exists already disagrees. ``faust -A streams topics``
-does the same for deployments that disable auto-create.
+(``streams/commands/topics.py``) does the same for deployments that disable auto-create.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 import faust
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
-from faust.cli import AppCommand, option
 
 from inferstream.errors import TopologyError
 from inferstream.settings import Settings
 from streams.application import InferstreamApp
 
-__all__ = ["TopicSpec", "ensure_topics", "install_topology", "topic_specs"]
+__all__ = ["TopicSpec", "changelogs_of", "check_copartitioned", "ensure_topics", "existing_counts", "install_topology", "topic_specs"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +138,16 @@ def changelogs_of(app: faust.App) -> list[tuple[str, str]]:
     return [(t.name, t.changelog_topic.get_topic_name()) for t in app.tables.values()]
 
 
+async def existing_counts(servers: Sequence[str], names: Sequence[str]) -> dict[str, int]:
+    """Partition counts of those of ``names`` that exist (creating nothing)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=list(servers), client_id="inferstream-topology")
+    await admin.start()
+    try:
+        return await _partition_counts(admin, names)
+    finally:
+        await admin.close()
+
+
 def install_topology(app: InferstreamApp, settings: Settings) -> None:
     """Before the worker consumes or produces: create our topics, refuse a mis-partitioned log."""
 
@@ -147,21 +156,3 @@ def install_topology(app: InferstreamApp, settings: Settings) -> None:
 
     if settings.has_pipeline:  # an ML-only worker never touches the log
         app.preflight.append(preflight)
-
-    @app.command(option("--check", is_flag=True, default=False, help="Only check; create nothing."))
-    async def topics(self: AppCommand, check: bool) -> None:
-        """Create the log's topics with INFERSTREAM_PARTITIONS partitions (idempotent) and check co-partitioning."""
-        specs = topic_specs(settings, changelogs_of(app))
-        if check:
-            admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-            await admin.start()
-            try:
-                counts = await _partition_counts(admin, [s.name for s in specs])
-            finally:
-                await admin.close()
-            check_copartitioned(specs, counts, "INFERSTREAM_PARTITIONS")
-        else:
-            counts = await ensure_topics(settings.bootstrap_servers, specs)
-        for spec in specs:
-            shown = counts.get(spec.name)
-            self.say(f"{spec.name}: {shown if shown is not None else 'missing'} partitions ({spec.purpose})")

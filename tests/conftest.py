@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
-from inferstream.localbroker import LocalBroker
+from devtools.localbroker import LocalBroker
 from tests.support.modelserver import running_modelserver
 
 

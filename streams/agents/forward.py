@@ -23,13 +23,13 @@ from typing import Any
 
 import faust
 
-from bridges.rabbitmq import PublishError, RabbitClient
+from bridges.clients.rabbitmq import PublishError, RabbitClient
 from inferstream import clock
 from inferstream.retrying import REQUEST_PUBLISH, failure
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
+from streams.agents import metrics
 from streams.agents.guard import until_done
-from streams.gateway import metrics
 from streams.topics import Topics, send_and_wait
 from tables.quota import QuotaBook
 

@@ -13,21 +13,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import Counter
 from tenacity import RetryCallState
 
 from inferstream.retrying import AGENT_BATCH, any_error, failure
+from streams.agents import metrics
 
 log = logging.getLogger(__name__)
-
-STALLS = Counter(
-    "inferstream_agent_batch_failures_total", "Agent batches that failed and will be retried", ["agent"]
-)
 
 
 async def until_done(agent: str, work: Callable[[], Awaitable[None]]) -> None:
     def stalled(state: RetryCallState) -> None:
-        STALLS.labels(agent).inc()
+        metrics.STALLS.labels(agent).inc()
         log.error(
             "%s: batch failed (attempt %d); retrying, offsets held",
             agent, state.attempt_number, exc_info=failure(state),

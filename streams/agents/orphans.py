@@ -16,20 +16,15 @@ import logging
 
 import faust
 from faust.types import TableT
-from prometheus_client import Counter
 
 from inferstream.settings import Settings
+from streams.agents import metrics
 from streams.quirks import known_to_producer, tables_recovered
 from tables.quota import QuotaBook, orphans
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 5.0
-
-ORPHANS_RELEASED = Counter(
-    "inferstream_quota_orphans_released_total",
-    "Admissions released because their request never reached the log (a crash after the charge)",
-)
 
 
 def owns(app: faust.App, table: TableT, user_id: str) -> bool:
@@ -64,7 +59,7 @@ def register_orphan_sweep(app: faust.App, settings: Settings, table: TableT, boo
     async def release_orphan_reservations() -> None:
         # Not awaiting the writes' acks: a release lost in a crash is found again by the next sweep.
         for user, request_ids in sweep(app, table, book, settings).items():
-            ORPHANS_RELEASED.inc(len(request_ids))
+            metrics.ORPHANS_RELEASED.inc(len(request_ids))
             log.warning(
                 "released %d orphaned admissions of user %r (their requests were not read from the log in time): %s",
                 len(request_ids), user, ", ".join(request_ids),

@@ -12,7 +12,7 @@ import faust
 
 from inferstream.settings import Settings
 from schemas.records import ResultEvent
-from streams.gateway import metrics
+from streams.agents import metrics
 from streams.topics import Topics
 from tables.quota import QuotaBook
 

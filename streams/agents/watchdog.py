@@ -28,22 +28,18 @@ from typing import Any
 
 import faust
 from aiokafka.errors import KafkaError
-from prometheus_client import Counter
 
-from bridges.rabbitmq import PublishError, RabbitClient
-from bridges.store import Requests
+from bridges.clients.rabbitmq import PublishError, RabbitClient
+from bridges.clients.store import Requests
 from inferstream import clock
 from inferstream.errors import StoreUnavailable
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
+from streams.agents import metrics
 from streams.agents.forward import send_events
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
-
-REDISPATCHED = Counter(
-    "inferstream_watchdog_redispatched_total", "Requests found still queued long after admission and dispatched again"
-)
 
 
 def _epoch(value: Any) -> float | None:
@@ -93,7 +89,7 @@ async def redispatch_stalled(settings: Settings, store: Requests, rabbit: Rabbit
         await send_events(topics, [ResultEvent.for_request(r, "dispatched", at=now) for r in stalled])
     except KafkaError as exc:  # published, not marked: the next sweep publishes them once more
         log.warning("watchdog could not write %d dispatched events: %r", len(stalled), exc)
-    REDISPATCHED.inc(len(stalled))
+    metrics.REDISPATCHED.inc(len(stalled))
     log.warning(
         "watchdog: %d requests were still queued %.0fs after admission and were dispatched again: %s",
         len(stalled), settings.watchdog_stall_s, ", ".join(r.request_id for r in stalled[:10]),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,14 +9,13 @@ from typing import Any
 
 import faust
 
-from bridges.redis import CacheUnavailable, NotificationHub, OwnedDoc, RedisClient
-from bridges.store import Requests
+from bridges.clients.redis import CacheUnavailable, NotificationHub, RedisClient
+from bridges.clients.store import Requests
 from inferstream import clock
-from inferstream.coalesce import Coalesced
 from inferstream.errors import StoreUnavailable, Unavailable
 from inferstream.settings import Settings
 from schemas.documents import request_doc
-from schemas.records import InferenceRequest
+from streams.admission import AdmissionService
 from streams.gateway.routing import OwnerRouter
 from streams.topics import Topics
 from tables.idempotency import IdempotencyBook
@@ -39,30 +37,12 @@ class Gateway:
     store: Requests
     redis: RedisClient
     hub: NotificationHub
+    admission: AdmissionService
     now: Callable[[], float] = clock.now
     model_routes: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.model_routes = self.settings.model_routes
-        # One Redis round trip for all the admissions of a tick.
-        self._cache_new: Coalesced[OwnedDoc, None] = Coalesced(self.redis.cache_docs)
-
-    async def write_request(self, req: InferenceRequest) -> None:
-        """Append to the requests topic and wait for the broker's ack; cache the queued doc meanwhile."""
-        pending = await self.topics.requests.send(key=req.user_id, value=req)
-        cache = asyncio.ensure_future(self._cache_queued(req))
-        try:
-            await asyncio.shield(pending)  # a timeout upstream must not cancel Faust's own future
-        finally:
-            await cache
-
-    async def _cache_queued(self, req: InferenceRequest) -> None:
-        # Read-your-writes for GET right after the 202 (the cache never goes back to an earlier status).
-        row = {**req.asdict(), "status": "queued", "updated_at": req.created_at}
-        try:
-            await self._cache_new((req.user_id, request_doc(row)))
-        except CacheUnavailable as exc:
-            log.debug("queued doc of %s not cached: %r", req.request_id, exc)
 
     async def load_doc(self, user_id: str, request_id: str) -> dict[str, Any] | None:
         """The caller's document: Redis first, then PostgreSQL; None if absent or someone else's."""

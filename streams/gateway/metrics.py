@@ -15,5 +15,3 @@ HTTP_LATENCY = Histogram(
     ["route", "method", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-SETTLED = Counter("inferstream_quota_settled_total", "Terminal results settled in the quota table", ["status"])
-FORWARD_BATCHES = Counter("inferstream_bridge_published_total", "Requests published to RabbitMQ")

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from inferstream import clock
-from streams.audit import audit
+from streams.commands.audit import audit
 from tests.support.pipeline import Api, Pipeline
 from tests.support.wait import wait_for
 

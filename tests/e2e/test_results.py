@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from bridges.webhooks import SIGNATURE_HEADER, verify_signature
+from bridges.clients.webhooks import SIGNATURE_HEADER, verify_signature
 from inferstream.ids import new_request_id
 from schemas.records import ResultEvent
 from tests.support.listener import loopback_listener

@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from inferstream.localbroker import (
+from devtools.localbroker import (
     HOST,
     BrokerError,
     LocalBroker,
@@ -122,7 +122,7 @@ async def test_cli_start_status_stop(tmp_path: Path) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "inferstream.localbroker", *args],
+            [sys.executable, "-m", "devtools.localbroker", *args],
             capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
         )  # fmt: skip
 

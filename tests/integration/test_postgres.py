@@ -11,12 +11,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from bridges.key_events import KeyEvents
-from bridges.store import Store
+from bridges.clients.key_events import KeyEvents
+from bridges.clients.store import Store
+from devtools.localbroker import free_port
 from inferstream.apikeys import hash_key
 from inferstream.errors import InvalidRequest, StoreUnavailable
 from inferstream.ids import new_request_id
-from inferstream.localbroker import free_port
 from inferstream.settings import Settings
 from schemas.documents import request_doc
 from schemas.migrate import migrate, migrations

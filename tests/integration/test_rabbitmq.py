@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from bridges.rabbitmq import PublishError, RabbitClient, UnknownRoute
+from bridges.clients.rabbitmq import PublishError, RabbitClient, UnknownRoute
 from bridges.results_bridge import ResultsBridge
-from inferstream.localbroker import free_port
+from devtools.localbroker import free_port
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from tests.support.wait import wait_for

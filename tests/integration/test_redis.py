@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from bridges.redis import CacheUnavailable, NotificationHub, RedisClient, Subscription
-from inferstream.localbroker import free_port as closed_port
+from bridges.clients.redis import CacheUnavailable, NotificationHub, RedisClient, Subscription
+from devtools.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 
 pytestmark = pytest.mark.integration

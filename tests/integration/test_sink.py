@@ -12,11 +12,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from bridges.clients.store import Store
+from bridges.clients.store.rows import Event
 from bridges.sink import ResultSink
-from bridges.store import Store
-from bridges.store.rows import Event
+from devtools.localbroker import free_port as closed_port
 from inferstream.ids import new_request_id
-from inferstream.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 from schemas.migrate import migrate
 from schemas.records import InferenceRequest, ResultEvent

@@ -14,8 +14,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bridges.redis import NotificationHub, RedisClient
-from inferstream.localbroker import free_port as closed_port
+from bridges.clients.redis import NotificationHub, RedisClient
+from devtools.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 from streams.gateway.sse import stream_events
 from tests.support.wait import wait_for

@@ -13,14 +13,14 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from bridges.webhooks import (
+from bridges.clients.webhooks import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     WebhookSender,
     sign,
     verify_signature,
 )
-from inferstream.localbroker import free_port as closed_port
+from devtools.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 from tests.support.listener import loopback_listener
 

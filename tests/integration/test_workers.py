@@ -16,8 +16,8 @@ import aio_pika
 import aiohttp
 import pytest
 
-from bridges.model import ModelClient
-from bridges.rabbitmq import PublishError, RabbitClient
+from bridges.clients.model import ModelClient
+from bridges.clients.rabbitmq import PublishError, RabbitClient
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from tests.support.modelserver import (

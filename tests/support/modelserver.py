@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from inferstream.localbroker import free_port
+from devtools.localbroker import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"

@@ -22,8 +22,8 @@ import aiohttp
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from bridges.rabbitmq import RabbitClient
-from bridges.store import Store
+from bridges.clients.rabbitmq import RabbitClient
+from bridges.clients.store import Store
 from inferstream.settings import Settings
 from schemas.migrate import migrate
 from tests.support.modelserver import free_port

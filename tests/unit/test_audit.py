@@ -10,7 +10,7 @@ import orjson
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.plans import Plan
-from streams.audit import Report, Usage, differences, rebuild_all, table_usages
+from streams.commands.audit import Report, Usage, differences, rebuild_all, table_usages
 from streams.logread import PartitionRange
 from tables.quota import QuotaBook, QuotaState
 

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
+from bridges.clients.rabbitmq import RabbitClient
 from bridges.dead_letters import decode_dead_letter
-from bridges.rabbitmq import RabbitClient
 from schemas.records import InferenceRequest
 
 REQUEST = InferenceRequest(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from bridges.store.pool import _jsonb_encode
+from bridges.clients.store.pool import _jsonb_encode
 from inferstream.errors import InvalidRequest
 from schemas.api import parse_submission
 

@@ -13,8 +13,8 @@ from inferstream import clock
 from inferstream.ids import is_request_id
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest
-from streams import redrive
-from streams.redrive import describe, redrive_letters, resubmission
+from streams.commands import redrive
+from streams.commands.redrive import describe, redrive_letters, resubmission
 
 NOW = datetime(2025, 3, 15, 9, 0, tzinfo=UTC).timestamp()
 CREATED = NOW - 86_400 - 30  # yesterday

@@ -13,8 +13,8 @@ from aiokafka.structs import OffsetAndTimestamp
 
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
+from streams.commands.replay import _offsets_at, _plan, parse_position, resolve_topic
 from streams.logread import PartitionRange, read_ranges
-from streams.replay import _offsets_at, _plan, parse_position, resolve_topic
 
 TOPIC = "t"
 P0, P1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from inferstream.localbroker import free_port
+from devtools.localbroker import free_port
 from inferstream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridges.store.rows import collapse, merge, passed_through, row_of
+from bridges.clients.store.rows import collapse, merge, passed_through, row_of
 from schemas.documents import doc_at, earlier_doc, request_doc, step_of
 from schemas.records import InferenceRequest, ResultEvent
 

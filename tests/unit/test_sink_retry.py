@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from bridges.clients.store.pool import unavailable
+from bridges.clients.store.rows import Event
 from bridges.sink import ResultSink, SinkStopped
-from bridges.store.pool import unavailable
-from bridges.store.rows import Event
 from inferstream.errors import StoreUnavailable
 from inferstream.settings import Settings
 from schemas.records import ResultEvent

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bridges.redis import CacheUnavailable
+from bridges.clients.redis import CacheUnavailable
 from streams.gateway.sse import KEEP_ALIVE, SNAPSHOT, _Emitter, format_event, parse_last_event_id
 
 

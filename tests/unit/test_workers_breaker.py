@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bridges.model import ModelClient
+from bridges.clients.model import ModelClient
 from inferstream import clock
 from inferstream.settings import Settings
 from workers.breaker import CircuitBreaker

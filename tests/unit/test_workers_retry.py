@@ -7,7 +7,7 @@ import random
 import pytest
 from tenacity import AsyncRetrying, RetryCallState
 
-from bridges.model import is_retryable_status
+from bridges.clients.model import is_retryable_status
 from inferstream.errors import FatalModelError, ModelError, RetryableModelError
 from inferstream.retrying import Policy
 from inferstream.settings import Settings

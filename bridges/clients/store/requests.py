@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bridges.store.pool import Aggregate, limit_of
-from bridges.store.rows import UPSERT_REPORT_CURRENT_SQL, UPSERT_SQL, Event, collapse
+from bridges.clients.store.pool import Aggregate, limit_of
+from bridges.clients.store.rows import UPSERT_REPORT_CURRENT_SQL, UPSERT_SQL, Event, collapse
 from schemas.documents import REQUEST_COLUMNS
 
 _ROW = ", ".join(REQUEST_COLUMNS)

@@ -31,7 +31,7 @@ import orjson
 from aiokafka.partitioner import DefaultPartitioner
 from faust.cli import AppCommand, option
 
-from bridges.store import Store
+from bridges.clients.store import Store
 from inferstream import clock
 from inferstream.settings import Settings
 from schemas.records import TERMINAL

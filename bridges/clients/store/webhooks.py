@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridges.store.pool import Aggregate, limit_of
+from bridges.clients.store.pool import Aggregate, limit_of
 from schemas.documents import REQUEST_COLUMNS
 
 _ROW = ", ".join(REQUEST_COLUMNS)

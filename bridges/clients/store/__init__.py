@@ -7,11 +7,11 @@ from typing import Any
 import asyncpg
 from mode import Service
 
-from bridges.store.dead_letters import DeadLetters
-from bridges.store.keys import Keys
-from bridges.store.pool import Pool
-from bridges.store.requests import Requests
-from bridges.store.webhooks import Webhooks
+from bridges.clients.store.dead_letters import DeadLetters
+from bridges.clients.store.keys import Keys
+from bridges.clients.store.pool import Pool
+from bridges.clients.store.requests import Requests
+from bridges.clients.store.webhooks import Webhooks
 from inferstream.settings import Settings
 
 __all__ = ["DeadLetters", "Keys", "Pool", "Requests", "Store", "Webhooks"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bridges.store.pool import Aggregate, limit_of
+from bridges.clients.store.pool import Aggregate, limit_of
 from inferstream import clock
 from schemas.records import InferenceRequest
 

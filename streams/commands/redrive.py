@@ -25,7 +25,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from faust.cli import AppCommand, option
 
-from bridges.store import DeadLetters, Store
+from bridges.clients.store import DeadLetters, Store
 from inferstream import clock
 from inferstream.ids import new_request_id
 from inferstream.settings import Settings

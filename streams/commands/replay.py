@@ -30,10 +30,10 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.cli import AppCommand, option
 
-from bridges.redis import CacheUnavailable, RedisClient
+from bridges.clients.redis import CacheUnavailable, RedisClient
+from bridges.clients.store import Store
+from bridges.clients.store.rows import Event
 from bridges.sink import ResultSink
-from bridges.store import Store
-from bridges.store.rows import Event
 from inferstream.settings import Settings
 from schemas.documents import request_doc
 from schemas.records import InferenceRequest, ResultEvent

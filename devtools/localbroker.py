@@ -6,9 +6,9 @@ stopping the broker loses the log. Production runs Apache Kafka or Redpanda.
 
 ::
 
-    python -m inferstream.localbroker start --port 9092 [--pidfile F] [--logfile F] [--foreground]
-    python -m inferstream.localbroker status [--port 9092]
-    python -m inferstream.localbroker stop [--pidfile F]
+    python -m devtools.localbroker start --port 9092 [--pidfile F] [--logfile F] [--foreground]
+    python -m devtools.localbroker status [--port 9092]
+    python -m devtools.localbroker stop [--pidfile F]
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inferstream.localbroker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devtools.localbroker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start Tansu and wait until it answers Kafka requests")
     start.add_argument("--port", type=int, default=9092)

@@ -1,4 +1,4 @@
-"""Operator commands on the app: ``faust -A streams migrate | keys | plans``.
+"""Operator commands, together: ``faust -A streams migrate | keys | plans | topics | replay | redrive | quota audit``.
 
 They run without starting a worker; each opens the clients it needs and closes them.
 """
@@ -9,13 +9,14 @@ import click
 import faust
 from faust.cli import AppCommand, option
 
-from bridges.redis import RedisClient
-from bridges.store import Store
+from bridges.clients.redis import RedisClient
+from bridges.clients.store import Store
 from inferstream.settings import Settings
 from schemas.migrate import migrate as apply_migrations
-from streams.audit import register_audit
-from streams.redrive import register_redrive
-from streams.replay import register_replay
+from streams.commands.audit import register_audit
+from streams.commands.redrive import register_redrive
+from streams.commands.replay import register_replay
+from streams.commands.topics import register_topics
 
 
 def register(app: faust.App, settings: Settings, store: Store) -> None:
@@ -83,3 +84,4 @@ def register(app: faust.App, settings: Settings, store: Store) -> None:
     register_redrive(app, settings, store)
 
     register_audit(app, settings, store)
+    register_topics(app, settings)

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from bridges.store.pool import Aggregate, Pool
+from bridges.clients.store.pool import Aggregate, Pool
 from inferstream.apikeys import hash_key
 from inferstream.errors import InvalidRequest
 from inferstream.settings import PRIORITIES, Settings

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from bridges.store.pool import translated
+from bridges.clients.store.pool import translated
 from inferstream.errors import StoreUnavailable
 from inferstream.retrying import POSTGRES_LISTEN, failure
 

@@ -1,0 +1,200 @@
+"""Admission: a submission in, a queued request out (or a refusal), decided on the owner of the user's quota.
+
+The view (``streams/gateway/requests.py``) only maps HTTP in and out; this
+service does the work, in this order:
+
+1. authenticate the key (``tables/keys.py``), and tell whether this worker owns
+   the user's quota partition (else the view forwards the request there);
+2. validate the body (``schemas/api.py``) and the callback host (may resolve it);
+3. with no ``await`` in between: the Idempotency-Key lookup, the quota
+   check-and-reserve, the idempotent answer remembered;
+4. await the changelog acks of those writes, then write the request to the log
+   and await its ack: after a crash every request in the log is charged;
+5. on a timeout or a log error, roll back (reservation released, idempotency
+   entry forgotten) and refuse with ``Unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiokafka.errors import KafkaError
+from yarl import URL
+
+from bridges.clients.redis import CacheUnavailable, OwnedDoc, RedisClient
+from inferstream import clock
+from inferstream.coalesce import Coalesced
+from inferstream.errors import InvalidRequest, QuotaExceeded, Unavailable
+from inferstream.ids import new_request_id
+from inferstream.settings import Settings
+from inferstream.tokens import estimate_tokens
+from schemas.api import Submission, check_callback_url, parse_submission
+from schemas.documents import Accepted, Links, request_doc
+from schemas.records import InferenceRequest
+from streams.gateway import metrics
+from streams.gateway.routing import OwnerRouter
+from streams.topics import Topics
+from tables.idempotency import IdempotencyBook, fingerprint
+from tables.keys import KeyCache, Principal
+from tables.quota import QuotaBook
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The answer to render: 202 with ``body`` and ``headers``, or an earlier answer replayed as it was."""
+
+    status: int
+    body: Any
+    headers: dict[str, str]
+    replayed: bool = False
+
+
+class Refused(QuotaExceeded):
+    """A quota refusal with the user's current limits (the ``X-RateLimit-*`` figures) attached."""
+
+    def __init__(self, exc: QuotaExceeded, limits: dict[str, str]) -> None:
+        super().__init__(exc.type, exc.message, retry_after=exc.retry_after or 1, **exc.details)
+        self.limits = limits
+
+
+class AdmissionService:
+    """The single entry of new work; see the module docstring for the order of its steps."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        keys: KeyCache,
+        router: OwnerRouter,
+        quota: QuotaBook,
+        idempotency: IdempotencyBook,
+        topics: Topics,
+        redis: RedisClient,
+        now: Callable[[], float] = clock.now,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.router = router
+        self.quota = quota
+        self.idempotency = idempotency
+        self.topics = topics
+        self.redis = redis
+        self.now = now
+        self.model_routes = settings.model_routes
+        # One Redis round trip for all the admissions of a tick.
+        self._cache_new: Coalesced[OwnedDoc, None] = Coalesced(redis.cache_docs)
+
+    async def authenticate(self, key: str | None) -> Principal:
+        return await self.keys.authenticate(key)
+
+    def owner_of(self, user_id: str) -> URL | None:
+        """The owning worker's URL, or None when this worker owns ``user_id``'s partition."""
+        return self.router.owner(user_id)
+
+    async def admit(self, principal: Principal, body: bytes, idempotency_key: str | None) -> Admitted:
+        sub = parse_submission(body, self.model_routes)
+        if sub.callback_url is not None:
+            await check_callback_url(sub.callback_url, self.settings)  # may resolve its host: before admission
+        body_fp = ""
+        if idempotency_key is not None:
+            if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+                raise InvalidRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+            body_fp = fingerprint(body)
+        estimated = estimate_tokens(sub.task, sub.input, sub.max_tokens, self.settings.default_max_tokens)
+        return await self._reserve_and_enqueue(principal, sub, estimated, idempotency_key, body_fp)
+
+    async def _reserve_and_enqueue(
+        self, principal: Principal, sub: Submission, estimated: int, idem_key: str | None, body_fp: str
+    ) -> Admitted:
+        user, plan = principal.user_id, principal.plan
+        # ---- from here to the first await: check and write, atomically -------------
+        if idem_key is not None:
+            prior = self.idempotency.lookup(user, idem_key, body_fp)
+            if prior is not None:
+                metrics.ADMISSIONS.labels("replayed").inc()
+                return Admitted(prior["status"], prior["body"], dict(prior["headers"]), replayed=True)
+        now = self.now()
+        request_id = new_request_id(now)
+        try:
+            admission = self.quota.admit(user, plan, request_id, estimated)
+        except QuotaExceeded as exc:
+            metrics.ADMISSIONS.labels(exc.type).inc()
+            raise Refused(exc, self.quota.snapshot(user, plan).headers()) from None
+        req = InferenceRequest(
+            request_id=request_id,
+            user_id=user,
+            task=sub.task,
+            model=sub.model,
+            input=sub.input,
+            input_is_list=sub.input_is_list,
+            estimated_tokens=estimated,
+            created_at=now,
+            quota_day=admission.window_day,
+            priority=plan.cap_priority(sub.priority),
+            params=sub.params,
+            deadline_at=now + sub.deadline_s if sub.deadline_s else None,
+            metadata=sub.metadata,
+            callback_url=sub.callback_url,
+        )
+        self_url = f"/v1/requests/{request_id}"
+        answer = Accepted(
+            request_id=request_id,
+            status="queued",
+            estimated_tokens=estimated,
+            created_at=clock.iso(now) or "",
+            links=Links(self_=self_url, events=f"{self_url}/events"),
+        )
+        headers = {**admission.headers(), "Location": self_url}
+        charged = [self.quota.written(user)]
+        if idem_key is not None:
+            replay = {"status": 202, "headers": headers, "body": msgspec.to_builtins(answer)}
+            self.idempotency.remember(user, idem_key, body_fp, replay)
+            charged.append(self.idempotency.written(user))
+        # ---- awaits from here on ------------------------------------------------
+        try:
+            await asyncio.wait_for(self._charge_then_enqueue(req, charged), self.settings.admission_timeout_s)
+        except (TimeoutError, KafkaError) as exc:
+            # Not in the log, so never processed: give the allowance back.
+            log.warning("request %s not written to the log, released: %r", request_id, exc)
+            self.quota.release(user, request_id)
+            if idem_key is not None:
+                self.idempotency.forget(user, idem_key)
+            metrics.ADMISSIONS.labels("unavailable").inc()
+            raise Unavailable("the request log is unavailable", retry_after=2) from exc
+        metrics.ADMISSIONS.labels("admitted").inc()
+        return Admitted(202, answer, headers)
+
+    async def _charge_then_enqueue(self, req: InferenceRequest, charged: list[Awaitable[Any]]) -> None:
+        """The broker holds the charge before the request: after a crash every request in the log is charged.
+
+        Faust writes a table's changelog in the background; a 202 sent before it is
+        acknowledged can be lost in a kill -9 and the allowance granted again.
+        """
+        await asyncio.gather(*charged)
+        await self._write_request(req)
+
+    async def _write_request(self, req: InferenceRequest) -> None:
+        """Append to the requests topic and wait for the broker's ack; cache the queued doc meanwhile."""
+        pending = await self.topics.requests.send(key=req.user_id, value=req)
+        cache = asyncio.ensure_future(self._cache_queued(req))
+        try:
+            await asyncio.shield(pending)  # a timeout upstream must not cancel Faust's own future
+        finally:
+            await cache
+
+    async def _cache_queued(self, req: InferenceRequest) -> None:
+        # Read-your-writes for GET right after the 202 (the cache never goes back to an earlier status).
+        row = {**req.asdict(), "status": "queued", "updated_at": req.created_at}
+        try:
+            await self._cache_new((req.user_id, request_doc(row)))
+        except CacheUnavailable as exc:
+            log.debug("queued doc of %s not cached: %r", req.request_id, exc)
