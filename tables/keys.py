@@ -10,7 +10,7 @@ are cached (unknown digests for ``INFERSTREAM_KEY_NEGATIVE_TTL_S``). Lookups are
 single-flight per digest and bounded by a token bucket, so a flood of bad keys
 costs at most ``burst + rate * seconds`` queries; past the bound an unknown key is 503, not
 401, because admission cannot be decided. Revocations and plan changes arrive
-by LISTEN/NOTIFY (``bridges/key_events.py``) and call :meth:`KeyCache.invalidate`;
+by LISTEN/NOTIFY (``bridges/clients/key_events.py``) and call :meth:`KeyCache.invalidate`;
 the periodic full reload stays as a safety net.
 """
 

@@ -6,8 +6,8 @@ import asyncio
 import logging
 import signal
 
-from bridges.model import ModelClient
-from bridges.rabbitmq import RabbitClient
+from bridges.clients.model import ModelClient
+from bridges.clients.rabbitmq import RabbitClient
 from inferstream.settings import Settings
 from workers.worker import MLWorker
 

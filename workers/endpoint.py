@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from bridges.model import ModelClient
+from bridges.clients.model import ModelClient
 from inferstream import clock
 from inferstream.errors import FatalModelError, RetryableModelError
 from inferstream.settings import Settings

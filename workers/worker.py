@@ -25,8 +25,8 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 from mode import Service
 
-from bridges.model import ModelClient
-from bridges.rabbitmq import AMQP_ERRORS, Consumer, PublishError, RabbitClient
+from bridges.clients.model import ModelClient
+from bridges.clients.rabbitmq import AMQP_ERRORS, Consumer, PublishError, RabbitClient
 from inferstream import clock
 from inferstream.coalesce import CoalescedLookup
 from inferstream.retrying import TERMINAL_PUBLISH, failure, next_sleep
