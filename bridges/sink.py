@@ -119,5 +119,5 @@ class ResultSink:
         assert self.on_applied is not None
         try:
             await self.on_applied(rows)
-        except Exception:  # noqa: BLE001 - the callback is the caller's code; log with traceback, go on
+        except Exception:  # the callback is the caller's code; log with traceback, go on
             log.exception("sink: on_applied failed for %d rows (rows are stored)", len(rows))

@@ -34,16 +34,32 @@ Rules, per UTC day (``window``):
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias, TypedDict, cast
 
 from inferstream import clock
 from inferstream.errors import QuotaExceeded
 from schemas.plans import Plan
 from tables.definitions import changelog_written
 
-QuotaState = dict[str, Any]  # JSON-friendly: it is what the changelog carries
+
+class QuotaState(TypedDict):
+    """One user's quota in one UTC day, as the changelog carries it (JSON; a plain dict at run time)."""
+
+    day: str
+    requests_used: int
+    tokens_used: int
+    tokens_reserved: int
+    reservations: dict[str, int]  # request id -> tokens reserved at admission
+    minute: int  # the fixed minute window (epoch seconds // 60) of minute_count
+    minute_count: int
+    pending: dict[str, float]  # admitted, not yet confirmed from the log: request id -> created_at
+    confirmed_upto: float  # the latest created_at the forward agent confirmed
+    released: dict[str, float]  # released as orphans this day: request id -> when
+
+
+StoredState: TypeAlias = Mapping[str, Any]  # what a table value decodes to: any QuotaState ever written
 # Allowance for clock skew between the worker that admitted a request and the one that sweeps it.
 ORPHAN_GRACE_S = 2.0
 
@@ -63,14 +79,14 @@ def empty_state(day: str) -> QuotaState:
     }
 
 
-def current(state: QuotaState | None, now: float) -> QuotaState:
+def current(state: StoredState | None, now: float) -> QuotaState:
     """The state for the window containing ``now`` (a fresh one after midnight UTC)."""
     day = clock.utc_day(now)
     if state is None or state.get("day") != day:
         return empty_state(day)
     if "pending" not in state:  # written before admissions were confirmed: nothing is pending
-        return {**empty_state(day), **state}
-    return state
+        return cast(QuotaState, {**empty_state(day), **state})
+    return cast(QuotaState, state)
 
 
 def seconds_to_reset(now: float) -> int:
@@ -111,7 +127,7 @@ def _details(state: QuotaState, plan: Plan, estimated: int) -> dict[str, Any]:
 
 
 def decide(
-    state: QuotaState | None, plan: Plan, request_id: str, estimated: int, now: float
+    state: StoredState | None, plan: Plan, request_id: str, estimated: int, now: float
 ) -> tuple[QuotaState, Admission]:
     """Admit one request or raise :class:`QuotaExceeded`; pure, returns the new state."""
     st = current(state, now)
@@ -138,7 +154,7 @@ def decide(
             retry_after=seconds_to_reset(now),
             **_details(st, plan, estimated),
         )
-    new = {
+    new: QuotaState = {
         **st,
         "requests_used": st["requests_used"] + 1,
         "tokens_reserved": st["tokens_reserved"] + estimated,
@@ -161,7 +177,7 @@ def admission_of(state: QuotaState, plan: Plan, now: float) -> Admission:
     )
 
 
-def _without_reservation(state: QuotaState | None, request_id: str, now: float) -> tuple[QuotaState, int] | None:
+def _without_reservation(state: StoredState | None, request_id: str, now: float) -> tuple[QuotaState, int] | None:
     """The current window's state with ``request_id``'s reservation taken out (tokens_reserved
     lowered), and the amount that was reserved; ``None`` when there is no such reservation."""
     if state is None:
@@ -172,8 +188,13 @@ def _without_reservation(state: QuotaState | None, request_id: str, now: float) 
         return None
     reservations = {k: v for k, v in st["reservations"].items() if k != request_id}
     pending = {k: v for k, v in st["pending"].items() if k != request_id}
-    new = {**st, "tokens_reserved": max(0, st["tokens_reserved"] - reserved), "reservations": reservations}
-    return {**new, "pending": pending}, reserved
+    new: QuotaState = {
+        **st,
+        "tokens_reserved": max(0, st["tokens_reserved"] - reserved),
+        "reservations": reservations,
+        "pending": pending,
+    }
+    return new, reserved
 
 
 def charge(status: str, used_tokens: int, reserved: int) -> int:
@@ -181,7 +202,7 @@ def charge(status: str, used_tokens: int, reserved: int) -> int:
     return max(0, used_tokens) if status == "completed" else max(0, min(used_tokens, reserved))
 
 
-def settle(state: QuotaState | None, request_id: str, status: str, used_tokens: int, now: float) -> QuotaState | None:
+def settle(state: StoredState | None, request_id: str, status: str, used_tokens: int, now: float) -> QuotaState | None:
     """Turn a reservation into usage; ``None`` when there is nothing to change (idempotent)."""
     found = _without_reservation(state, request_id, now)
     if found is None:
@@ -190,7 +211,7 @@ def settle(state: QuotaState | None, request_id: str, status: str, used_tokens: 
     return {**st, "tokens_used": st["tokens_used"] + charge(status, used_tokens, reserved)}
 
 
-def release(state: QuotaState | None, request_id: str, now: float) -> QuotaState | None:
+def release(state: StoredState | None, request_id: str, now: float) -> QuotaState | None:
     """Undo a pending admission whose request never reached the log (the request is not charged).
 
     ``None`` when it is not pending: settled, or confirmed (it is in the log and will be processed)."""
@@ -209,7 +230,7 @@ def release(state: QuotaState | None, request_id: str, now: float) -> QuotaState
 
 
 def confirm(
-    state: QuotaState | None, requests: Iterable[tuple[str, float, int]], now: float
+    state: StoredState | None, requests: Iterable[tuple[str, float, int]], now: float
 ) -> QuotaState | None:
     """``(request_id, created_at, estimated)`` of requests read from the log: pending ones are confirmed,
     released ones charged again; ``None`` when nothing changes (a replay of settled requests)."""
@@ -236,7 +257,7 @@ def confirm(
     }
 
 
-def orphans(state: QuotaState | None, now: float, admission_timeout_s: float, orphan_after_s: float) -> list[str]:
+def orphans(state: StoredState | None, now: float, admission_timeout_s: float, orphan_after_s: float) -> list[str]:
     """Pending admissions whose request will not reach the log now: past the admission timeout (the
     gateway has stopped trying) and either overtaken by a later confirmed request or past the long bound."""
     if state is None:
@@ -251,7 +272,7 @@ def orphans(state: QuotaState | None, now: float, admission_timeout_s: float, or
     ]
 
 
-def quota_doc(user_id: str, plan: Plan, state: QuotaState | None, now: float) -> dict[str, Any]:
+def quota_doc(user_id: str, plan: Plan, state: StoredState | None, now: float) -> dict[str, Any]:
     """``GET /v1/quota``."""
     st = current(state, now)
     start = clock.day_start(now)
@@ -276,7 +297,7 @@ def quota_doc(user_id: str, plan: Plan, state: QuotaState | None, now: float) ->
 class QuotaBook:
     """The ``quota`` table's single writer. Every method is synchronous: no await between read and write."""
 
-    def __init__(self, table: MutableMapping[str, QuotaState], now: Callable[[], float] = clock.now) -> None:
+    def __init__(self, table: MutableMapping[str, StoredState], now: Callable[[], float] = clock.now) -> None:
         self.table = table
         self.now = now
 

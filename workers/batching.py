@@ -141,7 +141,7 @@ class Batcher:
             for item in items:
                 item.future.cancel()
             raise
-        except Exception as exc:  # noqa: BLE001 - handed to every waiter, who decides; nothing is swallowed
+        except Exception as exc:  # handed to every waiter, who decides; nothing is swallowed
             for item in items:
                 if not item.future.done():
                     item.future.set_exception(exc)

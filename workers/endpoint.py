@@ -33,11 +33,11 @@ R = TypeVar("R")
 BATCHED_TASKS = frozenset({"embed"})
 
 
-class DeadlinePassed(Exception):  # noqa: N818 - control flow, not an error: the request expires
+class DeadlinePassed(Exception):  # control flow, not an error: the request expires
     """The request's deadline passed while it waited for the endpoint; no call was made."""
 
 
-class RetryBudgetSpent(Exception):  # noqa: N818 - control flow: the request fails with what it has
+class RetryBudgetSpent(Exception):  # control flow: the request fails with what it has
     """The request's retry budget ended while it waited for the endpoint; no call was made."""
 
     def __init__(self, waiting_for: str) -> None:

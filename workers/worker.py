@@ -196,7 +196,7 @@ class MLWorker(Service):
     async def _cancelled_ids(self, ids: Sequence[str]) -> set[str]:
         try:
             return set(await self.is_cancelled(ids))
-        except Exception:  # noqa: BLE001 - an injected lookup (Redis) that fails must not stop the worker
+        except Exception:  # an injected lookup (Redis) that fails must not stop the worker
             log.exception("cancellation lookup failed; treating %d requests as not cancelled", len(ids))
             return set()
 
