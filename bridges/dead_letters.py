@@ -10,7 +10,6 @@ not a request (nothing could ever redrive it) is logged in full and acked.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -19,7 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from mode import Service
 from tenacity import RetryCallState
 
-from bridges.clients.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
+from bridges.clients.rabbitmq import AMQP_ERRORS, InboxConsumer, RabbitClient
 from bridges.clients.store import DeadLetters
 from inferstream.errors import StoreUnavailable
 from inferstream.retrying import DEAD_LETTER_RECORD, failure, next_sleep
@@ -55,7 +54,7 @@ def decode_dead_letter(
     return request, error, history
 
 
-class DeadLetterRecorder(Service):
+class DeadLetterRecorder(InboxConsumer):
     """Consumes the dead-letter queue into ``Store.record_dead_letter``."""
 
     def __init__(
@@ -69,31 +68,11 @@ class DeadLetterRecorder(Service):
         retry_max_s: float = DEAD_LETTER_RECORD.cap_s,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(rabbit, rabbit.dead_letter_queue_name, prefetch=prefetch, **kwargs)
         self.settings = settings
-        self.rabbit = rabbit
         self.store = store
-        self.prefetch = prefetch
         self.retry = DEAD_LETTER_RECORD.tuned(retry_base_s, retry_max_s)
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._consumer: Consumer | None = None
         self.recorded = 0
-
-    async def on_start(self) -> None:
-        self._consumer = await self.rabbit.consumer(
-            self.rabbit.dead_letter_queue_name, self._on_message, prefetch=self.prefetch
-        )
-
-    async def on_stop(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                await consumer.close()  # unacked dead letters go back to the queue
-            except AMQP_ERRORS as exc:
-                log.warning("closing the dead-letter consumer failed: %r", exc)
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        await self._inbox.put(message)
 
     @Service.task
     async def _record_loop(self) -> None:

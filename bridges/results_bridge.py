@@ -22,7 +22,7 @@ from mode import Service
 from prometheus_client import Counter
 from tenacity import RetryCallState
 
-from bridges.clients.rabbitmq import AMQP_ERRORS, Consumer, RabbitClient
+from bridges.clients.rabbitmq import AMQP_ERRORS, InboxConsumer, RabbitClient
 from inferstream.retrying import LOG_PRODUCE, any_error, failure, next_sleep
 from inferstream.settings import Settings
 
@@ -49,7 +49,7 @@ def message_key(message: AbstractIncomingMessage) -> bytes:
         return b""
 
 
-class ResultsBridge(Service):
+class ResultsBridge(InboxConsumer):
     """RabbitMQ ``{ns}.results`` -> ``produce`` -> ack."""
 
     def __init__(
@@ -65,34 +65,13 @@ class ResultsBridge(Service):
         retry_max_s: float = LOG_PRODUCE.cap_s,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(rabbit, rabbit.results_queue_name, prefetch=max(prefetch, batch_size), **kwargs)
         self.settings = settings
-        self.rabbit = rabbit
         self.produce = produce
         self.batch_size = max(1, batch_size)
         self.batch_wait_s = batch_wait_ms / 1000
-        self.prefetch = max(prefetch, self.batch_size)
         self.retry = LOG_PRODUCE.tuned(retry_base_s, retry_max_s)
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._consumer: Consumer | None = None
         self.moved = 0
-
-    async def on_start(self) -> None:
-        self._consumer = await self.rabbit.consumer(
-            self.rabbit.results_queue_name, self._on_message, prefetch=self.prefetch
-        )
-
-    async def on_stop(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                # Closing the channel hands every unacked message back to the broker.
-                await consumer.close()
-            except AMQP_ERRORS as exc:
-                log.warning("closing the results consumer failed: %r", exc)
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        await self._inbox.put(message)
 
     async def _next_batch(self) -> list[AbstractIncomingMessage]:
         batch = [await self._inbox.get()]

@@ -40,7 +40,7 @@ from inferstream.errors import InferstreamError
 from inferstream.settings import Settings
 from schemas.records import PRIORITY_LEVEL, InferenceRequest, ResultEvent
 
-__all__ = ["AMQP_ERRORS", "Consumer", "PublishError", "RabbitClient", "UnknownRoute"]
+__all__ = ["AMQP_ERRORS", "Consumer", "InboxConsumer", "PublishError", "RabbitClient", "UnknownRoute"]
 
 log = logging.getLogger(__name__)
 
@@ -360,3 +360,30 @@ class RabbitClient(Service):
                 await channel.queue_delete(name)
             for name in (self.work_exchange_name, self.dlx_name):
                 await channel.exchange_delete(name)
+
+
+class InboxConsumer(Service):
+    """A service that consumes one queue (on a channel of its own) into ``_inbox``; subclasses drain it.
+
+    Manual acks are the subclass's; stopping closes the channel, which hands
+    every message not yet acked back to the broker.
+    """
+
+    def __init__(self, rabbit: RabbitClient, queue_name: str, *, prefetch: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rabbit = rabbit
+        self.queue_name = queue_name
+        self.prefetch = prefetch
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._consumer: Consumer | None = None
+
+    async def on_start(self) -> None:
+        self._consumer = await self.rabbit.consumer(self.queue_name, self._inbox.put, prefetch=self.prefetch)
+
+    async def on_stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                await consumer.close()
+            except AMQP_ERRORS as exc:
+                log.warning("closing the consumer of %s failed: %r", self.queue_name, exc)
