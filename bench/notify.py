@@ -31,7 +31,8 @@ import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from bridges.clients.redis import NotificationHub, RedisClient
+from bridges.clients.notifications import NotificationHub
+from bridges.clients.redis import RedisClient
 from inferstream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

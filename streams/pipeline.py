@@ -29,8 +29,9 @@ import mode.loop
 from mode import Service, ServiceT
 
 from bridges.clients.model import ModelClient
+from bridges.clients.notifications import NotificationHub
 from bridges.clients.rabbitmq import RabbitClient
-from bridges.clients.redis import NotificationHub, RedisClient
+from bridges.clients.redis import RedisClient
 from bridges.clients.store import Store
 from bridges.clients.webhooks import WebhookSender
 from bridges.dead_letters import DeadLetterRecorder

@@ -9,7 +9,8 @@ from typing import Any
 
 import faust
 
-from bridges.clients.redis import CacheUnavailable, NotificationHub, RedisClient
+from bridges.clients.notifications import NotificationHub
+from bridges.clients.redis import CacheUnavailable, RedisClient
 from bridges.clients.store import Requests
 from inferstream import clock
 from inferstream.errors import StoreUnavailable, Unavailable

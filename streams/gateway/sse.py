@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bridges.clients.redis import NotificationHub, Subscription
+from bridges.clients.notifications import NotificationHub, Subscription
 from inferstream.errors import InferstreamError
 from schemas.documents import event_id
 from schemas.records import STATUS_RANK, TERMINAL

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from bridges.clients.redis import CacheUnavailable, NotificationHub, RedisClient, Subscription
+from bridges.clients.notifications import NotificationHub, Subscription
+from bridges.clients.redis import CacheUnavailable, RedisClient
 from devtools.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 

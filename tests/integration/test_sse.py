@@ -14,7 +14,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bridges.clients.redis import NotificationHub, RedisClient
+from bridges.clients.notifications import NotificationHub
+from bridges.clients.redis import RedisClient
 from devtools.localbroker import free_port as closed_port
 from inferstream.settings import Settings
 from streams.gateway.sse import stream_events
