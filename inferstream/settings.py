@@ -208,17 +208,18 @@ class Settings:
         return routes
 
     # ---- safety ----------------------------------------------------------
-    def insecure_defaults(self) -> list[str]:
-        """Why this worker must not serve a non-loopback address as configured (empty: it may).
+    def insecure_defaults(self, bind: str | None = None) -> list[str]:
+        """Why this worker must not serve ``bind`` (default: ``web_host``) as configured (empty: it may).
 
         The default secrets are published in this repository: with them anyone can
         forge webhook signatures, and key digests lose the protection of a server secret.
         """
-        if _is_loopback(self.web_host):
+        host = bind or self.web_host
+        if _is_loopback(host):
             return []
         return [
             f"{PREFIX}{name.upper()} is the published default while the web server binds "
-            f"{self.web_host!r} (not loopback): set {PREFIX}{name.upper()} to a long random secret"
+            f"{host!r} (not loopback): set {PREFIX}{name.upper()} to a long random secret"
             for name in _PUBLISHED_SECRETS
             if getattr(self, name) == _DEFAULTS[name]
         ]

@@ -37,6 +37,7 @@ from bridges.clients.webhooks import WebhookSender
 from bridges.dead_letters import DeadLetterRecorder
 from bridges.results_bridge import ResultsBridge
 from bridges.sink import ResultSink
+from inferstream.errors import ConfigurationError
 from inferstream.settings import Settings
 from streams import commands, quirks
 from streams.admission import AdmissionService
@@ -95,9 +96,16 @@ def from_environment() -> InferstreamApp:
     return build_pipeline(settings)
 
 
+async def _refuse_insecure_bind(app: InferstreamApp, settings: Settings) -> None:
+    """``faust worker --web-bind`` changes the bind after the app was built: check what it will bind."""
+    if insecure := settings.insecure_defaults(bind=str(app.conf.web_bind)):
+        raise ConfigurationError("inferstream refuses to start: " + "; ".join(insecure))
+
+
 def build_pipeline(settings: Settings) -> InferstreamApp:
     """The app for ``settings.roles``, with its clients, stages, views and commands attached."""
     app = build_app(settings)
+    app.preflight.append(lambda: _refuse_insecure_bind(app, settings))
     store = Store(settings)
     redis = RedisClient(settings)
     rabbit = RabbitClient(settings)

@@ -73,3 +73,25 @@ def test_the_app_still_builds_on_loopback_and_with_secrets_set() -> None:
             timeout=120,
         )
         assert done.returncode == 0, done.stderr
+
+
+def test_the_bind_checked_is_the_one_given_when_it_differs() -> None:
+    assert Settings(web_host="127.0.0.1").insecure_defaults(bind="0.0.0.0") != []
+    assert Settings(web_host="0.0.0.0").insecure_defaults(bind="127.0.0.1") == []
+
+
+def test_worker_web_bind_flag_to_a_public_address_is_refused_before_binding() -> None:
+    """``--web-bind`` changes the bind after the app is built: the worker checks it before it starts."""
+    port = free_port()
+    done = subprocess.run(
+        [str(FAUST), "-A", "streams", "worker", "-l", "info", "--web-bind", "0.0.0.0", "--web-port", str(port)],
+        cwd=ROOT,
+        env=_env(web_host="127.0.0.1", roles="ml"),  # ml: no broker needed to reach the check
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "INFERSTREAM_KEY_SECRET" in output and "'0.0.0.0'" in output, output
+    assert "refuses to start" in output, output
