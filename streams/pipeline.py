@@ -155,10 +155,7 @@ def _pipeline_role(
     idempotency = IdempotencyBook(tables.idempotency, settings.idempotency_ttl_s)
     gateway = Gateway(
         settings=settings,
-        app=app,
-        topics=topics,
         quota=quota,
-        idempotency=idempotency,
         keys=keys,
         router=router,
         store=store.requests,

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import faust
 
 from bridges.clients.notifications import NotificationHub
 from bridges.clients.redis import CacheUnavailable, RedisClient
 from bridges.clients.store import Requests
-from inferstream import clock
 from inferstream.errors import StoreUnavailable, Unavailable
 from inferstream.settings import Settings
 from schemas.documents import request_doc
 from streams.admission import AdmissionService
 from streams.gateway.routing import OwnerRouter
-from streams.topics import Topics
-from tables.idempotency import IdempotencyBook
 from tables.keys import KeyCache
 from tables.quota import QuotaBook
 
@@ -29,21 +23,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class Gateway:
     settings: Settings
-    app: faust.App
-    topics: Topics
     quota: QuotaBook
-    idempotency: IdempotencyBook
     keys: KeyCache
     router: OwnerRouter
     store: Requests
     redis: RedisClient
     hub: NotificationHub
     admission: AdmissionService
-    now: Callable[[], float] = clock.now
-    model_routes: dict[str, list[str]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.model_routes = self.settings.model_routes
 
     async def load_doc(self, user_id: str, request_id: str) -> dict[str, Any] | None:
         """The caller's document: Redis first, then PostgreSQL; None if absent or someone else's."""
