@@ -86,9 +86,9 @@ class Lifecycle(Service):
 def from_environment() -> InferstreamApp:
     """What ``faust -A streams`` runs: the settings from ``INFERSTREAM_*``, checked, then the pipeline."""
     settings = Settings.from_env()
-    if insecure := settings.insecure_defaults():
+    if refusal := _refusal(settings, settings.web_host):
         # Before anything binds or connects: a clear message and exit status 1, not a traceback.
-        raise SystemExit("inferstream refuses to start: " + "; ".join(insecure))
+        raise SystemExit(refusal)
     if settings.event_loop == "uvloop":
         # Before the worker creates its loop (Faust imports the app while parsing the
         # command line); the same as `faust -L uvloop`, without changing the command.
@@ -96,10 +96,16 @@ def from_environment() -> InferstreamApp:
     return build_pipeline(settings)
 
 
+def _refusal(settings: Settings, bind: str) -> str | None:
+    """Why a worker serving ``bind`` must not start (the published secrets), or None."""
+    insecure = settings.insecure_defaults(bind=bind)
+    return "inferstream refuses to start: " + "; ".join(insecure) if insecure else None
+
+
 async def _refuse_insecure_bind(app: InferstreamApp, settings: Settings) -> None:
     """``faust worker --web-bind`` changes the bind after the app was built: check what it will bind."""
-    if insecure := settings.insecure_defaults(bind=str(app.conf.web_bind)):
-        raise ConfigurationError("inferstream refuses to start: " + "; ".join(insecure))
+    if refusal := _refusal(settings, str(app.conf.web_bind)):
+        raise ConfigurationError(refusal)
 
 
 def build_pipeline(settings: Settings) -> InferstreamApp:

@@ -44,18 +44,16 @@ def _env(**settings: str) -> dict[str, str]:
     return env
 
 
+def _run(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Exit status and output of a command run from the checkout."""
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
 def test_worker_with_default_secrets_on_a_public_bind_exits_before_starting() -> None:
     started = time.monotonic()
-    done = subprocess.run(
-        [str(FAUST), "-A", "streams", "worker", "-l", "info"],
-        cwd=ROOT,
-        env=_env(web_host="0.0.0.0"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, output
+    code, output = _run([str(FAUST), "-A", "streams", "worker", "-l", "info"], _env(web_host="0.0.0.0"))
+    assert code != 0, output
     assert "INFERSTREAM_KEY_SECRET" in output and "INFERSTREAM_WEBHOOK_SECRET" in output, output
     assert "refuses to start" in output, output
     assert "Starting" not in output and "ƒaµS†" not in output  # no banner: nothing was started
@@ -64,15 +62,8 @@ def test_worker_with_default_secrets_on_a_public_bind_exits_before_starting() ->
 
 def test_the_app_still_builds_on_loopback_and_with_secrets_set() -> None:
     for env in (_env(web_host="127.0.0.1"), _env(web_host="0.0.0.0", **SECRETS)):
-        done = subprocess.run(
-            [sys.executable, "-c", "import streams; streams.app"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
+        code, output = _run([sys.executable, "-c", "import streams; streams.app"], env)
+        assert code == 0, output
 
 
 def test_the_bind_checked_is_the_one_given_when_it_differs() -> None:
@@ -83,15 +74,10 @@ def test_the_bind_checked_is_the_one_given_when_it_differs() -> None:
 def test_worker_web_bind_flag_to_a_public_address_is_refused_before_binding() -> None:
     """``--web-bind`` changes the bind after the app is built: the worker checks it before it starts."""
     port = free_port()
-    done = subprocess.run(
+    code, output = _run(
         [str(FAUST), "-A", "streams", "worker", "-l", "info", "--web-bind", "0.0.0.0", "--web-port", str(port)],
-        cwd=ROOT,
-        env=_env(web_host="127.0.0.1", roles="ml"),  # ml: no broker needed to reach the check
-        capture_output=True,
-        text=True,
-        timeout=120,
+        _env(web_host="127.0.0.1", roles="ml"),  # ml: no broker needed to reach the check
     )
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, output
+    assert code != 0, output
     assert "INFERSTREAM_KEY_SECRET" in output and "'0.0.0.0'" in output, output
     assert "refuses to start" in output, output
