@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import faust
@@ -98,14 +99,25 @@ async def _partition_counts(admin: AIOKafkaAdminClient, names: Sequence[str]) ->
     }
 
 
+@asynccontextmanager
+async def _admin(servers: Sequence[str]) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client for the block; the broker's errors come out as :class:`TopologyError`."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=list(servers), client_id="inferstream-topology")
+    try:
+        await admin.start()
+        yield admin
+    except KafkaError as exc:
+        raise TopologyError(f"cannot read or create the log's topics at {list(servers)}: {exc!r}", topic="*") from exc
+    finally:
+        await admin.close()
+
+
 async def ensure_topics(
     servers: Sequence[str], specs: Sequence[TopicSpec], *, env_name: str = "INFERSTREAM_PARTITIONS", timeout_s: float = 30.0
 ) -> dict[str, int]:
     """Create the missing topics, wait until the broker lists them, check co-partitioning; the counts."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=list(servers), client_id="inferstream-topology")
-    await admin.start()
-    try:
-        names = [s.name for s in specs]
+    names = [s.name for s in specs]
+    async with _admin(servers) as admin:
         counts = await _partition_counts(admin, names)
         # Refuse before creating anything: a half-created topology helps no one.
         check_copartitioned(specs, counts, env_name)
@@ -125,12 +137,8 @@ async def ensure_topics(
                 absent = sorted(set(names) - set(counts))
                 raise TopologyError(f"topics {absent} not visible {timeout_s:.0f}s after creation", topic=absent[0])
             await asyncio.sleep(0.1)  # polling the broker's metadata, not synchronising with our own code
-        check_copartitioned(specs, counts, env_name)
-        return counts
-    except KafkaError as exc:
-        raise TopologyError(f"cannot read or create the log's topics at {list(servers)}: {exc!r}", topic="*") from exc
-    finally:
-        await admin.close()
+    check_copartitioned(specs, counts, env_name)
+    return counts
 
 
 def changelogs_of(app: faust.App) -> list[tuple[str, str]]:
@@ -140,12 +148,8 @@ def changelogs_of(app: faust.App) -> list[tuple[str, str]]:
 
 async def existing_counts(servers: Sequence[str], names: Sequence[str]) -> dict[str, int]:
     """Partition counts of those of ``names`` that exist (creating nothing)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=list(servers), client_id="inferstream-topology")
-    await admin.start()
-    try:
+    async with _admin(servers) as admin:
         return await _partition_counts(admin, names)
-    finally:
-        await admin.close()
 
 
 def install_topology(app: InferstreamApp, settings: Settings) -> None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
 
 from tests.support.pipeline import Api, Pipeline, WorkerProcess
 from tests.support.wait import wait_for
@@ -217,7 +216,7 @@ class CrashRun:
         used_tokens: Counter[str] = Counter()
         for r in final:
             if r["status"] == "completed" and r["usage"]:
-                usage = r["usage"] if isinstance(r["usage"], dict) else orjson.loads(r["usage"])
+                usage = r["usage"]  # jsonb, decoded by the store's codec
                 used_tokens[r["user_id"]] += int(usage.get("total_tokens") or 0)
         admitted: Counter[str] = Counter(self.accepted.values())
         gateway = self._gateways()[0]
