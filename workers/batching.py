@@ -69,7 +69,10 @@ class Batcher:
         self.name = name
         self._pending: list[_Item] = []
         self._pending_texts = 0
-        self._timer: asyncio.TimerHandle | None = None
+        # The due time is kept beside the handle: uvloop's call_at returns a plain Handle
+        # (no when()) for a time already reached.
+        self._timer: asyncio.Handle | None = None
+        self._timer_due: float | None = None
         self._running: set[asyncio.Task[None]] = set()
 
     @property
@@ -101,11 +104,11 @@ class Batcher:
         due = self._pending[0].arrived + self.max_wait_s if self._pending else None
         if len(self._running) >= self.max_in_flight:
             due = None  # a returning batch dispatches next
-        if self._timer is not None and (due is None or self._timer.when() != due):
+        if self._timer is not None and due != self._timer_due:
             self._timer.cancel()
             self._timer = None
         if due is not None and self._timer is None:
-            self._timer = loop.call_at(due, self._on_timer)
+            self._timer, self._timer_due = loop.call_at(due, self._on_timer), due
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -64,3 +64,20 @@ def test_split_usage_sums_exactly() -> None:
     assert sum(p["total_tokens"] for p in parts) == 10
     assert split_usage({"prompt_tokens": 7}, [5]) == [{"prompt_tokens": 7}]
     assert [p["prompt_tokens"] for p in split_usage({"prompt_tokens": 9}, [1, 2])] == [3, 6]
+
+
+async def test_works_when_the_loop_returns_plain_handles_for_a_time_already_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvloop's ``call_at`` for a time already reached returns a ``Handle`` without ``when()``.
+
+    The batcher asked its timer for ``when()`` on the next submission: AttributeError inside
+    the ML worker's message handler, whose message then stayed unacked and its request
+    ``dispatched`` for ever (seen under load during the PostgreSQL outage test).
+    """
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "call_at", lambda when, callback, *args: loop.call_soon(callback, *args))
+    rec = Recorder()
+    b = Batcher(rec, max_items=10, max_wait_s=0.05)
+    results = await asyncio.gather(b.submit(["a"]), b.submit(["b"]), b.submit(["c"]))
+    assert [r[0] for r in results] == [[[1.0]], [[1.0]], [[1.0]]]
