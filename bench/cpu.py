@@ -10,10 +10,18 @@ PostgreSQL (every postgres process, plus the CPU of backends that exited in
 between, which the postmaster's cutime/cstime collects), Redis and this load
 generator. Prints CPU ms per completed request by process, the total, the
 end-to-end and submit rates, and the total against the target and the old
-measurement.
+measurement; the bytes Tansu received per completed request (every byte its
+clients sent: produces, and also fetch, commit and heartbeat requests;
+:mod:`bench.measure`); and a machine calibration (a fixed pure-Python loop
+timed in this process before the load) with the total divided by its ratio to
+the reference machine (README "Benchmarks").
 
     .venv/bin/python -m bench.cpu --topology all-in-one [--requests 3000]
     .venv/bin/python -m bench.cpu --topology split
+    .venv/bin/python -m bench.cpu --profile /tmp/prof   # + py-spy raw profiles of each worker, measured window only
+
+The topologies are ``TOPOLOGIES`` (label -> ``INFERSTREAM_ROLES``), the default
+``DEFAULT_TOPOLOGY``.
 """
 
 from __future__ import annotations
@@ -27,6 +35,16 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.measure import (
+    Profiles,
+    bytes_between,
+    calibrate,
+    calibration_line,
+    slowness,
+    statuses_of,
+    tcp_bytes,
+    wait_terminal,
+)
 from devtools.localbroker import LocalBroker, free_port
 from tests.support.modelserver import start_modelserver, stop_modelserver, wait_healthy
 from tests.support.pipeline import Api, Pipeline, WorkerProcess
@@ -40,6 +58,7 @@ TOPOLOGIES: dict[str, dict[str, str]] = {
     "all-in-one": {"worker (all roles)": "pipeline,ml"},
     "split": {"pipeline worker": "pipeline", "ML worker": "ml"},
 }
+DEFAULT_TOPOLOGY = "all-in-one"
 TICK_MS = 1000.0 / os.sysconf("SC_CLK_TCK")
 PROC = Path("/proc")
 
@@ -176,34 +195,6 @@ async def submit_all(
     return accepted, statuses, first, time.monotonic()
 
 
-async def wait_terminal(pipeline: Pipeline, expected: int, deadline_s: float) -> float:
-    """Poll PostgreSQL until ``expected`` rows of the namespace are terminal (or the deadline); when seen.
-
-    A cheap count over the namespace's own table, so the polling itself costs PostgreSQL little.
-    """
-    pool = await pipeline.store.connect()
-    query = (
-        f'SELECT count(*) FROM "{pipeline.settings.db_schema}".requests'
-        " WHERE status IN ('completed', 'failed', 'cancelled', 'expired')"
-    )
-    deadline = time.monotonic() + deadline_s
-    while True:
-        terminal = int(await pool.fetchval(query))
-        now = time.monotonic()
-        if terminal >= expected or now > deadline:
-            return now
-        await asyncio.sleep(0.05)
-
-
-async def statuses_of(pipeline: Pipeline, ids: list[str]) -> dict[str, int]:
-    pool = await pipeline.store.connect()
-    query = (
-        f'SELECT status, count(*) AS n FROM "{pipeline.settings.db_schema}".requests'
-        " WHERE request_id = ANY($1) GROUP BY status"
-    )
-    return {r["status"]: int(r["n"]) for r in await pool.fetch(query, ids)}
-
-
 def table(before: Sample, after: Sample, completed: int) -> tuple[list[str], float]:
     lines = ["| process | pids | CPU ms per completed request |", "|---|---|---|"]
     total = 0.0
@@ -219,13 +210,14 @@ def table(before: Sample, after: Sample, completed: int) -> tuple[list[str], flo
 
 async def main(args: argparse.Namespace) -> None:
     roles = TOPOLOGIES[args.topology]
+    calibration = calibrate()  # before anything else runs: this process, idle machine
     with LocalBroker() as broker:
         port = free_port()
         model = start_modelserver(port, "--no-embeddings", "--latency-ms", "0")
         try:
             model_url = f"http://127.0.0.1:{port}"
             await wait_healthy(model_url, time.monotonic() + 90, model)
-            assert broker.pid is not None
+            assert broker.pid is not None and broker.port is not None
             async with Pipeline.session(broker.url, model_url + "/v1") as pipeline:
                 await pipeline.set_plan("bench", requests_per_day=10**7, tokens_per_day=10**10)
                 keys = [await pipeline.create_key(f"u{u}", "bench") for u in range(USERS)]
@@ -247,10 +239,15 @@ async def main(args: argparse.Namespace) -> None:
 
                 known = {name: w.proc.pid for name, w in workers.items() if w.proc is not None}
                 known |= {"model server": model.pid, "Tansu broker": broker.pid}
-                before = sample(known)
-                ids, statuses, first, last_submit = await submit_all(gateways, keys, args.requests)
-                done = await wait_terminal(pipeline, len(warm) + len(ids), args.deadline_s)
-                after = sample(known)
+                profiled = {n: w.proc.pid for n, w in workers.items() if w.proc is not None}
+                with Profiles(args.profile, profiled):
+                    sockets, before = tcp_bytes(broker.port), sample(known)
+                    ids, statuses, first, last_submit = await submit_all(
+                        gateways, keys, args.requests
+                    )
+                    done = await wait_terminal(pipeline, len(warm) + len(ids), args.deadline_s)
+                    after = sample(known)
+                    received, sent = bytes_between(sockets, tcp_bytes(broker.port))
                 counts = await statuses_of(pipeline, ids)
                 children = [
                     p
@@ -277,6 +274,15 @@ async def main(args: argparse.Namespace) -> None:
             )
             print(f"total {total:.2f} ms = {total / TARGET_MS:.2f}x the target ({TARGET_MS} ms), "
                   f"{total / OLD_MS:.2f}x the old measurement ({OLD_MS} ms)")  # fmt: skip
+            print(
+                f"Tansu received {received / completed:,.0f} bytes per completed request "
+                f"(all its clients' requests, fetch requests included), sent {sent / completed:,.0f}"
+            )
+            print(calibration_line(calibration))
+            print(
+                f"total normalised to the reference machine: {total / slowness(calibration):.2f} ms "
+                f"(total / x{slowness(calibration):.2f})"
+            )
             if children:
                 print(f"NOTE: child processes of measured processes, not counted: {children}")
             if completed < len(ids):
@@ -289,9 +295,12 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--topology", choices=sorted(TOPOLOGIES), default="all-in-one")
+    parser.add_argument("--topology", choices=sorted(TOPOLOGIES), default=DEFAULT_TOPOLOGY)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument(
         "--deadline-s", type=float, default=180.0, help="wait this long for completion"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy raw profiles of each worker into this directory"
     )
     asyncio.run(main(parser.parse_args()))
