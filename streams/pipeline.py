@@ -59,6 +59,7 @@ from tables.definitions import define_tables
 from tables.idempotency import IdempotencyBook
 from tables.keys import KeyCache
 from tables.quota import QuotaBook
+from tables.reservations import Reservations
 from workers.worker import MLWorker
 
 
@@ -153,7 +154,7 @@ def _pipeline_role(
 ) -> PipelineRole:
     """Gateway, tables, agents and bridges; the services they need, in start order."""
     tables = define_tables(app, settings)
-    quota = QuotaBook(tables.quota)
+    quota = QuotaBook(tables.quota, Reservations(tables.reservations))
     keys = KeyCache.from_settings(settings, store.keys.find_key)
     key_sync = KeySync(settings, store.keys, keys)
     router = OwnerRouter(app, tables.quota, settings.admission_timeout_s)

@@ -2,67 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
 import faust
-from faust.types import FutureMessage
 
 from inferstream.settings import Settings
 from tables import rocksdb_store
-
-
-class AckedTable(faust.Table):
-    """A table whose latest changelog write of a key can be awaited.
-
-    Faust sends a table's changelog entry in the background (``send_soon``) and
-    drops the future. A view that answers "admitted" before the broker holds
-    that entry can lose the admission in a kill -9: the restarted worker
-    recovers the table from the changelog and admits past the limit (seen: 73
-    answered 202 before the kill, 62 recovered). Writers await :meth:`written`
-    before they answer.
-    """
-
-    _acks: dict[Any, FutureMessage]
-
-    def send_changelog(self, partition: int | None, key: Any, value: Any, *args: Any, **kwargs: Any) -> FutureMessage:
-        fut = super().send_changelog(partition, key, value, *args, **kwargs)
-        acks = self.__dict__.setdefault("_acks", {})
-        acks[key] = fut
-        # One entry per key with a write in flight; per-partition order makes the latest ack cover earlier ones.
-        fut.add_done_callback(lambda done: acks.pop(key) if acks.get(key) is done else None)
-        return fut
-
-    def written(self, key: Any) -> Awaitable[Any]:
-        """Resolves when the broker acknowledged the latest changelog write of ``key``."""
-        fut: FutureMessage | None = self.__dict__.get("_acks", {}).get(key)
-        # Shielded: a caller's timeout must not cancel Faust's future (Faust would then
-        # fail to set its result, in a producer callback).
-        return asyncio.shield(fut) if fut is not None else _done()
-
-
-def changelog_written(table: Any, key: Any) -> Awaitable[Any]:
-    """The ack of ``table``'s latest changelog write of ``key``; done at once for a plain mapping."""
-    return table.written(key) if isinstance(table, AckedTable) else _done()
-
-
-def _done() -> asyncio.Future[None]:
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    done.set_result(None)
-    return done
+from tables.acked import AckedTable
+from tables.reservations import ReservationTable
 
 
 @dataclass(frozen=True)
 class StateTables:
     quota: AckedTable
+    reservations: AckedTable
     idempotency: AckedTable
 
 
-def _acked_table(app: faust.App, name: str, **kwargs: Any) -> AckedTable:
+def _acked_table(app: faust.App, name: str, cls: type[AckedTable] = AckedTable, **kwargs: Any) -> AckedTable:
     # What ``app.Table`` does, with our class.
-    table = AckedTable(app, name=name, beacon=app.tables.beacon, **kwargs)
+    table = cls(app, name=name, beacon=app.tables.beacon, **kwargs)
     app.tables.add(table)
     return table
 
@@ -82,6 +42,16 @@ def define_tables(app: faust.App, settings: Settings) -> StateTables:
         use_partitioner=True,
         help="user_id -> quota state of the current UTC day (tables.quota)",
     )
+    reservations = _acked_table(
+        app,
+        "reservations",
+        ReservationTable,
+        default=None,
+        key_type=str,
+        partitions=settings.partitions,
+        use_partitioner=True,  # ReservationTable picks the partition of the key's user
+        help="request_id/user_id -> [estimated tokens, day] of a confirmed request in flight (tables.reservations)",
+    )
     idempotency = _acked_table(
         app,
         "idempotency",
@@ -91,4 +61,4 @@ def define_tables(app: faust.App, settings: Settings) -> StateTables:
         use_partitioner=True,
         help="user_id -> {Idempotency-Key: first answer} (tables.idempotency)",
     )
-    return StateTables(quota=quota, idempotency=idempotency)
+    return StateTables(quota=quota, reservations=reservations, idempotency=idempotency)

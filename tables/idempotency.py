@@ -14,7 +14,7 @@ from typing import Any
 
 from inferstream import clock
 from inferstream.errors import IdempotencyMismatch
-from tables.definitions import changelog_written
+from tables.acked import changelog_written
 
 Entries = dict[str, dict[str, Any]]
 

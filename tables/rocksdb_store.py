@@ -29,6 +29,10 @@ class Store(FaustRocksDBStore):
         db.put(key, value)
 
     def _partition_of(self, key: bytes) -> int:
+        # A table may partition its keys by a part of them (tables.reservations: the user).
+        partition_key = getattr(self.table, "partition_key", None)
+        if partition_key is not None:
+            key = partition_key(key)
         topic = self.table.changelog_topic.get_topic_name()
         tp: Any = self.app.producer.key_partition(topic, key)
         return int(tp.partition)

@@ -8,16 +8,17 @@ Then a ``dispatched`` status event per request goes to the results topic.
 
 Before publishing, the batch's requests are confirmed in the quota table (this
 worker owns their users' quota partitions: the topics are co-partitioned with
-its changelog): an admission still pending when its request is in the log is
-no orphan (:mod:`streams.agents.orphans`). The offsets wait for those writes'
-acks too, so a crash replays a confirmation (idempotent) but never loses one.
+its changelogs): each gets its reservation entry (acknowledged before anything
+is published, so a result can only settle a reservation the broker holds), and
+an admission still pending when its request is in the log is no orphan
+(:mod:`streams.agents.orphans`). The offsets wait for those writes' acks too, so
+a crash replays a confirmation (idempotent) but never loses one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,17 +54,9 @@ async def send_events(topics: Topics, events: Sequence[ResultEvent]) -> None:
     await send_and_wait(topics.results, ((e.user_id, e) for e in events))
 
 
-def confirm_batch(book: QuotaBook, batch: Sequence[InferenceRequest]) -> list[asyncio.Future[Any]]:
-    """Confirm every request of the batch, one table write per user; the acks of its users' latest writes.
-
-    Every user's, not only those written now: a retried batch confirms nothing new, and must
-    still wait for the write its first attempt made."""
-    per_user: dict[str, list[tuple[str, float, int]]] = defaultdict(list)
-    for r in batch:
-        per_user[r.user_id].append((r.request_id, r.created_at, r.estimated_tokens))
-    for user, requests in per_user.items():
-        book.confirm(user, requests)
-    return [asyncio.ensure_future(book.written(user)) for user in per_user]
+async def confirm_batch(book: QuotaBook, batch: Sequence[InferenceRequest]) -> list[asyncio.Future[Any]]:
+    """Confirm every request of the batch in the quota table; the acks of its users' latest writes."""
+    return await book.confirm_requests([(r.user_id, r.request_id, r.created_at, r.estimated_tokens) for r in batch])
 
 
 def register_forward(
@@ -72,7 +65,7 @@ def register_forward(
     routes = set(rabbit.routes())
 
     async def forward(batch: Sequence[InferenceRequest]) -> None:
-        confirmed = confirm_batch(book, batch)
+        confirmed = await confirm_batch(book, batch)
         routable = [r for r in batch if (r.task, r.model) in routes]
         if routable:
             await publish_confirmed(rabbit, routable)

@@ -1,20 +1,25 @@
 """Agent: terminal results -> the quota table (reservation becomes usage, or is refunded).
 
 The results topic is keyed by ``user_id`` with the quota changelog's partition
-count, so this agent runs on the worker that owns the user's quota state.
+count, so this agent runs on the worker that owns the user's quota state. Each
+result carries its offset into the settlement, so a batch replayed after a crash
+is recognised and not applied twice (:meth:`tables.quota.QuotaBook.settle_results`).
 """
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Sequence
+from typing import cast
 
 import faust
+from faust.types import EventT
 
 from inferstream.settings import Settings
 from schemas.records import ResultEvent
 from streams.agents import metrics
+from streams.agents.guard import until_done
 from streams.topics import Topics
-from tables.quota import QuotaBook
+from tables.quota import QuotaBook, Settlement
 
 
 def used_tokens(event: ResultEvent) -> int:
@@ -25,18 +30,27 @@ def used_tokens(event: ResultEvent) -> int:
         return 0
 
 
+def settlements(events: Sequence[EventT]) -> list[Settlement]:
+    """The terminal results of a batch, in log order, with their offsets."""
+    found: list[Settlement] = []
+    for event in events:
+        value = event.value
+        if isinstance(value, ResultEvent) and value.is_terminal:
+            found.append((value.user_id, value.request_id, value.status, used_tokens(value), event.message.offset))
+    return found
+
+
 def register_settle(app: faust.App, settings: Settings, topics: Topics, book: QuotaBook) -> None:
+    async def settle(events: Sequence[EventT]) -> None:
+        results = settlements(events)
+        if results:
+            # Returns once the broker holds the settlements: the batch's offsets are
+            # acked after this body, so a crash can replay them (recognised) but never lose one.
+            for _, _, status, _, _ in await book.settle_results(results):
+                metrics.SETTLED.labels(status).inc()
+
     @app.agent(topics.results, name="settle-quota", concurrency=1)
     async def settle_quota(stream: faust.StreamT[ResultEvent]) -> None:
-        async for batch in stream.take(settings.sink_batch_size, within=settings.sink_batch_wait_ms / 1000):
-            touched: set[str] = set()
-            for event in batch:
-                if event.is_terminal and book.settle(
-                    event.user_id, event.request_id, event.status, used_tokens(event)
-                ):
-                    touched.add(event.user_id)
-                    metrics.SETTLED.labels(event.status).inc()
-            # The batch's offsets are acked when this body returns: only once the
-            # broker holds the settlements, so a crash can replay them (idempotent)
-            # but never lose one.
-            await asyncio.gather(*(book.written(user) for user in touched))
+        # take_events (values with their offsets) is on the Stream class, not on StreamT.
+        async for events in cast(faust.Stream, stream).take_events(settings.sink_batch_size, within=settings.sink_batch_wait_ms / 1000):
+            await until_done("settle-quota", lambda: settle(events))  # noqa: B023 - awaited at once

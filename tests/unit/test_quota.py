@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +45,22 @@ def book(now: float = NOON) -> tuple[QuotaBook, dict[str, QuotaState], Clock]:
     return QuotaBook(table, now=clock), table, clock
 
 
+def settle_one(qb: QuotaBook, user: str, request_id: str, status: str, used: int, offset: int | None = None) -> bool:
+    """What the settle agent does for a batch of one terminal result; whether it changed the state."""
+    return bool(asyncio.run(qb.settle_results([(user, request_id, status, used, offset)])))
+
+
+def confirm_one(qb: QuotaBook, user: str, requests: list[tuple[str, float, int]]) -> bool:
+    """What the forward agent does for ``user``'s requests read from the log; whether the state changed."""
+    before = qb.table.get(user)
+
+    async def run() -> None:
+        await asyncio.gather(*await qb.confirm_requests([(user, rid, at, est) for rid, at, est in requests]))
+
+    asyncio.run(run())
+    return qb.table.get(user) is not before
+
+
 def rejection(fn: Any, *args: Any) -> QuotaExceeded:
     with pytest.raises(QuotaExceeded) as info:
         fn(*args)
@@ -67,7 +84,7 @@ def test_admits_exactly_the_daily_requests_then_429_with_details() -> None:
     # Retry-After is the time to the window's reset at midnight UTC.
     assert exc.retry_after == math.ceil(MIDNIGHT - NOON)
     # A rejection writes nothing.
-    assert table["u"]["requests_used"] == 5 and "r5" not in table["u"]["reservations"]
+    assert table["u"]["requests_used"] == 5 and "r5" not in table["u"]["pending"]
 
 
 def test_headers_carry_the_rate_limit_figures() -> None:
@@ -86,7 +103,7 @@ def test_tokens_used_plus_reserved_plus_estimate_must_fit() -> None:
     qb, _, _ = book()
     plan = Plan("t", requests_per_day=100, tokens_per_day=300, requests_per_minute=0)
     qb.admit("u", plan, "a", 100)
-    qb.settle("u", "a", "completed", 120)  # used 120
+    settle_one(qb, "u", "a", "completed", 120)  # used 120
     qb.admit("u", plan, "b", 100)  # reserved 100: 220
     qb.admit("u", plan, "c", 80)  # exactly the limit: 300 <= 300
     exc = rejection(qb.admit, "u", plan, "d", 1)
@@ -94,7 +111,7 @@ def test_tokens_used_plus_reserved_plus_estimate_must_fit() -> None:
     assert exc.body()["error"]["tokens"] == {"used": 120, "reserved": 180, "limit": 300, "estimated": 1}
     assert exc.retry_after == math.ceil(MIDNIGHT - NOON)
     # A request that would not fit alone is rejected while a smaller one still fits after a refund.
-    qb.settle("u", "c", "failed", 0)
+    settle_one(qb, "u", "c", "failed", 0)
     assert rejection(qb.admit, "u", plan, "e", 81).type == "token_quota_exceeded"
     qb.admit("u", plan, "f", 80)
 
@@ -146,12 +163,12 @@ def test_window_rolls_over_at_utc_midnight() -> None:
     admission = qb.admit("u", PLAN, "early", 7)
     assert admission.window_day == "2025-03-15" and admission.requests_remaining == 4
     assert admission.reset_s == 86_400
-    assert table["u"]["reservations"] == {"early": 7} and table["u"]["tokens_reserved"] == 7
+    assert table["u"]["pending"] == {"early": [MIDNIGHT, 7]} and table["u"]["tokens_reserved"] == 7
     doc = qb.doc("u", PLAN)
     assert doc["window"]["start"] == "2025-03-15T00:00:00.000Z"
     assert doc["requests"] == {"used": 1, "limit": 5, "remaining": 4}
     # Yesterday's reservation went with yesterday's window: its result charges nothing today.
-    assert not qb.settle("u", "r0", "completed", 90)
+    assert not settle_one(qb, "u", "r0", "completed", 90)
     assert qb.doc("u", PLAN)["tokens"] == {"used": 0, "reserved": 7, "limit": 1_000, "remaining": 993}
 
 
@@ -169,10 +186,10 @@ def test_completed_charges_actual_usage_and_frees_the_reservation() -> None:
     qb, _, _ = book()
     qb.admit("u", PLAN, "a", 300)
     qb.admit("u", PLAN, "b", 200)
-    assert qb.settle("u", "a", "completed", 120)
+    assert settle_one(qb, "u", "a", "completed", 120)
     assert qb.doc("u", PLAN)["tokens"] == {"used": 120, "reserved": 200, "limit": 1_000, "remaining": 680}
     # Usage above the estimate is charged too: it is what the model used.
-    assert qb.settle("u", "b", "completed", 250)
+    assert settle_one(qb, "u", "b", "completed", 250)
     assert qb.doc("u", PLAN)["tokens"] == {"used": 370, "reserved": 0, "limit": 1_000, "remaining": 630}
     assert qb.doc("u", PLAN)["requests"]["used"] == 2
 
@@ -181,7 +198,7 @@ def test_completed_charges_actual_usage_and_frees_the_reservation() -> None:
 def test_failed_cancelled_expired_refund_the_reservation(status: str) -> None:
     qb, _, _ = book()
     qb.admit("u", PLAN, "a", 300)
-    assert qb.settle("u", "a", status, 0)
+    assert settle_one(qb, "u", "a", status, 0)
     tokens = qb.doc("u", PLAN)["tokens"]
     assert tokens == {"used": 0, "reserved": 0, "limit": 1_000, "remaining": 1_000}
     # The request stays counted: it was admitted.
@@ -192,8 +209,8 @@ def test_a_failure_still_charges_reported_usage_up_to_the_reservation() -> None:
     qb, _, _ = book()
     qb.admit("u", PLAN, "a", 100)
     qb.admit("u", PLAN, "b", 100)
-    qb.settle("u", "a", "failed", 40)
-    qb.settle("u", "b", "cancelled", 5_000)
+    settle_one(qb, "u", "a", "failed", 40)
+    settle_one(qb, "u", "b", "cancelled", 5_000)
     assert qb.doc("u", PLAN)["tokens"]["used"] == 140
 
 
@@ -201,17 +218,61 @@ def test_settling_twice_changes_nothing() -> None:
     qb, table, _ = book()
     qb.admit("u", PLAN, "a", 100)
     qb.admit("u", PLAN, "b", 50)
-    assert qb.settle("u", "a", "completed", 80)
-    after_first = {**table["u"], "reservations": dict(table["u"]["reservations"])}
+    assert settle_one(qb, "u", "a", "completed", 80)
+    after_first = dict(table["u"])
     for status in ("completed", "failed", "cancelled", "expired"):
-        assert not qb.settle("u", "a", status, 80)
+        assert not settle_one(qb, "u", "a", status, 80)
         assert table["u"] == after_first
-    assert table["u"]["reservations"] == {"b": 50}
+    assert table["u"]["pending"] == {"b": [NOON, 50]}
+
+
+def test_settling_a_confirmed_request_twice_changes_nothing_and_ends_its_reservation() -> None:
+    qb, table, _ = book()
+    qb.admit("u", PLAN, "a", 100)
+    qb.admit("u", PLAN, "b", 50)
+    confirm_one(qb, "u", [("a", NOON, 100), ("b", NOON, 50)])
+    assert dict(qb.reservations.held()) == {"a/u": [100, "2025-03-14"], "b/u": [50, "2025-03-14"]}
+    assert settle_one(qb, "u", "a", "completed", 80, offset=7)
+    assert dict(qb.reservations.held()) == {"b/u": [50, "2025-03-14"]}
+    after_first = dict(table["u"])
+    assert after_first["settled_upto"] == 7
+    assert not settle_one(qb, "u", "a", "failed", 0, offset=9)  # a second terminal result
+    assert table["u"] == after_first
+    # Both results in one batch: the second is the duplicate, whatever the order of the writes.
+    assert [r[1] for r in asyncio.run(
+        qb.settle_results([("u", "b", "completed", 10, 10), ("u", "b", "completed", 10, 11)])
+    )] == ["b"]  # fmt: skip
+    assert qb.doc("u", PLAN)["tokens"] == {"used": 90, "reserved": 0, "limit": 1_000, "remaining": 910}
+    assert dict(qb.reservations.held()) == {}
+
+
+def test_a_replayed_settlement_is_not_applied_again_and_still_ends_the_reservation() -> None:
+    # A crash after the state's ack and before the reservation's removal: the replay sees its offset.
+    qb, table, _ = book()
+    qb.admit("u", PLAN, "a", 100)
+    confirm_one(qb, "u", [("a", NOON, 100)])
+    state = settle(table["u"], "a", "completed", 30, NOON, qb.reservations.get("u", "a"), offset=5)
+    assert state is not None
+    table["u"] = state  # the state written and acknowledged; the entry's removal lost
+    assert not settle_one(qb, "u", "a", "completed", 30, offset=5)
+    assert dict(qb.reservations.held()) == {}
+    assert qb.doc("u", PLAN)["tokens"]["used"] == 30
+
+
+def test_a_reservation_from_an_earlier_day_settles_without_charging_today() -> None:
+    qb, table, clock = book(MIDNIGHT - 1)
+    qb.admit("u", PLAN, "a", 100)
+    confirm_one(qb, "u", [("a", MIDNIGHT - 1, 100)])
+    clock.t = MIDNIGHT + 5
+    qb.admit("u", PLAN, "b", 10)
+    assert not settle_one(qb, "u", "a", "completed", 70, offset=3)
+    assert dict(qb.reservations.held()) == {}
+    assert qb.doc("u", PLAN)["tokens"] == {"used": 0, "reserved": 10, "limit": 1_000, "remaining": 990}
 
 
 def test_settle_for_an_unknown_user_or_request_is_a_no_op() -> None:
     qb, table, _ = book()
-    assert not qb.settle("nobody", "a", "completed", 10)
+    assert not settle_one(qb, "nobody", "a", "completed", 10)
     assert not qb.release("nobody", "a")
     assert table == {}
     assert settle(None, "a", "completed", 10, NOON) is None
@@ -234,7 +295,7 @@ def test_counters_never_go_below_zero() -> None:
 def test_completed_with_negative_usage_charges_nothing() -> None:
     qb, _, _ = book()
     qb.admit("u", PLAN, "a", 100)
-    qb.settle("u", "a", "completed", -5)
+    settle_one(qb, "u", "a", "completed", -5)
     assert qb.doc("u", PLAN)["tokens"]["used"] == 0
 
 
@@ -253,9 +314,9 @@ def test_decide_is_pure() -> None:
     state = empty_state("2025-03-14")
     new, _ = decide(state, PLAN, "a", 10, NOON)
     assert state == empty_state("2025-03-14")
-    assert new["requests_used"] == 1 and new["reservations"] == {"a": 10}
+    assert new["requests_used"] == 1 and new["pending"] == {"a": [NOON, 10]}
     settled = settle(new, "a", "completed", 3, NOON)
-    assert new["reservations"] == {"a": 10} and settled is not None
+    assert new["pending"] == {"a": [NOON, 10]} and settled is not None
 
 
 def test_users_are_independent() -> None:
@@ -291,11 +352,11 @@ SETTLED_BY = TIMEOUT + ORPHAN_GRACE_S
 def test_admission_is_pending_until_confirmed() -> None:
     qb, table, _ = book()
     qb.admit("u", PLAN, "a", 10)
-    assert table["u"]["pending"] == {"a": NOON}
-    assert qb.confirm("u", [("a", NOON, 10)])
+    assert table["u"]["pending"] == {"a": [NOON, 10]}
+    assert confirm_one(qb, "u", [("a", NOON, 10)])
     assert table["u"]["pending"] == {} and table["u"]["confirmed_upto"] == NOON
-    # Confirmed is still reserved: the result settles it.
-    assert table["u"]["reservations"] == {"a": 10} and table["u"]["tokens_reserved"] == 10
+    # Confirmed is still reserved, in its own entry: the result settles it.
+    assert dict(qb.reservations.held()) == {"a/u": [10, "2025-03-14"]} and table["u"]["tokens_reserved"] == 10
     assert table["u"]["requests_used"] == 1
 
 
@@ -311,12 +372,12 @@ def test_confirm_writes_once_per_user_and_a_replay_writes_nothing() -> None:
             super().__setitem__(key, value)
 
     qb.table = Counting(table)
-    assert qb.confirm("u", [("a", NOON, 10), ("b", NOON + 1, 20)])
+    assert confirm_one(qb, "u", [("a", NOON, 10), ("b", NOON + 1, 20)])
     assert writes == ["u"] and qb.table["u"]["confirmed_upto"] == NOON + 1
-    qb.settle("u", "a", "completed", 7)
+    settle_one(qb, "u", "a", "completed", 7)
     writes.clear()
     # The batch again after a crash (offsets not committed): settled and confirmed requests change nothing.
-    assert not qb.confirm("u", [("a", NOON, 10), ("b", NOON + 1, 20)])
+    assert not confirm_one(qb, "u", [("a", NOON, 10), ("b", NOON + 1, 20)])
     assert writes == []
     assert qb.doc("u", PLAN)["requests"]["used"] == 2 and qb.doc("u", PLAN)["tokens"] == {
         "used": 7, "reserved": 20, "limit": 1_000, "remaining": 973
@@ -360,11 +421,12 @@ def test_release_orphans_gives_back_request_and_tokens_and_remembers_them() -> N
     qb, table, clock = book()
     qb.admit("u", PLAN, "a", 100)
     qb.admit("u", PLAN, "b", 50)
-    qb.confirm("u", [("b", NOON, 50)])
+    confirm_one(qb, "u", [("b", NOON, 50)])
     clock.t = NOON + LONG + 1
     assert qb.release_orphans("u", TIMEOUT, LONG) == ["a"]
     st = table["u"]
-    assert (st["requests_used"], st["tokens_reserved"], st["reservations"]) == (1, 50, {"b": 50})
+    assert (st["requests_used"], st["tokens_reserved"]) == (1, 50)
+    assert dict(qb.reservations.held()) == {"b/u": [50, "2025-03-14"]}
     assert st["pending"] == {} and list(st["released"]) == ["a"]
     assert qb.release_orphans("u", TIMEOUT, LONG) == []  # nothing left to release
     assert qb.release_orphans("nobody", TIMEOUT, LONG) == [] and "nobody" not in table
@@ -375,12 +437,13 @@ def test_a_released_request_that_reaches_the_log_after_all_is_charged_again_once
     qb.admit("u", PLAN, "a", 100)
     clock.t = NOON + LONG + 1
     qb.release_orphans("u", TIMEOUT, LONG)
-    assert qb.confirm("u", [("a", NOON, 100)])
+    assert confirm_one(qb, "u", [("a", NOON, 100)])
     st = table["u"]
-    assert (st["requests_used"], st["tokens_reserved"], st["reservations"]) == (1, 100, {"a": 100})
+    assert (st["requests_used"], st["tokens_reserved"]) == (1, 100)
+    assert dict(qb.reservations.held()) == {"a/u": [100, "2025-03-14"]}
     assert st["released"] == {} and st["pending"] == {}
-    assert not qb.confirm("u", [("a", NOON, 100)])  # seen again: charged once
-    assert qb.settle("u", "a", "completed", 30)
+    assert not confirm_one(qb, "u", [("a", NOON, 100)])  # seen again: charged once
+    assert settle_one(qb, "u", "a", "completed", 30)
     assert qb.doc("u", PLAN)["tokens"]["used"] == 30 and qb.doc("u", PLAN)["requests"]["used"] == 1
 
 
@@ -388,12 +451,13 @@ def test_the_gateway_releases_only_what_is_still_pending() -> None:
     # A confirmed request is in the log and will run: a late timeout in the gateway must not refund it.
     qb, table, _ = book()
     qb.admit("u", PLAN, "a", 100)
-    qb.confirm("u", [("a", NOON, 100)])
+    confirm_one(qb, "u", [("a", NOON, 100)])
     assert not qb.release("u", "a")
     assert table["u"]["requests_used"] == 1 and table["u"]["tokens_reserved"] == 100
 
 
 def test_a_state_written_before_pending_existed_still_decodes() -> None:
+    # Written by a version that kept every reservation in the user's state.
     old = {
         "day": "2025-03-14", "requests_used": 2, "tokens_used": 5, "tokens_reserved": 10,
         "reservations": {"a": 10}, "minute": 0, "minute_count": 0,
@@ -404,9 +468,26 @@ def test_a_state_written_before_pending_existed_still_decodes() -> None:
     assert orphans(old, NOON + LONG * 10, TIMEOUT, LONG) == []
     assert confirm(old, [("a", NOON, 10)], NOON) is None
     new, _ = decide(old, PLAN, "b", 1, NOON)
-    assert new["pending"] == {"b": NOON} and new["requests_used"] == 3
+    assert new["pending"] == {"b": [NOON, 1]} and new["requests_used"] == 3
     settled = settle(old, "a", "completed", 4, NOON)
     assert settled is not None and settled["tokens_used"] == 9 and settled["tokens_reserved"] == 0
+
+
+def test_a_state_of_the_version_with_per_user_reservations_settles_and_confirms() -> None:
+    # That version kept {request id: estimate} in the user's state and pending as {request id: created_at}.
+    qb, table, _ = book()
+    table["u"] = {
+        **empty_state("2025-03-14"), "requests_used": 3, "tokens_reserved": 35,
+        "reservations": {"a": 10, "b": 20, "c": 5}, "pending": {"b": NOON, "c": NOON},
+    }  # type: ignore[typeddict-unknown-key]  # fmt: skip
+    assert settle_one(qb, "u", "a", "completed", 4)  # confirmed in that version: its estimate is in the map
+    assert confirm_one(qb, "u", [("b", NOON, 20)])  # pending in that version: confirmed with its estimate
+    assert dict(qb.reservations.held()) == {"b/u": [20, "2025-03-14"]}
+    assert qb.release("u", "c")
+    assert settle_one(qb, "u", "b", "failed", 0)
+    st = table["u"]
+    assert (st["requests_used"], st["tokens_used"], st["tokens_reserved"]) == (2, 4, 0)
+    assert st["reservations"] == {"c": 5} and dict(qb.reservations.held()) == {}  # type: ignore[typeddict-item]
 
 
 # ---- owner lookup: 503 instead of a guess --------------------------------------------------
