@@ -58,6 +58,7 @@ from bench.measure import (
     calibrate,
     calibration_line,
     percentile,
+    slowness,
     statuses_of,
     tcp_bytes,
     wait_terminal,
@@ -250,14 +251,17 @@ async def measure(broker: LocalBroker, workers: int, args: argparse.Namespace) -
             pids["ML worker"] = ml.proc.pid
         with Profiles(args.profile, pids):
             total, seconds = (None, args.duration) if args.duration else (args.requests, None)
+            cpu = time.process_time()
             result = await burst(urls, keys, args, total, seconds)
+            cpu = time.process_time() - cpu
             received, sent = bytes_between(sockets, tcp_bytes(broker.port))
-            report(workers, result)
+            report(workers, result, args.calibration)
             per = max(1, result.admitted)
             print(
                 f"  Tansu received {received / per:,.0f} bytes per admission during the burst "
                 f"(all its clients' requests: produces, fetches, commits, heartbeats; TCP counters), "
-                f"sent {sent / per:,.0f}",
+                f"sent {sent / per:,.0f}; the load generator used {cpu * 1000 / per:.3f} ms CPU per "
+                f"admission{' (wrk: not counted)' if args.client == 'wrk' else ''}",
                 flush=True,
             )
             if args.drain:
@@ -287,10 +291,11 @@ async def drain(pipeline: Pipeline, warm: Figures, result: Figures, deadline_s: 
     print(f"  nothing lost: each of the {result.admitted:,} 202s has exactly one terminal row")
 
 
-def report(n: int, r: Figures) -> None:
+def report(n: int, r: Figures, calibration: float) -> None:
     others = {s: c for s, c in r.answers.items() if s != 202}
     print(
-        f"{n} worker(s): {r.per_s:,.0f} admissions/s, p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms "
+        f"{n} worker(s): {r.per_s:,.0f} admissions/s ({r.per_s * slowness(calibration):,.0f}/s normalised "
+        f"to the reference calibration), p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms "
         f"({r.admitted:,} admitted{f', other answers {others}' if others else ''}); "
         f"target 3: {r.per_s / TARGET_PER_S:.2f}x the rate ({TARGET_PER_S:,.0f}/s), "
         f"p99 {r.p99_ms / TARGET_P99_MS:.2f}x the bound ({TARGET_P99_MS:.0f} ms)",
@@ -303,7 +308,8 @@ async def main(args: argparse.Namespace) -> None:
         raise SystemExit(
             "wrk runs for a time and collects no request ids: use --duration, no --drain"
         )
-    print(calibration_line(calibrate()))
+    args.calibration = calibrate()
+    print(calibration_line(args.calibration))
     counts = sorted({int(n) for n in args.workers.split(",")})
     load = f"{args.duration:.0f} s" if args.duration else f"{args.requests:,} submissions"
     print(

@@ -280,7 +280,7 @@ async def main(args: argparse.Namespace) -> None:
             )
             print(calibration_line(calibration))
             print(
-                f"total normalised to the reference machine: {total / slowness(calibration):.2f} ms "
+                f"total normalised to the reference calibration: {total / slowness(calibration):.2f} ms "
                 f"(total / x{slowness(calibration):.2f})"
             )
             if children:
