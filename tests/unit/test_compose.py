@@ -82,11 +82,33 @@ def test_urls_point_at_services_in_the_file() -> None:
                 assert host in SERVICES, f"{name}: {key}={value} names no service"
 
 
-def test_the_worker_advertises_its_service_name_and_uses_redpanda() -> None:
-    worker = environment(SERVICES["worker"])
-    assert worker["INFERSTREAM_WEB_HOST"] == "worker"
+def roles_of(name: str) -> frozenset[str]:
+    return Settings.from_env(environment(SERVICES[name])).role_set
+
+
+def test_the_topology_is_the_local_default_a_pipeline_worker_and_an_ml_worker() -> None:
+    # The same split scripts/up starts unless INFERSTREAM_LOCAL_TOPOLOGY=all-in-one.
+    workers = {n: roles_of(n) for n, s in SERVICES.items() if "worker" in s.get("command", [])}
+    assert workers == {"pipeline-worker": {"pipeline"}, "ml-worker": {"ml"}}
+    up = (ROOT / "scripts" / "up").read_text()
+    assert "TOPOLOGY=${INFERSTREAM_LOCAL_TOPOLOGY:-split}" in up
+
+
+def test_the_pipeline_worker_advertises_its_service_name_and_uses_redpanda() -> None:
+    service = SERVICES["pipeline-worker"]
+    worker = environment(service)
+    assert worker["INFERSTREAM_WEB_HOST"] == "pipeline-worker"
     assert worker["INFERSTREAM_BROKER_URL"] == "kafka://redpanda:9092"
-    assert f"{worker['INFERSTREAM_WEB_PORT']}:" in " ".join(SERVICES["worker"].get("ports", []))
+    assert f"{worker['INFERSTREAM_WEB_PORT']}:" in " ".join(service.get("ports", []))
+    assert "redpanda" in depends_on(service)
+
+
+def test_the_ml_worker_checks_its_own_port_and_waits_for_the_model() -> None:
+    ml = SERVICES["ml-worker"]
+    port = environment(ml)["INFERSTREAM_WEB_PORT"]
+    assert f":{port}/readyz" in " ".join(ml["healthcheck"]["test"])
+    assert "modelserver" in depends_on(ml)
+    assert not ml.get("ports"), "published ports would stop `--scale ml-worker=N`"
 
 
 def test_the_image_pins_cpu_torch_before_the_project() -> None:
