@@ -11,8 +11,10 @@ counters sampled every 0.25 s, :mod:`bench.measure`: every request its
 clients sent it, fetch requests included); the ratio of the last band's rate
 to the first (O(1) in the in-flight count means ~1.0); and the size of the
 user's latest record in each table changelog of the namespace (the quota
-changelog's value carried every reservation on main: ~40 bytes each). A
-warm-up by another user (on another partition) comes first, unmeasured.
+changelog's value carried every reservation on main: ~40 bytes each), with
+its largest fields, at the last answer and again ``--idle-s`` later (what the
+agents had not caught up with by the end, against what stays). A warm-up by
+another user (on another partition) comes first, unmeasured.
 
     .venv/bin/python -m bench.inflight [--requests 10000] [--band 1000] [--concurrency 64]
 """
@@ -105,10 +107,25 @@ def bands(out: loadgen.Outcome, width: int, samples: list[tuple[float, int, int]
     return found
 
 
-async def latest_records(pipeline: Pipeline, user: str) -> dict[str, int]:
-    """Changelog topic -> size in bytes of ``user``'s latest record there (key and value)."""
+def largest_fields(value: bytes | None, top: int = 3) -> str:
+    """The biggest top-level fields of a JSON object value, with their sizes (and entries, for maps)."""
+    try:
+        doc = orjson.loads(value or b"null")
+    except orjson.JSONDecodeError:
+        return "not JSON"
+    if not isinstance(doc, dict):
+        return type(doc).__name__
+    sized = sorted(((len(orjson.dumps(v)), k, v) for k, v in doc.items()), reverse=True)[:top]
+    return ", ".join(
+        f"{k} {n:,} bytes" + (f" ({len(v):,} entries)" if isinstance(v, dict | list) else "")
+        for n, k, v in sized
+    )
+
+
+async def latest_records(pipeline: Pipeline, user: str) -> dict[str, tuple[int, str]]:
+    """Changelog topic -> (size in bytes, largest fields) of ``user``'s latest record there."""
     settings = pipeline.settings
-    sizes: dict[str, int] = {}
+    sizes: dict[str, tuple[int, str]] = {}
     async with group_less_consumer(settings.bootstrap_servers, max_records=1) as consumer:
         changelogs = sorted(
             t
@@ -127,9 +144,12 @@ async def latest_records(pipeline: Pipeline, user: str) -> dict[str, int]:
             records = (await consumer.getmany(tp, timeout_ms=5000)).get(tp, [])
             for rec in records:
                 if rec.key is not None and orjson.loads(rec.key) == user:
-                    sizes[topic] = len(rec.key) + len(rec.value or b"")
+                    size = len(rec.key) + len(rec.value or b"")
+                    sizes[topic] = (size, largest_fields(rec.value))
             if topic not in sizes:
-                print(f"NOTE: the last record of {tp} is not {user}'s")
+                print(
+                    f"({topic}: its last record on partition {tp.partition} is not keyed by {user}: not measured)"
+                )
     return sizes
 
 
@@ -172,6 +192,8 @@ async def run(broker: LocalBroker, args: argparse.Namespace) -> None:
         if worker.proc.poll() is not None:
             raise SystemExit(f"the worker exited during the run:\n{worker.log_tail()}")
         sizes = await latest_records(pipeline, USER)
+        await asyncio.sleep(args.idle_s)  # the agents catch up (the forward agent confirms pending)
+        later = await latest_records(pipeline, USER)
 
     print(
         f"one user, {args.requests:,} generate requests at {args.concurrency} in flight, one pipeline worker, "
@@ -198,11 +220,12 @@ async def run(broker: LocalBroker, args: argparse.Namespace) -> None:
             f"the work in flight); before: {OLD}"
         )
     in_flight = len(out.accepted)
-    for topic, size in sizes.items():
-        print(
-            f"{USER}'s latest record in {topic}: {size:,} bytes with {in_flight:,} in flight "
-            f"({size / max(1, in_flight):.1f} bytes per request in flight)"
-        )
+    for when, found_sizes in (("at the last answer", sizes), (f"{args.idle_s:.0f} s later", later)):
+        for topic, (size, fields) in found_sizes.items():
+            print(
+                f"{USER}'s latest record in {topic} {when}: {size:,} bytes with {in_flight:,} in flight "
+                f"({size / max(1, in_flight):.1f} bytes per request in flight); largest fields: {fields}"
+            )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -221,5 +244,8 @@ if __name__ == "__main__":
     parser.add_argument("--partitions", type=int, default=8, help="log partitions")
     parser.add_argument(
         "--profile", type=Path, help="py-spy raw profile of the worker into this directory"
+    )
+    parser.add_argument(
+        "--idle-s", type=float, default=15.0, help="read the changelog again after this idle time"
     )
     asyncio.run(main(parser.parse_args()))
