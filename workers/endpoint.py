@@ -18,6 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from prometheus_client import Counter
+
 from bridges.clients.model import ModelClient
 from inferstream import clock
 from inferstream.errors import FatalModelError, RetryableModelError
@@ -68,6 +70,12 @@ class Endpoint:
         self.task = task
         self.name = f"{task}@{model.base_url}"
         self.label = task
+        # Label lookups once per endpoint, not per message (prometheus' labels() hashes and locks).
+        self.in_flight = metrics.IN_FLIGHT.labels(task)
+        self.retries = metrics.RETRIES.labels(task)
+        self._call_seconds = metrics.MODEL_CALL_SECONDS.labels(task)
+        self._calls: dict[str, Any] = {}
+        self._terminal: dict[str, Any] = {}
 
         def changed(name: str, old: BreakerState, new: BreakerState) -> None:
             metrics.BREAKER_STATE.labels(self.label).set(STATE_VALUE[new])
@@ -128,14 +136,24 @@ class Endpoint:
                 raise
             finally:
                 if outcome != "not_called":
-                    metrics.MODEL_CALLS.labels(self.label, outcome).inc()
+                    self._counter(self._calls, metrics.MODEL_CALLS, outcome).inc()
                 if outcome in ("cancelled", "not_called"):
                     self.breaker.release(probe)
         finally:
             self.slots.release()
         self.breaker.on_success(probe)
-        metrics.MODEL_CALL_SECONDS.labels(self.label).observe(time.perf_counter() - started)
+        self._call_seconds.observe(time.perf_counter() - started)
         return result
+
+    def _counter(self, cache: dict[str, Any], family: Counter, value: str) -> Any:
+        child = cache.get(value)
+        if child is None:
+            child = cache[value] = family.labels(self.label, value)
+        return child
+
+    def terminal(self, status: str) -> Any:
+        """The terminal-status counter of this endpoint's task for ``status``."""
+        return self._counter(self._terminal, metrics.TERMINAL, status)
 
     def _batcher(self, model: str) -> Batcher:
         batcher = self._batchers.get(model)

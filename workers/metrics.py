@@ -22,3 +22,11 @@ BREAKER_STATE = Gauge(
 )
 TERMINAL = Counter("inferstream_ml_terminal_total", "Terminal statuses the ML workers published.", ["task", "status"])
 IN_FLIGHT = Gauge("inferstream_ml_in_flight", "Messages an ML worker holds unacked.", ["task"])
+RESULT_BATCH = Histogram(
+    "inferstream_ml_result_batch_events", "Result events per results message an ML worker published.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+ACKS = Counter("inferstream_ml_acks_total", "Work messages the ML workers acked.")
+ACK_FRAMES = Counter(
+    "inferstream_ml_ack_frames_total", "basic.ack frames the ML workers sent (with multiple, one acks several)."
+)

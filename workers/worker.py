@@ -8,7 +8,10 @@ fatal error, or the end of the retry budget (``workers/retry.py``); a failed
 request's ``error`` carries why it stopped and every attempt's failure. The
 message is acked only after the terminal event (and, for ``failed``, the dead
 letter) is confirmed published; a worker that dies before that leaves it
-unacked, so RabbitMQ redelivers it.
+unacked, so RabbitMQ redelivers it. Events that finish in the same loop tick
+share one results message and one confirm (``workers/results.py``); the acks
+of a tick share frames, ``multiple=True`` up to the channel's low watermark
+of finished deliveries (``workers/acks.py``).
 
 While an endpoint's breaker is open its queues are not consumed; messages
 already held wait for the breaker instead of bouncing through the broker.
@@ -28,14 +31,15 @@ from mode import Service
 from bridges.clients.model import ModelClient
 from bridges.clients.rabbitmq import AMQP_ERRORS, Consumer, PublishError, RabbitClient
 from inferstream import clock
-from inferstream.coalesce import CoalescedLookup
 from inferstream.retrying import TERMINAL_PUBLISH, failure, next_sleep
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
-from workers import metrics
+from workers.acks import Acks
 from workers.breaker import BreakerState
 from workers.endpoint import Endpoint
+from workers.gather import GatheredLookup
 from workers.job import Job
+from workers.results import ResultPublisher
 from workers.retry import RetryPolicy
 
 __all__ = ["IsCancelled", "MLWorker", "no_cancellations"]
@@ -67,7 +71,8 @@ class MLWorker(Service):
         self.settings = settings
         self.rabbit = rabbit
         self.model = model
-        self.is_cancelled: IsCancelled = CoalescedLookup(is_cancelled)
+        self.results = ResultPublisher(rabbit)
+        self.is_cancelled: IsCancelled = GatheredLookup(is_cancelled)
         self.retry = RetryPolicy.from_settings(settings)
         self.running_after_s = settings.ml_running_after_ms / 1000
         self.endpoints: dict[str, Endpoint] = {}
@@ -90,7 +95,7 @@ class MLWorker(Service):
                 )
             consumer = await self.rabbit.consumer(
                 self.rabbit.work_queue_name(task, model),
-                functools.partial(self._on_message, endpoint),
+                functools.partial(self._on_message, endpoint, Acks()),
                 prefetch=self.settings.ml_prefetch,
             )
             self._consumers.setdefault(task, []).append(consumer)
@@ -118,6 +123,7 @@ class MLWorker(Service):
                     await consumer.close()
                 except AMQP_ERRORS as exc:
                     log.warning("closing consumer channel failed: %r", exc)
+        await self.results.close()
         for endpoint in self.endpoints.values():
             await endpoint.close()
 
@@ -201,31 +207,37 @@ class MLWorker(Service):
             return set()
 
     # ---- one message ---------------------------------------------------
-    async def _on_message(self, endpoint: Endpoint, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, endpoint: Endpoint, acks: Acks, message: AbstractIncomingMessage) -> None:
+        # Before any await, so no earlier delivery is missing when a later one is acked.
+        acks.delivered(message)
         if self._stopping:
-            await self._settle(message, requeue=True)
+            await acks.settle_now(message, requeue=True)
             return
         try:
             req = InferenceRequest.from_bytes(message.body)
         except (ValueError, TypeError, KeyError) as exc:
             log.error("undecodable work message %s rejected to dead letters: %r", message.message_id, exc)
-            await self._settle(message, reject=True)
+            await acks.settle_now(message, reject=True)
             return
         job = Job(req, message, endpoint, handler=asyncio.current_task())
         self._jobs.add(job)
         self._idle.clear()
-        metrics.IN_FLIGHT.labels(endpoint.label).inc()
+        endpoint.in_flight.inc()
         try:
             await self._handle(job)
+            job.acking = True
+            await acks.ack(message)
         except asyncio.CancelledError:
-            # Only shutdown cancels a handler: give the message back so it is redelivered.
-            await self._settle(message, requeue=True)
+            # Only shutdown cancels a handler: give the message back so it is redelivered
+            # (unless its ack is already on its way: the result is confirmed).
+            if not job.acking:
+                await acks.settle_now(message, requeue=True)
             raise
         finally:
             self._jobs.discard(job)
             if not self._jobs:
                 self._idle.set()
-            metrics.IN_FLIGHT.labels(endpoint.label).dec()
+            endpoint.in_flight.dec()
             self._wake.set()
 
     async def _handle(self, job: Job) -> None:
@@ -253,20 +265,36 @@ class MLWorker(Service):
                 log.info("request %s cancelled while running", req.request_id)
                 event = job.event("cancelled")
         await self._publish_terminal(job, event, dead)
-        metrics.TERMINAL.labels(job.endpoint.label, event.status).inc()
-        await self._settle(job.message)
+        job.endpoint.terminal(event.status).inc()
 
     # ---- publishing and acks ------------------------------------------
     async def _publish_running(self, req: InferenceRequest, started_at: float | None) -> None:
         try:
             at = clock.now() if started_at is None else started_at
-            await self.rabbit.publish_result(ResultEvent.for_request(req, "running", at=at))
+            await self.results.publish(ResultEvent.for_request(req, "running", at=at))
         except PublishError as exc:
             log.warning("running event of %s not published (carrying on): %r", req.request_id, exc)
 
     async def _publish_terminal(self, job: Job, event: ResultEvent, dead: bool) -> None:
         """Publish until confirmed: the message is not acked before, so a crash here redelivers it."""
         dead_sent = not dead
+
+        async def publish() -> None:
+            nonlocal dead_sent
+            if not dead_sent:
+                # The attempt history travels in its own header, not twice.
+                error = {k: v for k, v in (event.error or {}).items() if k != "history"}
+                await self.rabbit.publish_dead_letter(job.req, job.history, error)
+                dead_sent = True
+            await self.results.publish(event)
+
+        # The first try without tenacity's machinery (it almost always succeeds); a failure
+        # enters the loop as its first attempt, so the backoff and the logs are the loop's.
+        try:
+            await publish()
+            return
+        except PublishError as exc:
+            first: PublishError | None = exc
         async for attempt in TERMINAL_PUBLISH.retrying(
             PublishError,
             before_sleep=lambda state: log.warning(
@@ -275,23 +303,7 @@ class MLWorker(Service):
             ),  # fmt: skip
         ):
             with attempt:
-                if not dead_sent:
-                    # The attempt history travels in its own header, not twice.
-                    error = {k: v for k, v in (event.error or {}).items() if k != "history"}
-                    await self.rabbit.publish_dead_letter(job.req, job.history, error)
-                    dead_sent = True
-                await self.rabbit.publish_result(event)
-
-    @staticmethod
-    async def _settle(message: AbstractIncomingMessage, *, requeue: bool = False, reject: bool = False) -> None:
-        try:
-            if reject:
-                await message.reject(requeue=False)
-            elif requeue:
-                await message.nack(requeue=True)
-            else:
-                await message.ack()
-        except AMQP_ERRORS as exc:
-            # The channel is gone: the broker already requeued the message; downstream is idempotent.
-            log.warning("could not settle message %s: %r", message.message_id, exc)
-
+                if first is not None:
+                    failed, first = first, None
+                    raise failed
+                await publish()

@@ -5,12 +5,17 @@ Topology (declared idempotently on connect; ``ns`` is ``settings.namespace``)::
     {ns}.work         direct exchange; routing key "{task}.{model}"
       -> {ns}.work.{task}.{model}   durable, x-max-priority 2, dead-letters to {ns}.dlx
     {ns}.dlx          fanout exchange -> {ns}.dead-letters (durable)
-    {ns}.results      durable queue of ResultEvent bytes (default exchange)
+    {ns}.results      durable queue of result events (default exchange)
 
 Every publish is persistent and waits for the broker's confirm. A publish that
 is not confirmed raises :class:`PublishError`; the caller retries the whole
 batch. A retry can duplicate messages whose confirm was lost, which is safe
 because every consumer downstream is idempotent by request id.
+
+A results message carries one ``ResultEvent`` as JSON (``application/json``,
+header ``user_id``), or several as one message confirmed once
+(:data:`RESULTS_BATCH_TYPE`: one JSON object a line, headers ``events`` (the
+count) and ``user_ids`` (in line order)); :func:`result_bodies` splits either.
 
 A dead letter's body is the original request's bytes (so ``redrive`` can
 re-publish it as is); the failure travels in the headers ``error`` and
@@ -40,7 +45,17 @@ from inferstream.errors import InferstreamError
 from inferstream.settings import Settings
 from schemas.records import PRIORITY_LEVEL, InferenceRequest, ResultEvent
 
-__all__ = ["AMQP_ERRORS", "Consumer", "InboxConsumer", "PublishError", "RabbitClient", "UnknownRoute"]
+__all__ = [
+    "AMQP_ERRORS",
+    "RESULTS_BATCH_TYPE",
+    "Consumer",
+    "InboxConsumer",
+    "PublishError",
+    "RabbitClient",
+    "UnknownRoute",
+    "result_bodies",
+    "result_count",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +68,23 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
 )
 MessageCallback = Callable[[AbstractIncomingMessage], Awaitable[None]]
+# Several result events in one message: one JSON object a line (orjson never writes a raw newline).
+RESULTS_BATCH_TYPE = "application/x-ndjson"
+
+
+def result_bodies(message: AbstractIncomingMessage) -> list[bytes]:
+    """The ``ResultEvent`` JSON bodies a results message carries (one, or a batch's lines)."""
+    if message.content_type == RESULTS_BATCH_TYPE:
+        return message.body.split(b"\n")
+    return [message.body]
+
+
+def result_count(message: AbstractIncomingMessage) -> int:
+    """How many events a results message carries, from its ``events`` header (1 without one)."""
+    if message.content_type != RESULTS_BATCH_TYPE:
+        return 1
+    count = (message.headers or {}).get("events")
+    return count if isinstance(count, int) and count > 0 else message.body.count(b"\n") + 1
 
 
 class PublishError(InferstreamError):
@@ -276,7 +308,16 @@ class RabbitClient(Service):
             f"{len(failed)} of {len(ids)} messages not confirmed: {first!r}", request_ids=[rid for rid, _ in failed]
         ) from first  # type: ignore[misc]
 
-    async def _publish_one(self, exchange_name: str | None, body: bytes, routing_key: str, rid: str, **props: Any) -> None:
+    async def _publish_one(
+        self,
+        exchange_name: str | None,
+        body: bytes,
+        routing_key: str,
+        rid: str,
+        *,
+        content_type: str = "application/json",
+        **props: Any,
+    ) -> None:
         try:
             await self.connect()
             channel = self._channel
@@ -285,7 +326,7 @@ class RabbitClient(Service):
             assert exchange is not None
             message = aio_pika.Message(
                 body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=rid,
-                content_type="application/json", **props,
+                content_type=content_type, **props,
             )
             await self._publish(exchange, message, routing_key)
         except AMQP_ERRORS as exc:
@@ -297,6 +338,24 @@ class RabbitClient(Service):
             None, event.to_bytes(), self.results_queue_name, event.request_id,
             headers={"user_id": event.user_id, "status": event.status},
         )
+
+    async def publish_results(self, events: Sequence[ResultEvent]) -> None:
+        """Publish status changes as one message, confirmed once (one event keeps the single format).
+
+        Raises :class:`PublishError` naming every event's request when it is not confirmed.
+        """
+        if len(events) == 1:
+            await self.publish_result(events[0])
+            return
+        ids = [e.request_id for e in events]
+        try:
+            await self._publish_one(
+                None, b"\n".join(e.to_bytes() for e in events), self.results_queue_name,
+                f"{ids[0]}+{len(ids) - 1}", content_type=RESULTS_BATCH_TYPE,
+                headers={"events": len(events), "user_ids": [e.user_id for e in events]},
+            )  # fmt: skip
+        except PublishError as exc:
+            raise PublishError(str(exc), request_ids=ids) from exc.__cause__
 
     async def publish_dead_letter(self, req: InferenceRequest, history: list[dict[str, Any]], error: dict[str, Any]) -> None:
         """Publish a request that failed for good to the dead-letter exchange; returns once confirmed."""

@@ -130,3 +130,28 @@ async def test_results_bridge_moves_batches_and_never_acks_a_failed_produce(
 async def _count_is(rabbit: RabbitClient, queue: str, n: int) -> bool:
     return await rabbit.message_count(queue) == n
 
+
+
+async def test_a_batch_of_results_is_one_message_and_the_bridge_makes_one_record_per_event(
+    rabbit: RabbitClient, settings: Settings
+) -> None:
+    got: list[tuple[bytes, bytes]] = []
+
+    async def produce(records: list[tuple[bytes, bytes]]) -> None:
+        got.extend(records)
+
+    reqs = [make_req() for _ in range(5)]
+    batch = [ResultEvent.for_request(r, "completed", at=float(i)) for i, r in enumerate(reqs)]
+    single = ResultEvent.for_request(make_req(), "failed", at=9.0)  # an older worker's format
+    await rabbit.publish_results(batch)
+    await rabbit.publish_results([single])
+    assert await rabbit.message_count(rabbit.results_queue_name) == 2
+    bridge = ResultsBridge(settings, rabbit, produce)
+    await bridge.start()
+    try:
+        await wait_for(lambda: len(got) >= 6, timeout=10, what="6 results produced")
+    finally:
+        await bridge.stop()
+    assert got == [(e.user_id.encode(), e.to_bytes()) for e in [*batch, single]]
+    await wait_for(lambda: _count_is(rabbit, rabbit.results_queue_name, 0), timeout=10, what="an empty results queue")
+    assert bridge.moved == 6

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -17,11 +21,12 @@ import aiohttp
 import pytest
 
 from bridges.clients.model import ModelClient
-from bridges.clients.rabbitmq import PublishError, RabbitClient
+from bridges.clients.rabbitmq import PublishError, RabbitClient, result_bodies
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from tests.support.modelserver import (
     HOST,
+    ROOT,
     free_port,
     running_modelserver,
     start_modelserver,
@@ -75,7 +80,7 @@ class Results:
 
     async def _drain(self) -> None:
         while (msg := await self.rabbit.get(self.rabbit.results_queue_name)) is not None:
-            self.events.append(ResultEvent.from_bytes(msg.body))
+            self.events.extend(ResultEvent.from_bytes(body) for body in result_bodies(msg))
 
     def terminal(self) -> dict[str, ResultEvent]:
         return {e.request_id: e for e in self.events if e.is_terminal}
@@ -452,3 +457,90 @@ async def test_worker_survives_dropped_broker_connections(admin: Admin, harness_
     done = await h.results.wait_terminal([r.request_id for r in second], within=30)
     assert {e.status for e in done.values()} == {"completed"}
     assert worker.health()["consuming"]
+
+
+# A standalone worker (``python -m workers``) whose results message is never confirmed: "before"
+# it never reaches the broker, "published" it does but the confirm never comes back.
+UNCONFIRMED_WORKER = """
+import asyncio, sys
+from bridges.clients.rabbitmq import RabbitClient
+import workers.__main__
+
+publish = RabbitClient.publish_results
+
+async def unconfirmed(self, events):
+    if sys.argv[1] == "published":
+        await publish(self, events)
+    print("holding", [e.request_id for e in events], flush=True)
+    await asyncio.Event().wait()
+
+RabbitClient.publish_results = unconfirmed
+workers.__main__.main()
+"""
+
+
+def _start_unconfirmed_worker(settings: Settings, mode: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "INFERSTREAM_NAMESPACE": settings.namespace,
+        "INFERSTREAM_MODEL_URL": settings.model_url,
+        "INFERSTREAM_MODELS": settings.models,
+        "INFERSTREAM_RABBITMQ_URL": settings.rabbitmq_url,
+        "INFERSTREAM_ML_RUNNING_AFTER_MS": "60000",  # the held message is a terminal one
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", UNCONFIRMED_WORKER, mode], cwd=ROOT, env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["before", "published"])
+async def test_a_worker_killed_before_its_results_are_confirmed_has_its_messages_redelivered(
+    admin: Admin, harness_factory: Any, mode: str
+) -> None:
+    h = await harness_factory(f"{admin.url}/v1")
+    reqs = [make_req(params={"max_tokens": 4}) for _ in range(3)]
+    ids = [r.request_id for r in reqs]
+    queue = h.rabbit.work_queue_name("generate", "sim-gpt")
+    proc = _start_unconfirmed_worker(h.settings, mode)
+    try:
+        await h.rabbit.publish_requests(reqs)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        assert line.startswith(b"holding"), line
+        held = [i for i in ids if i.encode() in line]  # the events of the one unconfirmed message
+        assert held
+        # Answered by the model, results sent (or not) but unconfirmed: nothing acked, nothing ready.
+        await wait_for(lambda: _stats_at_least(admin, 3), timeout=20, what="3 model calls")
+        assert await h.rabbit.message_count(queue) == 0
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    async def redelivered() -> bool:
+        return await h.rabbit.message_count(queue) == 3
+
+    await wait_for(redelivered, timeout=20, what="the 3 unacked messages back in the queue")
+    await h.worker()
+    if mode == "before":
+        done = await h.results.wait_terminal(ids)  # asserts exactly one terminal event per request
+        assert {e.status for e in done.values()} == {"completed"}
+    else:
+        # The unconfirmed message did reach the queue: its requests have two `completed` events,
+        # which the results topic's consumers take once (the sink is rank-guarded, settlement
+        # idempotent by request id).
+        expected = sorted((i, "completed") for i in [*ids, *held])
+
+        async def all_terminal() -> bool:
+            await h.results._drain()
+            return sum(e.is_terminal for e in h.results.events) >= len(expected)
+
+        await wait_for(all_terminal, timeout=20, what=f"{len(expected)} terminal events")
+        assert sorted((e.request_id, e.status) for e in h.results.events if e.is_terminal) == expected
+    assert await h.rabbit.message_count(queue) == 0
+    assert (await admin.stats())["generate_calls"] == 6  # each request ran again after the kill
+
+
+async def _stats_at_least(admin: Admin, calls: int) -> bool:
+    return int((await admin.stats())["generate_calls"]) >= calls
