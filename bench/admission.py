@@ -260,8 +260,12 @@ async def measure(broker: LocalBroker, workers: int, args: argparse.Namespace) -
             print(
                 f"  Tansu received {received / per:,.0f} bytes per admission during the burst "
                 f"(all its clients' requests: produces, fetches, commits, heartbeats; TCP counters), "
-                f"sent {sent / per:,.0f}; the load generator used {cpu * 1000 / per:.3f} ms CPU per "
-                f"admission{' (wrk: not counted)' if args.client == 'wrk' else ''}",
+                f"sent {sent / per:,.0f}; "
+                + (
+                    "the load generator's CPU: not measured (wrk)"
+                    if args.client == "wrk"
+                    else f"the load generator used {cpu * 1000 / per:.3f} ms CPU per admission"
+                ),
                 flush=True,
             )
             if args.drain:
