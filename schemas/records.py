@@ -75,6 +75,9 @@ class InferenceRequest(
     metadata: dict[str, Any] | None = None
     callback_url: str | None = None
     input_is_list: bool = False
+    # Set by `faust -A streams redrive` only (never from a submission): the request re-runs a dead
+    # letter and was not admitted, so the quota table neither confirms nor charges it.
+    redrive_of: str | None = None
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.asdict())

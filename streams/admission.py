@@ -165,11 +165,12 @@ class AdmissionService:
         except (TimeoutError, KafkaError) as exc:
             # Not in the log, so never processed: give the allowance back.
             log.warning("request %s not written to the log, released: %r", request_id, exc)
-            self.quota.release(user, request_id)
+            self.quota.release(user, request_id, now, estimated)
             if idem_key is not None:
                 self.idempotency.forget(user, idem_key)
             metrics.ADMISSIONS.labels("unavailable").inc()
             raise Unavailable("the request log is unavailable", retry_after=2) from exc
+        self.quota.logged(request_id)
         metrics.ADMISSIONS.labels("admitted").inc()
         return Admitted(202, answer, headers)
 

@@ -1,28 +1,29 @@
 """Per-user quota state and its rules: admission, settlement and refunds.
 
 The state of one user lives under the key ``user_id`` in the changelog-backed
-``quota`` table; what each of the user's requests in flight reserved lives in
-the ``reservations`` table (:mod:`tables.reservations`), on the same partition.
-:class:`QuotaBook` is the only writer of both. Its methods are synchronous on
-purpose: a check and its write happen with no ``await`` between them, and only
-the worker that owns the user's partition calls them (views through
+``quota`` table; what each of the user's confirmed requests in flight reserved
+lives in the ``reservations`` table (:mod:`tables.reservations`), on the same
+partition. :class:`QuotaBook` is the only writer of both. Its checks and writes
+are synchronous: a check and its write happen with no ``await`` between them,
+and only the worker that owns the user's partition makes them (views through
 ``table_route``-style forwarding, agents through the co-partitioned topics), so
 admission is exact without locks.
 
-A user's state is counters, plus the admissions not yet read back from the log
-(``pending``): its size, and so the cost of every admission and settlement,
-does not grow with the work the user has in flight (the forward agent confirms
-a pending admission within milliseconds of its write).
+A user's state is counters and a few small maps whose size does not depend on
+how many requests the user has in flight, nor on how fast they arrive: the cost
+of every admission and settlement stays the same at 10 or 10,000 in flight.
 
 Rules, per UTC day (``window``):
 
 * admission checks requests per day, requests per minute (fixed minute
   windows) and tokens (``used + reserved + estimated <= limit``), then reserves
-  the estimate (``tokens_reserved``) and records the admission as *pending*
-  (``pending``: request id -> ``[created_at, estimated]``);
+  the estimate (``tokens_reserved``) and counts the admission as *pending* in
+  the bucket of its second (``pending``: epoch second -> ``[admissions, tokens]``);
 * the forward agent reads the request from the log and *confirms* it: the
   reservation becomes an entry of the ``reservations`` table (written and
-  acknowledged first), then the pending record goes (:meth:`QuotaBook.confirm_requests`);
+  acknowledged first), then the request leaves its pending bucket and the
+  request's log offset becomes ``confirmed_offset``: a batch replayed after a
+  crash is recognised and confirms nothing twice (:meth:`QuotaBook.confirm_requests`);
 * a terminal result turns the reservation into the actual
   ``usage.total_tokens`` (``completed``) or releases it (``failed``,
   ``cancelled``, ``expired``; tokens the model did report are still charged).
@@ -36,12 +37,15 @@ Rules, per UTC day (``window``):
 * a reservation made on an earlier day is dropped when it settles; its usage
   is not charged to the new day (that day's window started from zero);
 * a worker killed between an admission's changelog ack and its request's
-  write leaves a pending admission that no result will ever settle:
-  :func:`orphans` finds it (pending past the admission timeout, and either a
-  later request of the user already confirmed or pending past a long bound)
-  and :func:`release` gives it back. A released request that reaches the log
-  after all (``released``) is charged again when confirmed, so the table
-  keeps matching the log.
+  write leaves a pending admission that no request will ever confirm:
+  :func:`orphans` finds the buckets that still count one (older than the
+  admission timeout, and either overtaken by a later confirmed request or past
+  a long bound) and :meth:`QuotaBook.release_orphans` gives them back
+  (``orphaned`` keeps how many per second). A request whose bucket was
+  released, or that the gateway gave up on and released itself (``released``),
+  is charged again if it reaches the log after all, so the table keeps matching
+  the log. A request in the log that no admission counted (written around the
+  gateway, or a redrive) is not charged; the audit shows the former.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypedDict, cast
+from typing import Any, NamedTuple, TypeAlias, TypedDict, cast
 
 from inferstream import clock
 from inferstream.errors import QuotaExceeded
@@ -68,10 +72,24 @@ class QuotaState(TypedDict):
     tokens_reserved: int
     minute: int  # the fixed minute window (epoch seconds // 60) of minute_count
     minute_count: int
-    pending: dict[str, list[float]]  # admitted, not yet confirmed from the log: request id -> [created_at, estimated]
+    pending: dict[str, list[int]]  # admitted, not yet confirmed from the log: epoch second -> [admissions, tokens]
     confirmed_upto: float  # the latest created_at the forward agent confirmed
-    released: dict[str, float]  # released as orphans this day: request id -> when
+    confirmed_offset: int  # the requests-topic offset of the latest request confirmed (-1: none yet)
+    released: dict[str, float]  # given up by the gateway this day: request id -> when
+    orphaned: dict[str, int]  # released as orphans this day: epoch second -> admissions not in the log yet
     settled_upto: int  # the results-topic offset of the latest settlement applied (-1: none yet)
+
+
+class Logged(NamedTuple):
+    """A request as the forward agent read it from the log: what confirming it needs."""
+
+    user_id: str
+    request_id: str
+    created_at: float
+    estimated: int
+    quota_day: str
+    offset: int | None  # its requests-topic offset; None: not known (no replay check)
+    admitted: bool = True  # False for a request written by an operator (redrive): never charged
 
 
 StoredState: TypeAlias = Mapping[str, Any]  # what a table value decodes to: any QuotaState ever written
@@ -80,7 +98,7 @@ Settlement: TypeAlias = tuple[str, str, str, int, int | None]  # user, request i
 ORPHAN_GRACE_S = 2.0
 
 
-def empty_state(day: str, settled_upto: int = -1) -> QuotaState:
+def empty_state(day: str, settled_upto: int = -1, confirmed_offset: int = -1) -> QuotaState:
     return {
         "day": day,
         "requests_used": 0,
@@ -90,9 +108,16 @@ def empty_state(day: str, settled_upto: int = -1) -> QuotaState:
         "minute_count": 0,
         "pending": {},
         "confirmed_upto": 0.0,
+        "confirmed_offset": confirmed_offset,
         "released": {},
+        "orphaned": {},
         "settled_upto": settled_upto,
     }
+
+
+def second_of(created_at: float) -> str:
+    """The key of an admission's pending bucket."""
+    return str(int(created_at))
 
 
 def current(state: StoredState | None, now: float) -> QuotaState:
@@ -100,21 +125,31 @@ def current(state: StoredState | None, now: float) -> QuotaState:
     day = clock.utc_day(now)
     if state is None:
         return empty_state(day)
-    if state.get("day") != day:
-        return empty_state(day, int(state.get("settled_upto", -1)))  # offsets only grow: keep the mark
-    if "settled_upto" not in state:  # written by an earlier version: fill in what it lacked
-        return cast(QuotaState, {**empty_state(day), **state})
+    if "settled_upto" not in state:
+        state = _from_previous_version(state)
+    if state.get("day") != day:  # offsets only grow: keep the marks
+        return empty_state(day, int(state["settled_upto"]), int(state["confirmed_offset"]))
     return cast(QuotaState, state)
 
 
-def pending_of(state: StoredState, request_id: str) -> tuple[float, int] | None:
-    """``(created_at, estimated)`` of a pending admission, or None."""
-    entry = state["pending"].get(request_id)
-    if entry is None:
-        return None
-    if isinstance(entry, int | float):  # an earlier version kept the estimate in a per-user map
-        return float(entry), int(state.get("reservations", {}).get(request_id, 0))
-    return float(entry[0]), int(entry[1])
+def _from_previous_version(state: StoredState) -> dict[str, Any]:
+    """A state written by the version that kept every reservation in the user's state: its pending
+    admissions go into buckets; its confirmed reservations stay in ``reservations`` until they settle."""
+    legacy: Mapping[str, int] = state.get("reservations") or {}
+    pending: dict[str, list[int]] = {}
+    for request_id, created_at in (state.get("pending") or {}).items():
+        bucket = pending.setdefault(second_of(float(created_at)), [0, 0])
+        bucket[0] += 1
+        bucket[1] += int(legacy.get(request_id, 0))
+    confirmed = {k: int(v) for k, v in legacy.items() if k not in (state.get("pending") or {})}
+    new: dict[str, Any] = {  # its ``released`` (orphans, by request id) keeps its meaning
+        **empty_state(str(state.get("day", ""))),
+        **{k: v for k, v in state.items() if k not in ("pending", "reservations")},
+        "pending": pending,
+    }
+    if confirmed:
+        new["reservations"] = confirmed
+    return new
 
 
 def seconds_to_reset(now: float) -> int:
@@ -186,7 +221,7 @@ def decide(
         **st,
         "requests_used": st["requests_used"] + 1,
         "tokens_reserved": st["tokens_reserved"] + estimated,
-        "pending": {**st["pending"], request_id: [now, estimated]},
+        "pending": _bucket_add(st["pending"], second_of(now), 1, estimated),
         "minute": minute,
         "minute_count": minute_count + 1,
     }
@@ -213,6 +248,18 @@ def _without(mapping: Mapping[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in mapping.items() if k != key}
 
 
+def _bucket_add(pending: Mapping[str, list[int]], second: str, count: int, tokens: int) -> dict[str, list[int]]:
+    """``pending`` with ``[count, tokens]`` added to one bucket (removed when it reaches zero admissions)."""
+    held = pending.get(second, [0, 0])
+    left = [held[0] + count, max(0, held[1] + tokens)]
+    return {**pending, second: left} if left[0] > 0 else _without(pending, second)
+
+
+def _counted_down(counts: Mapping[str, int], key: str) -> dict[str, int]:
+    left = counts.get(key, 0) - 1
+    return {**counts, key: left} if left > 0 else _without(counts, key)
+
+
 def settle(
     state: StoredState | None,
     request_id: str,
@@ -224,10 +271,9 @@ def settle(
 ) -> QuotaState | None:
     """Turn a reservation into usage; ``None`` when there is nothing to change (idempotent).
 
-    ``reserved`` is the request's ``(estimated, day)`` entry of the reservations table, if it has one;
-    without it the reservation is looked for among the pending admissions (a result that came before its
-    request was confirmed) and in the per-user map an earlier version kept. ``offset`` is the result's
-    results-topic offset: at or below ``settled_upto`` it was applied already."""
+    ``reserved`` is the request's ``(estimated, day)`` entry of the reservations table, if it has one
+    (else the reservation is looked for in the per-request map of a state the previous version wrote).
+    ``offset`` is the result's results-topic offset: at or below ``settled_upto`` it was applied already."""
     if state is None:
         return None
     st = current(state, now)
@@ -239,11 +285,6 @@ def settle(
         estimated, day = reserved
         if day != st["day"]:
             return None  # reserved on an earlier day, whose window is gone: nothing to give back or charge
-        if request_id in st["pending"]:
-            new["pending"] = _without(st["pending"], request_id)
-    elif (found := pending_of(st, request_id)) is not None:
-        estimated = found[1]
-        new["pending"] = _without(st["pending"], request_id)
     elif request_id in legacy:
         estimated = int(legacy[request_id])
     else:
@@ -257,87 +298,117 @@ def settle(
     return new
 
 
-def release(state: StoredState | None, request_id: str, now: float) -> QuotaState | None:
-    """Undo a pending admission whose request never reached the log (the request is not charged).
+def release(state: StoredState | None, request_id: str, created_at: float, estimated: int, now: float) -> QuotaState | None:
+    """Undo an admission the gateway gave up on (its request's write failed or timed out): the request
+    is not charged, and is remembered in ``released`` in case its write reached the log after all.
 
-    ``None`` when it is not pending: settled, or confirmed (it is in the log and will be processed)."""
+    ``None`` when its bucket no longer counts it (released as an orphan already)."""
     if state is None:
         return None
     st = current(state, now)
-    found = pending_of(st, request_id)
-    if found is None:
+    second = second_of(created_at)
+    if st["pending"].get(second, [0, 0])[0] <= 0:
         return None
+    same_minute = int(created_at // 60) == st["minute"]
     return {
         **st,
         "requests_used": max(0, st["requests_used"] - 1),
-        "tokens_reserved": max(0, st["tokens_reserved"] - found[1]),
-        "minute_count": max(0, st["minute_count"] - 1),
-        "pending": _without(st["pending"], request_id),
+        "tokens_reserved": max(0, st["tokens_reserved"] - estimated),
+        "minute_count": max(0, st["minute_count"] - 1) if same_minute else st["minute_count"],
+        "pending": _bucket_add(st["pending"], second, -1, -estimated),
         "released": {**st["released"], request_id: now},
     }
 
 
-def to_confirm(
-    state: StoredState | None, requests: Iterable[tuple[str, float, int]], now: float
-) -> list[tuple[str, int]]:
-    """``(request_id, estimated)`` of the requests read from the log that will hold a reservation once
-    confirmed: the pending ones and the released ones (charged again)."""
-    if state is None:
-        return []
-    st = current(state, now)
-    held: list[tuple[str, int]] = []
-    for request_id, _, estimated in requests:
-        found = pending_of(st, request_id)
-        if found is not None:
-            held.append((request_id, found[1]))
-        elif request_id in st["released"]:
-            held.append((request_id, estimated))
-    return held
+def confirm(state: StoredState | None, requests: Iterable[Logged], now: float) -> tuple[QuotaState, list[Logged]] | None:
+    """Requests read from the log, in log order: the new state, and those that now hold a reservation
+    (to be entered in the reservations table); ``None`` when nothing changes (a replay, or redrives).
 
-
-def confirm(
-    state: StoredState | None, requests: Iterable[tuple[str, float, int]], now: float
-) -> QuotaState | None:
-    """``(request_id, created_at, estimated)`` of requests read from the log: pending ones are confirmed,
-    released ones charged again; ``None`` when nothing changes (a replay of settled requests)."""
+    A request leaves its pending bucket; one released by the gateway, or whose bucket was released as
+    an orphan (its write came later than the sweep allowed for), is charged again; one no bucket ever
+    counted (written around the gateway) is not charged."""
     st = current(state, now)
-    pending, released = st["pending"], st["released"]
-    found = [r for r in requests if r[0] in pending or r[0] in released]
-    if not found:
+    pending, released, orphaned = st["pending"], st["released"], st["orphaned"]
+    used, reserved, upto, last = st["requests_used"], st["tokens_reserved"], st["confirmed_upto"], st["confirmed_offset"]
+    held: list[Logged] = []
+    for r in requests:
+        if r.offset is not None and r.offset <= last:
+            continue  # confirmed before a crash: the replay of its batch
+        if r.offset is not None:
+            last = r.offset
+        if r.quota_day != st["day"] or not r.admitted:
+            continue  # admitted on an earlier day (that window is gone), or never admitted
+        second = second_of(r.created_at)
+        if r.request_id in released:
+            released = _without(released, r.request_id)
+            used, reserved = used + 1, reserved + r.estimated
+        elif pending.get(second, [0, 0])[0] > 0:
+            pending = _bucket_add(pending, second, -1, -r.estimated)
+        elif orphaned.get(second, 0) > 0:  # its bucket was released before its write reached the log
+            orphaned = _counted_down(orphaned, second)
+            used, reserved = used + 1, reserved + r.estimated
+        else:
+            continue  # written around the gateway: never admitted, so not charged (the audit shows it)
+        upto = max(upto, r.created_at)
+        held.append(r)
+    if last == st["confirmed_offset"] and not held:
         return None
-    pending, released = dict(pending), dict(released)
-    used, reserved, upto = st["requests_used"], st["tokens_reserved"], st["confirmed_upto"]
-    for request_id, created_at, estimated in found:
-        if pending.pop(request_id, None) is None and released.pop(request_id, None) is not None:
-            used, reserved = used + 1, reserved + estimated
-        upto = max(upto, created_at)
-    return {
+    new: QuotaState = {
         **st,
         "requests_used": used,
         "tokens_reserved": reserved,
         "pending": pending,
         "released": released,
+        "orphaned": orphaned,
         "confirmed_upto": upto,
+        "confirmed_offset": last,
     }
+    return new, held
 
 
 def orphans(state: StoredState | None, now: float, admission_timeout_s: float, orphan_after_s: float) -> list[str]:
-    """Pending admissions whose request will not reach the log now: past the admission timeout (the
-    gateway has stopped trying) and either overtaken by a later confirmed request or past the long bound."""
+    """Pending buckets (their seconds) whose admissions will not reach the log now: past the admission
+    timeout (the gateway has stopped trying) and either overtaken by a later confirmed request or past
+    the long bound."""
     if state is None:
         return []
     st = current(state, now)
     settled_by = admission_timeout_s + ORPHAN_GRACE_S
     found = []
-    for request_id in st["pending"]:
-        entry = pending_of(st, request_id)
-        assert entry is not None
-        created_at = entry[0]
-        if now - created_at > settled_by and (
-            st["confirmed_upto"] > created_at + settled_by or now - created_at > orphan_after_s
-        ):
-            found.append(request_id)
+    for second in st["pending"]:
+        end = int(second) + 1  # every admission of the bucket was made before this
+        if now - end > settled_by and (st["confirmed_upto"] > end + settled_by or now - end > orphan_after_s):
+            found.append(second)
     return found
+
+
+def release_buckets(state: StoredState | None, seconds: Iterable[str], now: float) -> tuple[QuotaState, int] | None:
+    """Give back what the pending buckets ``seconds`` still count; the new state and how many admissions."""
+    if state is None:
+        return None
+    st = current(state, now)
+    count = tokens = 0
+    pending, orphaned = dict(st["pending"]), dict(st["orphaned"])
+    minute_count = st["minute_count"]
+    for second in seconds:
+        held = pending.pop(second, None)
+        if held is None:
+            continue
+        count, tokens = count + held[0], tokens + held[1]
+        orphaned[second] = orphaned.get(second, 0) + held[0]
+        if int(second) // 60 == st["minute"]:
+            minute_count = max(0, minute_count - held[0])
+    if not count:
+        return None
+    new: QuotaState = {
+        **st,
+        "requests_used": max(0, st["requests_used"] - count),
+        "tokens_reserved": max(0, st["tokens_reserved"] - tokens),
+        "minute_count": minute_count,
+        "pending": pending,
+        "orphaned": orphaned,
+    }
+    return new, count
 
 
 def quota_doc(user_id: str, plan: Plan, state: StoredState | None, now: float) -> dict[str, Any]:
@@ -374,41 +445,55 @@ class QuotaBook:
         self.table = table
         self.reservations = Reservations() if reservations is None else reservations
         self.now = now
+        # Admissions of this process whose request the forward agent has not read yet: what the
+        # gateway may still give back (kept in memory: a crash ends the admission with the process).
+        self._unlogged: set[str] = set()
 
     def admit(self, user_id: str, plan: Plan, request_id: str, estimated: int) -> Admission:
         new, admission = decide(self.table.get(user_id), plan, request_id, estimated, self.now())
         self.table[user_id] = new
+        self._unlogged.add(request_id)
         return admission
 
-    def release(self, user_id: str, request_id: str) -> bool:
-        new = release(self.table.get(user_id), request_id, self.now())
+    def logged(self, request_id: str) -> None:
+        """The admission's request is in the log (the broker acknowledged it): it can no longer be released."""
+        self._unlogged.discard(request_id)
+
+    def release(self, user_id: str, request_id: str, created_at: float, estimated: int) -> bool:
+        """Give back an admission whose request's write failed or timed out (unless the log has it already)."""
+        if request_id not in self._unlogged:
+            return False  # the forward agent read it: it runs, and stays charged
+        self._unlogged.discard(request_id)
+        new = release(self.table.get(user_id), request_id, created_at, estimated, self.now())
         if new is None:
             return False
         self.table[user_id] = new
         return True
 
-    async def confirm_requests(self, requests: Sequence[tuple[str, str, float, int]]) -> list[asyncio.Future[Any]]:
-        """Confirm ``(user_id, request_id, created_at, estimated)`` read from the log; the acks of the
-        users' latest writes (every user's: a retried batch confirms nothing new, and must still wait
-        for the write its first attempt made).
+    async def confirm_requests(self, requests: Sequence[Logged]) -> list[asyncio.Future[Any]]:
+        """Confirm requests read from the log, in log order; the acks of the users' latest writes
+        (every user's: a retried batch confirms nothing new, and must still wait for the write its first
+        attempt made).
 
-        Each confirmed request's reservation entry is written and acknowledged before its pending record
-        leaves the user's state: a crash in between leaves it pending, and the replay confirms it again."""
-        per_user: dict[str, list[tuple[str, float, int]]] = {}
-        for user, request_id, created_at, estimated in requests:
-            per_user.setdefault(user, []).append((request_id, created_at, estimated))
+        Each confirmed request's reservation entry is written and acknowledged before the user's state
+        records it as confirmed: a crash in between leaves it unconfirmed, and the replay confirms it again."""
+        per_user: dict[str, list[Logged]] = {}
+        for r in requests:
+            per_user.setdefault(r.user_id, []).append(r)
+            self._unlogged.discard(r.request_id)
         now = self.now()
         for user, reqs in per_user.items():
-            state = self.table.get(user)
-            day = current(state, now)["day"]
-            for request_id, estimated in to_confirm(state, reqs, now):
-                self.reservations.hold(user, request_id, estimated, day)
-        await asyncio.gather(*(self.reservations.written(user, rid) for user, rid, _, _ in requests))
+            found = confirm(self.table.get(user), reqs, now)
+            for r in found[1] if found is not None else ():
+                self.reservations.hold(user, r.request_id, r.estimated, found[0]["day"])  # type: ignore[index]
+        await asyncio.gather(*(self.reservations.written(r.user_id, r.request_id) for r in requests))
         now = self.now()
         for user, reqs in per_user.items():
-            new = confirm(self.table.get(user), reqs, now)
-            if new is not None:
-                self.table[user] = new
+            # On the state as it is now: admissions, settlements or a sweep may have written it meanwhile
+            # (which requests hold a reservation does not depend on them, only the counters do).
+            found = confirm(self.table.get(user), reqs, now)
+            if found is not None:
+                self.table[user] = found[0]
         return [asyncio.ensure_future(self.written(user)) for user in per_user]
 
     async def settle_results(self, results: Iterable[Settlement]) -> list[Settlement]:
@@ -441,16 +526,15 @@ class QuotaBook:
         await asyncio.gather(*(self.reservations.written(user, rid) for user, rid in done))
         return applied
 
-    def release_orphans(self, user_id: str, admission_timeout_s: float, orphan_after_s: float) -> list[str]:
-        """Release ``user_id``'s orphaned admissions in one write; their request ids."""
+    def release_orphans(self, user_id: str, admission_timeout_s: float, orphan_after_s: float) -> int:
+        """Release ``user_id``'s orphaned admissions in one write; how many."""
         now = self.now()
         state = self.table.get(user_id)
-        found = orphans(state, now, admission_timeout_s, orphan_after_s)
-        for request_id in found:
-            state = release(state, request_id, now) or state
-        if found and state is not None:
-            self.table[user_id] = state
-        return found
+        found = release_buckets(state, orphans(state, now, admission_timeout_s, orphan_after_s), now)
+        if found is None:
+            return 0
+        self.table[user_id], count = found
+        return count
 
     def written(self, user_id: str) -> Awaitable[Any]:
         """Resolves once the broker holds this user's latest write: await it before answering 202."""

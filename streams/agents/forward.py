@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import cast
 
 import faust
+from faust.types import EventT
 
 from bridges.clients.rabbitmq import PublishError, RabbitClient
 from inferstream import clock
@@ -32,7 +33,7 @@ from schemas.records import InferenceRequest, ResultEvent
 from streams.agents import metrics
 from streams.agents.guard import until_done
 from streams.topics import Topics, send_and_wait
-from tables.quota import QuotaBook
+from tables.quota import Logged, QuotaBook
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,13 @@ async def send_events(topics: Topics, events: Sequence[ResultEvent]) -> None:
     await send_and_wait(topics.results, ((e.user_id, e) for e in events))
 
 
-async def confirm_batch(book: QuotaBook, batch: Sequence[InferenceRequest]) -> list[asyncio.Future[Any]]:
-    """Confirm every request of the batch in the quota table; the acks of its users' latest writes."""
-    return await book.confirm_requests([(r.user_id, r.request_id, r.created_at, r.estimated_tokens) for r in batch])
+def logged(event: EventT) -> Logged:
+    """What confirming a request read from the log needs (a redriven request was never admitted)."""
+    r = cast(InferenceRequest, event.value)
+    return Logged(
+        r.user_id, r.request_id, r.created_at, r.estimated_tokens, r.quota_day, event.message.offset,
+        admitted=r.redrive_of is None,
+    )  # fmt: skip
 
 
 def register_forward(
@@ -64,8 +69,9 @@ def register_forward(
 ) -> None:
     routes = set(rabbit.routes())
 
-    async def forward(batch: Sequence[InferenceRequest]) -> None:
-        confirmed = await confirm_batch(book, batch)
+    async def forward(read: Sequence[EventT]) -> None:
+        confirmed = await book.confirm_requests([logged(e) for e in read])
+        batch = [cast(InferenceRequest, e.value) for e in read]
         routable = [r for r in batch if (r.task, r.model) in routes]
         if routable:
             await publish_confirmed(rabbit, routable)
@@ -87,5 +93,7 @@ def register_forward(
 
     @app.agent(topics.requests, name="forward-requests", concurrency=1)
     async def forward_requests(stream: faust.StreamT[InferenceRequest]) -> None:
-        async for batch in stream.take(settings.sink_batch_size, within=settings.sink_batch_wait_ms / 1000):
-            await until_done("forward-requests", lambda: forward(batch))  # noqa: B023 - awaited at once
+        # take_events (values with their offsets) is on the Stream class, not on StreamT.
+        batches = cast(faust.Stream, stream).take_events(settings.sink_batch_size, within=settings.sink_batch_wait_ms / 1000)
+        async for events in batches:
+            await until_done("forward-requests", lambda: forward(events))  # noqa: B023 - awaited at once

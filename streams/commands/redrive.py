@@ -54,6 +54,7 @@ def resubmission(dead: Mapping[str, Any], now: float) -> InferenceRequest:
             "quota_day": clock.utc_day(now),
             "deadline_at": deadline,
             "metadata": {**(old.metadata or {}), "redrive_of": old.request_id},
+            "redrive_of": old.request_id,
         }
     )
 

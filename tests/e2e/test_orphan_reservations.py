@@ -39,12 +39,14 @@ def crashed_state(request_id: str, created_at: float) -> dict[str, Any]:
         "requests_used": 1,
         "tokens_used": 0,
         "tokens_reserved": RESERVED,
-        "reservations": {request_id: RESERVED},
         "minute": int(created_at // 60),
         "minute_count": 1,
-        "pending": {request_id: created_at},
+        "pending": {str(int(created_at)): [1, RESERVED]},
         "confirmed_upto": 0.0,
+        "confirmed_offset": -1,
         "released": {},
+        "orphaned": {},
+        "settled_upto": -1,
     }
 
 

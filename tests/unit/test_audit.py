@@ -13,7 +13,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from schemas.plans import Plan
 from streams.commands.audit import Report, Usage, differences, rebuild_all, table_usages
 from streams.logread import PartitionRange
-from tables.quota import QuotaBook, QuotaState
+from tables.quota import Logged, QuotaBook, QuotaState
 
 NOON = datetime(2025, 3, 14, 12, 0, 30, tzinfo=UTC).timestamp()
 DAY = "2025-03-14"
@@ -46,8 +46,8 @@ def record(user: str, state: QuotaState | None) -> tuple[bytes, bytes | None]:
 
 def state(requests: int, used: int, reserved: int, day: str = DAY) -> QuotaState:
     return {"day": day, "requests_used": requests, "tokens_used": used, "tokens_reserved": reserved,
-            "minute": 0, "minute_count": 0, "pending": {}, "confirmed_upto": 0.0, "released": {},
-            "settled_upto": -1}  # fmt: skip
+            "minute": 0, "minute_count": 0, "pending": {}, "confirmed_upto": 0.0, "confirmed_offset": -1,
+            "released": {}, "settled_upto": -1}  # fmt: skip
 
 
 def test_rebuild_follows_the_quota_rules() -> None:
@@ -112,8 +112,11 @@ def test_rebuild_agrees_with_the_table_driven_by_the_same_events() -> None:
         user, rid, est = rng.choice("uvw"), f"r{i}", rng.randint(1, 50)
         book.admit(user, PLAN, rid, est)
         requests.append(req(rid, user, est))
-    confirmed = [(r["user_id"], r["request_id"], NOON, r["estimated_tokens"]) for r in requests[:200]]
-    asyncio.run(book.confirm_requests(confirmed))  # the forward agent read these; the rest are still pending
+    confirmed = [
+        Logged(r["user_id"], r["request_id"], NOON, r["estimated_tokens"], DAY, offset)
+        for offset, r in enumerate(requests)
+    ]
+    asyncio.run(book.confirm_requests(confirmed))  # the forward agent read them all from the log
     for offset, ev in enumerate(rng.sample(requests, 250) + rng.sample(requests, 40)):  # 40 repeats
         status = rng.choice(["completed", "completed", "failed", "cancelled", "expired"])
         total = rng.randint(0, 80)

@@ -7,12 +7,15 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
+from inferstream.clock import utc_day as clock_utc_day
 from inferstream.errors import QuotaExceeded, Unavailable
 from schemas.plans import DEFAULT_PLAN, Plan
 from tables.quota import (
     ORPHAN_GRACE_S,
+    Logged,
     QuotaBook,
     QuotaState,
     confirm,
@@ -55,10 +58,17 @@ def confirm_one(qb: QuotaBook, user: str, requests: list[tuple[str, float, int]]
     before = qb.table.get(user)
 
     async def run() -> None:
-        await asyncio.gather(*await qb.confirm_requests([(user, rid, at, est) for rid, at, est in requests]))
+        logged = [Logged(user, rid, at, est, clock_utc_day(at), None) for rid, at, est in requests]
+        await asyncio.gather(*await qb.confirm_requests(logged))
 
     asyncio.run(run())
     return qb.table.get(user) is not before
+
+
+def run(qb: QuotaBook, user: str, plan: Plan, request_id: str, estimated: int) -> None:
+    """Admitted, and its request read from the log by the forward agent: what a result can settle."""
+    qb.admit(user, plan, request_id, estimated)
+    confirm_one(qb, user, [(request_id, qb.now(), estimated)])
 
 
 def rejection(fn: Any, *args: Any) -> QuotaExceeded:
@@ -102,10 +112,10 @@ def test_headers_carry_the_rate_limit_figures() -> None:
 def test_tokens_used_plus_reserved_plus_estimate_must_fit() -> None:
     qb, _, _ = book()
     plan = Plan("t", requests_per_day=100, tokens_per_day=300, requests_per_minute=0)
-    qb.admit("u", plan, "a", 100)
+    run(qb, "u", plan, "a", 100)
     settle_one(qb, "u", "a", "completed", 120)  # used 120
-    qb.admit("u", plan, "b", 100)  # reserved 100: 220
-    qb.admit("u", plan, "c", 80)  # exactly the limit: 300 <= 300
+    run(qb, "u", plan, "b", 100)  # reserved 100: 220
+    run(qb, "u", plan, "c", 80)  # exactly the limit: 300 <= 300
     exc = rejection(qb.admit, "u", plan, "d", 1)
     assert exc.type == "token_quota_exceeded"
     assert exc.body()["error"]["tokens"] == {"used": 120, "reserved": 180, "limit": 300, "estimated": 1}
@@ -113,7 +123,7 @@ def test_tokens_used_plus_reserved_plus_estimate_must_fit() -> None:
     # A request that would not fit alone is rejected while a smaller one still fits after a refund.
     settle_one(qb, "u", "c", "failed", 0)
     assert rejection(qb.admit, "u", plan, "e", 81).type == "token_quota_exceeded"
-    qb.admit("u", plan, "f", 80)
+    run(qb, "u", plan, "f", 80)
 
 
 def test_requests_per_minute_with_retry_after_to_the_next_minute() -> None:
@@ -152,7 +162,7 @@ def test_daily_quota_is_checked_before_the_minute_limit() -> None:
 def test_window_rolls_over_at_utc_midnight() -> None:
     qb, table, clock = book(MIDNIGHT - 0.25)
     for i in range(5):
-        qb.admit("u", PLAN, f"r{i}", 100)
+        run(qb, "u", PLAN, f"r{i}", 100)
     exc = rejection(qb.admit, "u", PLAN, "late", 1)
     assert exc.type == "request_quota_exceeded" and exc.retry_after == 1
     assert qb.doc("u", PLAN)["window"] == {
@@ -163,7 +173,7 @@ def test_window_rolls_over_at_utc_midnight() -> None:
     admission = qb.admit("u", PLAN, "early", 7)
     assert admission.window_day == "2025-03-15" and admission.requests_remaining == 4
     assert admission.reset_s == 86_400
-    assert table["u"]["pending"] == {"early": [MIDNIGHT, 7]} and table["u"]["tokens_reserved"] == 7
+    assert table["u"]["pending"] == {str(int(MIDNIGHT)): [1, 7]} and table["u"]["tokens_reserved"] == 7
     doc = qb.doc("u", PLAN)
     assert doc["window"]["start"] == "2025-03-15T00:00:00.000Z"
     assert doc["requests"] == {"used": 1, "limit": 5, "remaining": 4}
@@ -184,8 +194,8 @@ def test_reading_after_midnight_shows_a_fresh_window_without_writing() -> None:
 
 def test_completed_charges_actual_usage_and_frees_the_reservation() -> None:
     qb, _, _ = book()
-    qb.admit("u", PLAN, "a", 300)
-    qb.admit("u", PLAN, "b", 200)
+    run(qb, "u", PLAN, "a", 300)
+    run(qb, "u", PLAN, "b", 200)
     assert settle_one(qb, "u", "a", "completed", 120)
     assert qb.doc("u", PLAN)["tokens"] == {"used": 120, "reserved": 200, "limit": 1_000, "remaining": 680}
     # Usage above the estimate is charged too: it is what the model used.
@@ -197,7 +207,7 @@ def test_completed_charges_actual_usage_and_frees_the_reservation() -> None:
 @pytest.mark.parametrize("status", ["failed", "cancelled", "expired"])
 def test_failed_cancelled_expired_refund_the_reservation(status: str) -> None:
     qb, _, _ = book()
-    qb.admit("u", PLAN, "a", 300)
+    run(qb, "u", PLAN, "a", 300)
     assert settle_one(qb, "u", "a", status, 0)
     tokens = qb.doc("u", PLAN)["tokens"]
     assert tokens == {"used": 0, "reserved": 0, "limit": 1_000, "remaining": 1_000}
@@ -207,8 +217,8 @@ def test_failed_cancelled_expired_refund_the_reservation(status: str) -> None:
 
 def test_a_failure_still_charges_reported_usage_up_to_the_reservation() -> None:
     qb, _, _ = book()
-    qb.admit("u", PLAN, "a", 100)
-    qb.admit("u", PLAN, "b", 100)
+    run(qb, "u", PLAN, "a", 100)
+    run(qb, "u", PLAN, "b", 100)
     settle_one(qb, "u", "a", "failed", 40)
     settle_one(qb, "u", "b", "cancelled", 5_000)
     assert qb.doc("u", PLAN)["tokens"]["used"] == 140
@@ -216,14 +226,22 @@ def test_a_failure_still_charges_reported_usage_up_to_the_reservation() -> None:
 
 def test_settling_twice_changes_nothing() -> None:
     qb, table, _ = book()
-    qb.admit("u", PLAN, "a", 100)
-    qb.admit("u", PLAN, "b", 50)
+    run(qb, "u", PLAN, "a", 100)
+    run(qb, "u", PLAN, "b", 50)
     assert settle_one(qb, "u", "a", "completed", 80)
     after_first = dict(table["u"])
     for status in ("completed", "failed", "cancelled", "expired"):
         assert not settle_one(qb, "u", "a", status, 80)
         assert table["u"] == after_first
-    assert table["u"]["pending"] == {"b": [NOON, 50]}
+    assert dict(qb.reservations.held()) == {"b/u": [50, "2025-03-14"]}
+
+
+def test_a_result_before_its_request_was_read_from_the_log_settles_nothing() -> None:
+    # Only the forward agent's confirmation gives a request a reservation a result can settle.
+    qb, table, _ = book()
+    qb.admit("u", PLAN, "a", 100)
+    assert not settle_one(qb, "u", "a", "completed", 80)
+    assert table["u"]["tokens_reserved"] == 100
 
 
 def test_settling_a_confirmed_request_twice_changes_nothing_and_ends_its_reservation() -> None:
@@ -273,20 +291,20 @@ def test_a_reservation_from_an_earlier_day_settles_without_charging_today() -> N
 def test_settle_for_an_unknown_user_or_request_is_a_no_op() -> None:
     qb, table, _ = book()
     assert not settle_one(qb, "nobody", "a", "completed", 10)
-    assert not qb.release("nobody", "a")
+    assert not qb.release("nobody", "a", NOON, 10)
     assert table == {}
     assert settle(None, "a", "completed", 10, NOON) is None
-    assert release(None, "a", NOON) is None
+    assert release(None, "a", NOON, 10, NOON) is None
 
 
 def test_counters_never_go_below_zero() -> None:
     # A corrupted or hand-edited state (reserved lower than a reservation) still cannot go negative.
-    state = {**empty_state("2025-03-14"), "tokens_reserved": 10, "reservations": {"a": 500}}
-    settled = settle(state, "a", "failed", -7, NOON)
+    state = {**empty_state("2025-03-14"), "tokens_reserved": 10}
+    settled = settle(state, "a", "failed", -7, NOON, (500, "2025-03-14"))
     assert settled is not None
     assert settled["tokens_reserved"] == 0 and settled["tokens_used"] == 0
-    state = {**empty_state("2025-03-14"), "requests_used": 0, "reservations": {"a": 5}, "pending": {"a": NOON}}
-    released = release(state, "a", NOON)
+    state = {**empty_state("2025-03-14"), "requests_used": 0, "pending": {str(int(NOON)): [1, 5]}}
+    released = release(state, "a", NOON, 5, NOON)
     assert released is not None
     assert released["requests_used"] == 0 and released["minute_count"] == 0
     assert released["tokens_reserved"] == 0
@@ -294,7 +312,7 @@ def test_counters_never_go_below_zero() -> None:
 
 def test_completed_with_negative_usage_charges_nothing() -> None:
     qb, _, _ = book()
-    qb.admit("u", PLAN, "a", 100)
+    run(qb, "u", PLAN, "a", 100)
     settle_one(qb, "u", "a", "completed", -5)
     assert qb.doc("u", PLAN)["tokens"]["used"] == 0
 
@@ -304,19 +322,20 @@ def test_release_undoes_an_admission_completely() -> None:
     plan = Plan("m", requests_per_day=5, tokens_per_day=1_000, requests_per_minute=1)
     qb.admit("u", plan, "a", 100)
     assert rejection(qb.admit, "u", plan, "b", 1).type == "rate_limited"
-    assert qb.release("u", "a")
+    assert qb.release("u", "a", NOON, 100)
     assert table["u"]["requests_used"] == 0 and table["u"]["tokens_reserved"] == 0
+    assert table["u"]["pending"] == {} and list(table["u"]["released"]) == ["a"]
     qb.admit("u", plan, "b", 1)  # the minute slot came back too
-    assert not qb.release("u", "a")  # idempotent
+    assert not qb.release("u", "a", NOON, 100)  # idempotent
 
 
 def test_decide_is_pure() -> None:
     state = empty_state("2025-03-14")
     new, _ = decide(state, PLAN, "a", 10, NOON)
     assert state == empty_state("2025-03-14")
-    assert new["requests_used"] == 1 and new["pending"] == {"a": [NOON, 10]}
-    settled = settle(new, "a", "completed", 3, NOON)
-    assert new["pending"] == {"a": [NOON, 10]} and settled is not None
+    assert new["requests_used"] == 1 and new["pending"] == {str(int(NOON)): [1, 10]}
+    settled = settle(new, "a", "completed", 3, NOON, (10, "2025-03-14"))
+    assert new["pending"] == {str(int(NOON)): [1, 10]} and settled is not None
 
 
 def test_users_are_independent() -> None:
@@ -347,17 +366,36 @@ def test_plan_caps_priority() -> None:
 
 TIMEOUT, LONG = 5.0, 300.0
 SETTLED_BY = TIMEOUT + ORPHAN_GRACE_S
+DAY = "2025-03-14"
+SECOND = str(int(NOON))
+
+
+def logged(rid: str, at: float, est: int, offset: int | None = None, user: str = "u") -> Logged:
+    return Logged(user, rid, at, est, clock_utc_day(at), offset)
 
 
 def test_admission_is_pending_until_confirmed() -> None:
     qb, table, _ = book()
     qb.admit("u", PLAN, "a", 10)
-    assert table["u"]["pending"] == {"a": [NOON, 10]}
+    qb.admit("u", PLAN, "b", 5)
+    assert table["u"]["pending"] == {SECOND: [2, 15]}
     assert confirm_one(qb, "u", [("a", NOON, 10)])
-    assert table["u"]["pending"] == {} and table["u"]["confirmed_upto"] == NOON
+    assert table["u"]["pending"] == {SECOND: [1, 5]} and table["u"]["confirmed_upto"] == NOON
     # Confirmed is still reserved, in its own entry: the result settles it.
-    assert dict(qb.reservations.held()) == {"a/u": [10, "2025-03-14"]} and table["u"]["tokens_reserved"] == 10
-    assert table["u"]["requests_used"] == 1
+    assert dict(qb.reservations.held()) == {"a/u": [10, DAY]} and table["u"]["tokens_reserved"] == 15
+    assert table["u"]["requests_used"] == 2
+
+
+def test_the_state_does_not_grow_with_the_admissions_pending_or_in_flight() -> None:
+    qb, table, clock = book()
+    plan = Plan("big", requests_per_day=10**9, tokens_per_day=10**12, requests_per_minute=0)
+    for i in range(5_000):
+        clock.t = NOON + i / 1000  # 1,000 admissions a second, none read from the log yet
+        qb.admit("u", plan, f"r{i}", 10)
+    assert len(orjson.dumps(table["u"])) < 400  # five buckets
+    asyncio.run(qb.confirm_requests([logged(f"r{i}", NOON + i / 1000, 10, offset=i) for i in range(5_000)]))
+    assert table["u"]["pending"] == {} and len(qb.reservations.held()) == 5_000
+    assert len(orjson.dumps(table["u"])) < 400  # 5,000 in flight: their reservations are entries of their own
 
 
 def test_confirm_writes_once_per_user_and_a_replay_writes_nothing() -> None:
@@ -372,16 +410,26 @@ def test_confirm_writes_once_per_user_and_a_replay_writes_nothing() -> None:
             super().__setitem__(key, value)
 
     qb.table = Counting(table)
-    assert confirm_one(qb, "u", [("a", NOON, 10), ("b", NOON + 1, 20)])
-    assert writes == ["u"] and qb.table["u"]["confirmed_upto"] == NOON + 1
+    batch = [logged("a", NOON, 10, offset=3), logged("b", NOON, 20, offset=4)]
+    asyncio.run(qb.confirm_requests(batch))
+    assert writes == ["u"] and qb.table["u"]["confirmed_offset"] == 4 and qb.table["u"]["pending"] == {}
     settle_one(qb, "u", "a", "completed", 7)
     writes.clear()
-    # The batch again after a crash (offsets not committed): settled and confirmed requests change nothing.
-    assert not confirm_one(qb, "u", [("a", NOON, 10), ("b", NOON + 1, 20)])
+    # The batch again after a crash (offsets not committed): its offsets say it was confirmed.
+    asyncio.run(qb.confirm_requests(batch))
     assert writes == []
     assert qb.doc("u", PLAN)["requests"]["used"] == 2 and qb.doc("u", PLAN)["tokens"] == {
         "used": 7, "reserved": 20, "limit": 1_000, "remaining": 973
     }  # fmt: skip
+
+
+def test_a_redriven_request_is_not_charged_and_an_earlier_day_is_not_confirmed() -> None:
+    qb, table, _ = book()
+    redrive = Logged("u", "x", NOON, 50, DAY, 1, admitted=False)
+    yesterday = Logged("u", "y", NOON - 86_400, 50, "2025-03-13", 2)
+    asyncio.run(qb.confirm_requests([redrive, yesterday]))
+    assert qb.doc("u", PLAN)["requests"]["used"] == 0 and dict(qb.reservations.held()) == {}
+    assert table["u"]["confirmed_offset"] == 2
 
 
 def _admitted(*created: float) -> QuotaState:
@@ -394,66 +442,89 @@ def _admitted(*created: float) -> QuotaState:
 
 def test_no_orphan_before_the_admission_timeout_and_grace() -> None:
     state = _admitted(NOON)
-    state = confirm(state, [("r9", NOON + 100, 1)], NOON) or state  # unknown id: no change
-    assert orphans(state, NOON + SETTLED_BY, TIMEOUT, LONG) == []
+    end = int(NOON) + 1  # the end of the admission's second
+    assert orphans(state, end + SETTLED_BY, TIMEOUT, LONG) == []
     late = {**state, "confirmed_upto": NOON + 100}  # even when later requests were confirmed
-    assert orphans(late, NOON + SETTLED_BY, TIMEOUT, LONG) == []
-    assert orphans(late, NOON + SETTLED_BY + 0.1, TIMEOUT, LONG) == ["r0"]
+    assert orphans(late, end + SETTLED_BY, TIMEOUT, LONG) == []
+    assert orphans(late, end + SETTLED_BY + 0.1, TIMEOUT, LONG) == [SECOND]
 
 
 def test_orphan_once_a_request_admitted_after_its_timeout_is_confirmed() -> None:
-    state = _admitted(NOON, NOON + 1, NOON + SETTLED_BY + 1)
+    state = _admitted(NOON, NOON + 1, NOON + SETTLED_BY + 2)
     now = NOON + 60
     # r1 confirmed, admitted within r0's timeout: r0's write could still have been behind it.
-    st = confirm(state, [("r1", NOON + 1, 10)], now)
-    assert st is not None and orphans(st, now, TIMEOUT, LONG) == []
-    st = confirm(st, [("r2", NOON + SETTLED_BY + 1, 10)], now)
-    assert st is not None and orphans(st, now, TIMEOUT, LONG) == ["r0"]
+    found = confirm(state, [logged("r1", NOON + 1, 10)], now)
+    assert found is not None and orphans(found[0], now, TIMEOUT, LONG) == []
+    found = confirm(found[0], [logged("r2", NOON + SETTLED_BY + 2, 10)], now)
+    assert found is not None and orphans(found[0], now, TIMEOUT, LONG) == [SECOND]
 
 
 def test_orphan_after_the_long_bound_without_later_requests() -> None:
     state = _admitted(NOON)
-    assert orphans(state, NOON + LONG, TIMEOUT, LONG) == []
-    assert orphans(state, NOON + LONG + 0.1, TIMEOUT, LONG) == ["r0"]
+    end = int(NOON) + 1
+    assert orphans(state, end + LONG, TIMEOUT, LONG) == []
+    assert orphans(state, end + LONG + 0.1, TIMEOUT, LONG) == [SECOND]
 
 
-def test_release_orphans_gives_back_request_and_tokens_and_remembers_them() -> None:
+def test_release_orphans_gives_back_request_and_tokens() -> None:
     qb, table, clock = book()
     qb.admit("u", PLAN, "a", 100)
     qb.admit("u", PLAN, "b", 50)
     confirm_one(qb, "u", [("b", NOON, 50)])
-    clock.t = NOON + LONG + 1
-    assert qb.release_orphans("u", TIMEOUT, LONG) == ["a"]
+    clock.t = NOON + LONG + 2
+    assert qb.release_orphans("u", TIMEOUT, LONG) == 1
     st = table["u"]
-    assert (st["requests_used"], st["tokens_reserved"]) == (1, 50)
-    assert dict(qb.reservations.held()) == {"b/u": [50, "2025-03-14"]}
-    assert st["pending"] == {} and list(st["released"]) == ["a"]
-    assert qb.release_orphans("u", TIMEOUT, LONG) == []  # nothing left to release
-    assert qb.release_orphans("nobody", TIMEOUT, LONG) == [] and "nobody" not in table
+    assert (st["requests_used"], st["tokens_reserved"], st["pending"]) == (1, 50, {})
+    assert dict(qb.reservations.held()) == {"b/u": [50, DAY]}
+    assert qb.release_orphans("u", TIMEOUT, LONG) == 0  # nothing left to release
+    assert qb.release_orphans("nobody", TIMEOUT, LONG) == 0 and "nobody" not in table
 
 
-def test_a_released_request_that_reaches_the_log_after_all_is_charged_again_once() -> None:
+def test_a_released_orphan_that_reaches_the_log_after_all_is_charged_again_once() -> None:
     qb, table, clock = book()
     qb.admit("u", PLAN, "a", 100)
-    clock.t = NOON + LONG + 1
-    qb.release_orphans("u", TIMEOUT, LONG)
-    assert confirm_one(qb, "u", [("a", NOON, 100)])
+    clock.t = NOON + LONG + 2
+    assert qb.release_orphans("u", TIMEOUT, LONG) == 1
+    assert qb.doc("u", PLAN)["requests"]["used"] == 0
+    asyncio.run(qb.confirm_requests([logged("a", NOON, 100, offset=8)]))
     st = table["u"]
-    assert (st["requests_used"], st["tokens_reserved"]) == (1, 100)
-    assert dict(qb.reservations.held()) == {"a/u": [100, "2025-03-14"]}
-    assert st["released"] == {} and st["pending"] == {}
-    assert not confirm_one(qb, "u", [("a", NOON, 100)])  # seen again: charged once
+    assert (st["requests_used"], st["tokens_reserved"], st["pending"]) == (1, 100, {})
+    assert dict(qb.reservations.held()) == {"a/u": [100, DAY]}
+    asyncio.run(qb.confirm_requests([logged("a", NOON, 100, offset=8)]))  # seen again: charged once
     assert settle_one(qb, "u", "a", "completed", 30)
     assert qb.doc("u", PLAN)["tokens"]["used"] == 30 and qb.doc("u", PLAN)["requests"]["used"] == 1
 
 
-def test_the_gateway_releases_only_what_is_still_pending() -> None:
+def test_a_request_no_admission_counted_is_not_charged() -> None:
+    # Written to the log around the gateway: the table does not count it, and the audit reports it.
+    qb, table, _ = book()
+    qb.admit("u", PLAN, "a", 10)
+    asyncio.run(qb.confirm_requests([logged("forged", NOON - 30, 500, offset=1), logged("a", NOON, 10, offset=2)]))
+    assert (table["u"]["requests_used"], table["u"]["tokens_reserved"]) == (1, 10)
+    assert dict(qb.reservations.held()) == {"a/u": [10, DAY]}
+
+
+def test_a_request_the_gateway_gave_up_on_that_reaches_the_log_is_charged_again_once() -> None:
+    qb, table, _ = book()
+    qb.admit("u", PLAN, "a", 100)
+    qb.admit("u", PLAN, "b", 10)
+    assert qb.release("u", "a", NOON, 100)  # its write timed out
+    assert table["u"]["pending"] == {SECOND: [1, 10]} and table["u"]["released"] == {"a": NOON}
+    asyncio.run(qb.confirm_requests([logged("a", NOON, 100, offset=1), logged("b", NOON, 10, offset=2)]))
+    st = table["u"]
+    assert (st["requests_used"], st["tokens_reserved"], st["pending"], st["released"]) == (2, 110, {}, {})
+
+
+def test_the_gateway_releases_only_what_is_not_in_the_log_yet() -> None:
     # A confirmed request is in the log and will run: a late timeout in the gateway must not refund it.
     qb, table, _ = book()
     qb.admit("u", PLAN, "a", 100)
     confirm_one(qb, "u", [("a", NOON, 100)])
-    assert not qb.release("u", "a")
-    assert table["u"]["requests_used"] == 1 and table["u"]["tokens_reserved"] == 100
+    assert not qb.release("u", "a", NOON, 100)
+    qb.admit("u", PLAN, "b", 100)
+    qb.logged("b")  # its write was acknowledged: 202
+    assert not qb.release("u", "b", NOON, 100)
+    assert table["u"]["requests_used"] == 2 and table["u"]["tokens_reserved"] == 200
 
 
 def test_a_state_written_before_pending_existed_still_decodes() -> None:
@@ -464,11 +535,11 @@ def test_a_state_written_before_pending_existed_still_decodes() -> None:
     }  # fmt: skip
     st = current(old, NOON)
     assert st["pending"] == {} and st["released"] == {} and st["confirmed_upto"] == 0.0
-    assert st["requests_used"] == 2 and st["reservations"] == {"a": 10}
+    assert st["requests_used"] == 2 and st["reservations"] == {"a": 10}  # type: ignore[typeddict-item]
     assert orphans(old, NOON + LONG * 10, TIMEOUT, LONG) == []
-    assert confirm(old, [("a", NOON, 10)], NOON) is None
+    assert confirm(old, [logged("a", NOON, 10)], NOON) is None  # confirmed in that version already
     new, _ = decide(old, PLAN, "b", 1, NOON)
-    assert new["pending"] == {"b": [NOON, 1]} and new["requests_used"] == 3
+    assert new["pending"] == {SECOND: [1, 1]} and new["requests_used"] == 3
     settled = settle(old, "a", "completed", 4, NOON)
     assert settled is not None and settled["tokens_used"] == 9 and settled["tokens_reserved"] == 0
 
@@ -477,17 +548,18 @@ def test_a_state_of_the_version_with_per_user_reservations_settles_and_confirms(
     # That version kept {request id: estimate} in the user's state and pending as {request id: created_at}.
     qb, table, _ = book()
     table["u"] = {
-        **empty_state("2025-03-14"), "requests_used": 3, "tokens_reserved": 35,
+        "day": DAY, "requests_used": 3, "tokens_used": 0, "tokens_reserved": 35, "minute": 0, "minute_count": 0,
         "reservations": {"a": 10, "b": 20, "c": 5}, "pending": {"b": NOON, "c": NOON},
+        "confirmed_upto": 0.0, "released": {},
     }  # type: ignore[typeddict-unknown-key]  # fmt: skip
     assert settle_one(qb, "u", "a", "completed", 4)  # confirmed in that version: its estimate is in the map
-    assert confirm_one(qb, "u", [("b", NOON, 20)])  # pending in that version: confirmed with its estimate
-    assert dict(qb.reservations.held()) == {"b/u": [20, "2025-03-14"]}
-    assert qb.release("u", "c")
+    assert confirm_one(qb, "u", [("b", NOON, 20)])  # pending in that version: in a bucket now
+    assert dict(qb.reservations.held()) == {"b/u": [20, DAY]}
+    assert table["u"]["pending"] == {SECOND: [1, 5]}
     assert settle_one(qb, "u", "b", "failed", 0)
     st = table["u"]
-    assert (st["requests_used"], st["tokens_used"], st["tokens_reserved"]) == (2, 4, 0)
-    assert st["reservations"] == {"c": 5} and dict(qb.reservations.held()) == {}  # type: ignore[typeddict-item]
+    assert (st["requests_used"], st["tokens_used"], st["tokens_reserved"]) == (3, 4, 5)
+    assert "reservations" not in st or st["reservations"] == {}  # type: ignore[typeddict-item]
 
 
 # ---- owner lookup: 503 instead of a guess --------------------------------------------------
