@@ -41,7 +41,7 @@ from streams.gateway.routing import OwnerRouter
 from streams.topics import Topics
 from tables.idempotency import IdempotencyBook, fingerprint
 from tables.keys import KeyCache, Principal
-from tables.quota import QuotaBook
+from tables.quota_book import QuotaBook
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ from streams.topology import install_topology
 from tables.definitions import define_tables
 from tables.idempotency import IdempotencyBook
 from tables.keys import KeyCache
-from tables.quota import QuotaBook
+from tables.quota_book import QuotaBook
 from tables.reservations import Reservations
 from workers.worker import MLWorker
 

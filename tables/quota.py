@@ -3,7 +3,7 @@
 The state of one user lives under the key ``user_id`` in the changelog-backed
 ``quota`` table; what each of the user's confirmed requests in flight reserved
 lives in the ``reservations`` table (:mod:`tables.reservations`), on the same
-partition. :class:`QuotaBook` is the only writer of both. Its checks and writes
+partition. :class:`tables.quota_book.QuotaBook` is the only writer of both. Its checks and writes
 are synchronous: a check and its write happen with no ``await`` between them,
 and only the worker that owns the user's partition makes them (views through
 ``table_route``-style forwarding, agents through the co-partitioned topics), so
@@ -23,7 +23,7 @@ Rules, per UTC day (``window``):
   reservation becomes an entry of the ``reservations`` table (written and
   acknowledged first), then the request leaves its pending bucket and the
   request's log offset becomes ``confirmed_offset``: a batch replayed after a
-  crash is recognised and confirms nothing twice (:meth:`QuotaBook.confirm_requests`);
+  crash is recognised and confirms nothing twice (:meth:`tables.quota_book.QuotaBook.confirm_requests`);
 * a terminal result turns the reservation into the actual
   ``usage.total_tokens`` (``completed``) or releases it (``failed``,
   ``cancelled``, ``expired``; tokens the model did report are still charged).
@@ -33,14 +33,14 @@ Rules, per UTC day (``window``):
   (its results-topic offset at or below ``settled_upto``, a replay after a
   crash) is not applied again; the state is written and acknowledged before the
   reservation entry is removed, so a crash in between leaves nothing to lose
-  (:meth:`QuotaBook.settle_results`). Counters never go below zero;
+  (:meth:`tables.quota_book.QuotaBook.settle_results`). Counters never go below zero;
 * a reservation made on an earlier day is dropped when it settles; its usage
   is not charged to the new day (that day's window started from zero);
 * a worker killed between an admission's changelog ack and its request's
   write leaves a pending admission that no request will ever confirm:
   :func:`orphans` finds the buckets that still count one (older than the
   admission timeout, and either overtaken by a later confirmed request or past
-  a long bound) and :meth:`QuotaBook.release_orphans` gives them back
+  a long bound) and :meth:`tables.quota_book.QuotaBook.release_orphans` gives them back
   (``orphaned`` keeps how many per second). A request whose bucket was
   released, or that the gateway gave up on and released itself (``released``),
   is charged again if it reaches the log after all, so the table keeps matching
@@ -50,17 +50,14 @@ Rules, per UTC day (``window``):
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias, TypedDict, cast
 
 from inferstream import clock
 from inferstream.errors import QuotaExceeded
 from schemas.plans import Plan
-from tables.acked import changelog_written
-from tables.reservations import Reservations
 
 
 class QuotaState(TypedDict):
@@ -431,118 +428,3 @@ def quota_doc(user_id: str, plan: Plan, state: StoredState | None, now: float) -
             "remaining": max(0, plan.tokens_per_day - st["tokens_used"] - st["tokens_reserved"]),
         },
     }
-
-
-class QuotaBook:
-    """The only writer of the ``quota`` and ``reservations`` tables; no await between a read and its write."""
-
-    def __init__(
-        self,
-        table: MutableMapping[str, StoredState],
-        reservations: Reservations | None = None,
-        now: Callable[[], float] = clock.now,
-    ) -> None:
-        self.table = table
-        self.reservations = Reservations() if reservations is None else reservations
-        self.now = now
-        # Admissions of this process whose request the forward agent has not read yet: what the
-        # gateway may still give back (kept in memory: a crash ends the admission with the process).
-        self._unlogged: set[str] = set()
-
-    def admit(self, user_id: str, plan: Plan, request_id: str, estimated: int) -> Admission:
-        new, admission = decide(self.table.get(user_id), plan, request_id, estimated, self.now())
-        self.table[user_id] = new
-        self._unlogged.add(request_id)
-        return admission
-
-    def logged(self, request_id: str) -> None:
-        """The admission's request is in the log (the broker acknowledged it): it can no longer be released."""
-        self._unlogged.discard(request_id)
-
-    def release(self, user_id: str, request_id: str, created_at: float, estimated: int) -> bool:
-        """Give back an admission whose request's write failed or timed out (unless the log has it already)."""
-        if request_id not in self._unlogged:
-            return False  # the forward agent read it: it runs, and stays charged
-        self._unlogged.discard(request_id)
-        new = release(self.table.get(user_id), request_id, created_at, estimated, self.now())
-        if new is None:
-            return False
-        self.table[user_id] = new
-        return True
-
-    async def confirm_requests(self, requests: Sequence[Logged]) -> list[asyncio.Future[Any]]:
-        """Confirm requests read from the log, in log order; the acks of the users' latest writes
-        (every user's: a retried batch confirms nothing new, and must still wait for the write its first
-        attempt made).
-
-        Each confirmed request's reservation entry is written and acknowledged before the user's state
-        records it as confirmed: a crash in between leaves it unconfirmed, and the replay confirms it again."""
-        per_user: dict[str, list[Logged]] = {}
-        for r in requests:
-            per_user.setdefault(r.user_id, []).append(r)
-            self._unlogged.discard(r.request_id)
-        now = self.now()
-        for user, reqs in per_user.items():
-            found = confirm(self.table.get(user), reqs, now)
-            for r in found[1] if found is not None else ():
-                self.reservations.hold(user, r.request_id, r.estimated, found[0]["day"])  # type: ignore[index]
-        await asyncio.gather(*(self.reservations.written(r.user_id, r.request_id) for r in requests))
-        now = self.now()
-        for user, reqs in per_user.items():
-            # On the state as it is now: admissions, settlements or a sweep may have written it meanwhile
-            # (which requests hold a reservation does not depend on them, only the counters do).
-            found = confirm(self.table.get(user), reqs, now)
-            if found is not None:
-                self.table[user] = found[0]
-        return [asyncio.ensure_future(self.written(user)) for user in per_user]
-
-    async def settle_results(self, results: Iterable[Settlement]) -> list[Settlement]:
-        """Apply terminal results ``(user_id, request_id, status, tokens used, results offset)`` in log
-        order; those that changed a state.
-
-        The states' writes are acknowledged before the settled requests' reservation entries are removed,
-        and the removals before this returns: a crash before the first leaves the result to be applied
-        again, one after it leaves its offset at or below ``settled_upto`` (not applied again; the
-        replay removes the entry)."""
-        now = self.now()
-        users: set[str] = set()
-        done: set[tuple[str, str]] = set()  # (user, request id) whose reservation ends with this batch
-        applied: list[Settlement] = []
-        for result in results:
-            user, request_id, status, used_tokens, offset = result
-            users.add(user)
-            if (user, request_id) in done:
-                continue  # a second terminal result of a request this batch settled
-            held = self.reservations.get(user, request_id)
-            new = settle(self.table.get(user), request_id, status, used_tokens, now, held, offset)
-            if new is not None:
-                self.table[user] = new
-                applied.append(result)
-            if new is not None or held is not None:
-                done.add((user, request_id))
-        await asyncio.gather(*(self.written(user) for user in users))
-        for user, request_id in done:
-            self.reservations.drop(user, request_id)
-        await asyncio.gather(*(self.reservations.written(user, rid) for user, rid in done))
-        return applied
-
-    def release_orphans(self, user_id: str, admission_timeout_s: float, orphan_after_s: float) -> int:
-        """Release ``user_id``'s orphaned admissions in one write; how many."""
-        now = self.now()
-        state = self.table.get(user_id)
-        found = release_buckets(state, orphans(state, now, admission_timeout_s, orphan_after_s), now)
-        if found is None:
-            return 0
-        self.table[user_id], count = found
-        return count
-
-    def written(self, user_id: str) -> Awaitable[Any]:
-        """Resolves once the broker holds this user's latest write: await it before answering 202."""
-        return changelog_written(self.table, user_id)
-
-    def snapshot(self, user_id: str, plan: Plan) -> Admission:
-        now = self.now()
-        return admission_of(current(self.table.get(user_id), now), plan, now)
-
-    def doc(self, user_id: str, plan: Plan) -> dict[str, Any]:
-        return quota_doc(user_id, plan, self.table.get(user_id), self.now())

@@ -33,7 +33,8 @@ from schemas.records import InferenceRequest, ResultEvent
 from streams.agents import metrics
 from streams.agents.guard import until_done
 from streams.topics import Topics, send_and_wait
-from tables.quota import Logged, QuotaBook
+from tables.quota import Logged
+from tables.quota_book import QuotaBook
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from faust.types import TableT
 from inferstream.settings import Settings
 from streams.agents import metrics
 from streams.quirks import known_to_producer, tables_recovered
-from tables.quota import QuotaBook, orphans
+from tables.quota import orphans
+from tables.quota_book import QuotaBook
 
 log = logging.getLogger(__name__)
 

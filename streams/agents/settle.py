@@ -19,7 +19,8 @@ from schemas.records import ResultEvent
 from streams.agents import metrics
 from streams.agents.guard import until_done
 from streams.topics import Topics
-from tables.quota import QuotaBook, Settlement
+from tables.quota import Settlement
+from tables.quota_book import QuotaBook
 
 
 def used_tokens(event: ResultEvent) -> int:

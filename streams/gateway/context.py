@@ -15,7 +15,7 @@ from schemas.documents import request_doc
 from streams.admission import AdmissionService
 from streams.gateway.routing import OwnerRouter
 from tables.keys import KeyCache
-from tables.quota import QuotaBook
+from tables.quota_book import QuotaBook
 
 log = logging.getLogger(__name__)
 

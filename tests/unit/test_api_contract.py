@@ -15,7 +15,8 @@ from schemas.plans import Plan
 from schemas.records import InferenceRequest, Priority, ResultEvent, Status, Task
 from streams.gateway.openapi import ROUTES as API_ROUTES
 from streams.gateway.openapi import openapi_spec
-from tables.quota import QuotaBook, quota_doc
+from tables.quota import quota_doc
+from tables.quota_book import QuotaBook
 
 ROUTES = {"generate": ["sim-gpt"], "embed": ["all-MiniLM-L6-v2"]}
 PLAN = Plan("default", requests_per_day=2, tokens_per_day=100, requests_per_minute=10)

@@ -13,7 +13,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from schemas.plans import Plan
 from streams.commands.audit import Report, Usage, differences, rebuild_all, table_usages
 from streams.logread import PartitionRange
-from tables.quota import Logged, QuotaBook, QuotaState
+from tables.quota import Logged, QuotaState
+from tables.quota_book import QuotaBook
 
 NOON = datetime(2025, 3, 14, 12, 0, 30, tzinfo=UTC).timestamp()
 DAY = "2025-03-14"

@@ -16,7 +16,6 @@ from schemas.plans import DEFAULT_PLAN, Plan
 from tables.quota import (
     ORPHAN_GRACE_S,
     Logged,
-    QuotaBook,
     QuotaState,
     confirm,
     current,
@@ -27,6 +26,7 @@ from tables.quota import (
     release,
     settle,
 )
+from tables.quota_book import QuotaBook
 
 # 2025-03-14 12:00:30 UTC: mid-day, 30 s into a minute.
 NOON = datetime(2025, 3, 14, 12, 0, 30, tzinfo=UTC).timestamp()
