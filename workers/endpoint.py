@@ -102,19 +102,23 @@ class Endpoint:
         limits = [t for t in (deadline_at, budget_end) if t is not None]
         limit = min(limits) if limits else None
 
-        async def wait(step: Awaitable[R], waiting_for: str) -> R:
+        async def wait(step: Awaitable[R], waiting_for: str, free: bool) -> R:
+            if free:  # it returns without suspending: no timer to arm (the check below still holds)
+                return await step
             try:
                 async with asyncio.timeout(None if limit is None else limit - clock.now()):
                     return await step
             except TimeoutError:
                 raise _limit_passed(deadline_at, budget_end, waiting_for) from None
 
-        await wait(self.slots.acquire(), "a free call slot")
+        await wait(self.slots.acquire(), "a free call slot", not self.slots.locked())
         try:
-            probe = await wait(self.breaker.acquire(), "the circuit breaker to close")
+            probe = await wait(
+                self.breaker.acquire(), "the circuit breaker to close", self.breaker.state == "closed"
+            )
             outcome = "cancelled"
             try:
-                await wait(self.limiter.acquire(), "the rate limit")
+                await wait(self.limiter.acquire(), "the rate limit", self.limiter.unlimited)
                 if limit is not None and clock.now() >= limit:  # the waits above may not have blocked
                     raise _limit_passed(deadline_at, budget_end, "the endpoint")
                 if budget is not None:

@@ -249,21 +249,37 @@ class MLWorker(Service):
             event = ResultEvent.for_request(req, "cancelled", at=now)
         else:
             job.started_at = clock.now()
-            job.work = asyncio.get_running_loop().create_task(job.run(self.retry))
+            loop = asyncio.get_running_loop()
+            job.work = loop.create_task(job.run(self.retry))
+            # `running` is reported once the work has taken longer than the delay: a fast
+            # call (a batched embedding) goes straight to its terminal event, saving a
+            # publish, a log write, a row update and a notification per request. A timer,
+            # not asyncio.wait: no waiter, callbacks and set per message.
+            running: list[asyncio.Task[None]] = []
+
+            def report_running() -> None:
+                running.append(loop.create_task(self._publish_running(req, job.started_at)))
+
+            timer: asyncio.TimerHandle | None = None
+            if self.running_after_s <= 0:
+                await self._publish_running(req, job.started_at)
+            else:
+                timer = loop.call_later(self.running_after_s, report_running)
             try:
-                # `running` is reported once the work has taken longer than the delay: a fast
-                # call (a batched embedding) goes straight to its terminal event, saving a
-                # publish, a log write, a row update and a notification per request.
-                done, _ = await asyncio.wait({job.work}, timeout=self.running_after_s)
-                if not done:
-                    await self._publish_running(req, job.started_at)
                 event, dead = await job.work
             except asyncio.CancelledError:
                 current = asyncio.current_task()
                 if not job.cancel_requested or (current is not None and current.cancelling()):
+                    for task in running:
+                        task.cancel()
                     raise
                 log.info("request %s cancelled while running", req.request_id)
                 event = job.event("cancelled")
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if running:  # confirmed (or given up) before the terminal event goes out
+                await running[0]
         await self._publish_terminal(job, event, dead)
         job.endpoint.terminal(event.status).inc()
 
