@@ -118,6 +118,12 @@ class Settings:
     ml_batch_concurrency: int = _setting(
         2, "Embedding batches in flight per model in one ML worker; more texts gather while they are out."
     )
+    dispatched_after_ms: int = _setting(
+        250,
+        "A request is reported `dispatched` only if it has not moved on this long after the forward agent "
+        "handed it to RabbitMQ; faster work goes from `queued` to its next status, which carries "
+        "`dispatched_at`. 0 reports `dispatched` always, at once.",
+    )
     ml_running_after_ms: int = _setting(
         50,
         "A request is reported `running` once its model work has taken this long; faster work goes "

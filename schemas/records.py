@@ -78,6 +78,8 @@ class InferenceRequest(
     # Set by `faust -A streams redrive` only (never from a submission): the request re-runs a dead
     # letter and was not admitted, so the quota table neither confirms nor charges it.
     redrive_of: str | None = None
+    # When the forward agent handed it to RabbitMQ (set on the work message; the log's copy has none).
+    dispatched_at: float | None = None
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.asdict())
@@ -118,6 +120,8 @@ class ResultEvent(
     # When the model work began; terminal events carry it because a fast request
     # never publishes a separate `running` event (workers: ml_running_after_ms).
     started_at: float | None = None
+    # When it was handed to RabbitMQ: a request that moved on quickly never had a `dispatched` event.
+    dispatched_at: float | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -144,5 +148,6 @@ class ResultEvent(
             created_at=req.created_at,
             quota_day=req.quota_day,
             callback_url=req.callback_url,
+            dispatched_at=req.dispatched_at,
             **extra,
         )

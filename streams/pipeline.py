@@ -41,6 +41,7 @@ from inferstream.errors import ConfigurationError
 from inferstream.settings import Settings
 from streams import commands, quirks
 from streams.admission import AdmissionService
+from streams.agents.dispatched import DispatchedEvents
 from streams.agents.forward import register_forward
 from streams.agents.orphans import register_orphan_sweep
 from streams.agents.settle import register_settle
@@ -175,8 +176,9 @@ def _pipeline_role(
     register_gateway(app, gateway)
     quirks.install(app, [settings.requests_topic, settings.results_topic])
     delivery = Delivery(redis, webhooks, store.webhooks)
-    register_forward(app, settings, topics, rabbit, quota)
-    register_settle(app, settings, topics, quota)
+    dispatched = DispatchedEvents(topics, settings.dispatched_after_ms)
+    register_forward(app, settings, topics, rabbit, quota, dispatched)
+    register_settle(app, settings, topics, quota, dispatched)
     register_sinks(app, settings, topics, ResultSink(settings, store.requests, delivery.on_applied))
     register_watchdog(app, settings, store.requests, rabbit, topics)
     register_orphan_sweep(app, settings, tables.quota, quota)

@@ -41,3 +41,8 @@ async def send_and_wait(topic: faust.TopicT, messages: Iterable[tuple[str, Any]]
     pending = [await topic.send(key=key, value=value, **options) for key, value in messages]
     for fut in pending:
         await fut
+
+
+async def send_events(topics: Topics, events: Iterable[ResultEvent]) -> None:
+    """Write status events to the results topic (keyed by user) and wait for the broker's acks."""
+    await send_and_wait(topics.results, ((e.user_id, e) for e in events))

@@ -4,7 +4,8 @@ A batch is published with confirms and retried (:data:`inferstream.retrying.REQU
 until RabbitMQ takes it (the partition waits meanwhile: that is the back-pressure). Faust acks the
 batch's offsets only after this body returns, so a crash re-publishes the batch;
 duplicates are harmless because everything downstream is idempotent by request id.
-Then a ``dispatched`` status event per request goes to the results topic.
+Then the batch's ``dispatched`` events are left to :mod:`streams.agents.dispatched`
+(written only for requests still waiting a while later).
 
 Before publishing, the batch's requests are confirmed in the quota table (this
 worker owns their users' quota partitions: the topics are co-partitioned with
@@ -31,8 +32,9 @@ from inferstream.retrying import REQUEST_PUBLISH, failure
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from streams.agents import metrics
+from streams.agents.dispatched import DispatchedEvents
 from streams.agents.guard import until_done
-from streams.topics import Topics, send_and_wait
+from streams.topics import Topics, send_events
 from tables.quota import Logged
 from tables.quota_book import QuotaBook
 
@@ -51,11 +53,6 @@ async def publish_confirmed(rabbit: RabbitClient, batch: Sequence[InferenceReque
             await rabbit.publish_requests(batch)
 
 
-async def send_events(topics: Topics, events: Sequence[ResultEvent]) -> None:
-    """Write status events to the results topic and wait for the broker's acks."""
-    await send_and_wait(topics.results, ((e.user_id, e) for e in events))
-
-
 def logged(event: EventT) -> Logged:
     """What confirming a request read from the log needs (a redriven request was never admitted)."""
     r = cast(InferenceRequest, event.value)
@@ -66,31 +63,38 @@ def logged(event: EventT) -> Logged:
 
 
 def register_forward(
-    app: faust.App, settings: Settings, topics: Topics, rabbit: RabbitClient, book: QuotaBook
+    app: faust.App,
+    settings: Settings,
+    topics: Topics,
+    rabbit: RabbitClient,
+    book: QuotaBook,
+    dispatched: DispatchedEvents,
 ) -> None:
     routes = set(rabbit.routes())
 
     async def forward(read: Sequence[EventT]) -> None:
         confirmed = await book.confirm_requests([logged(e) for e in read])
         batch = [cast(InferenceRequest, e.value) for e in read]
-        routable = [r for r in batch if (r.task, r.model) in routes]
+        at = clock.now()
+        # The work message says when it was handed off; every later event of the request repeats it.
+        routable = [r.derive(dispatched_at=at) for r in batch if (r.task, r.model) in routes]
         if routable:
             await publish_confirmed(rabbit, routable)
             metrics.FORWARD_BATCHES.inc(len(routable))
         await asyncio.gather(*confirmed)
-        now = clock.now()
-        events = [ResultEvent.for_request(r, "dispatched", at=now) for r in routable]
         # Admitted by a gateway configured with a model this worker has no queue for:
         # a configuration mismatch; fail the request (refunded) rather than drop it.
-        events += [
+        unroutable = [
             ResultEvent.for_request(
-                r, "failed", at=now,
+                r, "failed", at=at,
                 error={"type": "unroutable", "message": f"no work queue for {r.task}/{r.model}"},
             )
             for r in batch
             if (r.task, r.model) not in routes
         ]
-        await send_events(topics, events)
+        if unroutable:
+            await send_events(topics, unroutable)
+        await dispatched.handed_off(routable, at)
 
     @app.agent(topics.requests, name="forward-requests", concurrency=1)
     async def forward_requests(stream: faust.StreamT[InferenceRequest]) -> None:

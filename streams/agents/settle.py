@@ -17,6 +17,7 @@ from faust.types import EventT
 from inferstream.settings import Settings
 from schemas.records import ResultEvent
 from streams.agents import metrics
+from streams.agents.dispatched import DispatchedEvents
 from streams.agents.guard import until_done
 from streams.topics import Topics
 from tables.quota import Settlement
@@ -41,8 +42,11 @@ def settlements(events: Sequence[EventT]) -> list[Settlement]:
     return found
 
 
-def register_settle(app: faust.App, settings: Settings, topics: Topics, book: QuotaBook) -> None:
+def register_settle(
+    app: faust.App, settings: Settings, topics: Topics, book: QuotaBook, dispatched: DispatchedEvents
+) -> None:
     async def settle(events: Sequence[EventT]) -> None:
+        dispatched.moved_on(cast(ResultEvent, e.value) for e in events)
         results = settlements(events)
         if results:
             # Returns once the broker holds the settlements: the batch's offsets are

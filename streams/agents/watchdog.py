@@ -36,8 +36,7 @@ from inferstream.errors import StoreUnavailable
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from streams.agents import metrics
-from streams.agents.forward import send_events
-from streams.topics import Topics
+from streams.topics import Topics, send_events
 
 log = logging.getLogger(__name__)
 

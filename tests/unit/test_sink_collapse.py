@@ -189,3 +189,14 @@ def test_a_few_bytes_of_step_rebuild_an_earlier_doc_from_the_final_one() -> None
     final, then = request_doc(row), earlier_doc(row, "running", T0 + 2)
     assert step_of(then) == {"status": "running", "updated_at": then["updated_at"], "attempts": 0}
     assert doc_at(final, step_of(then)) == then  # what the Redis history stores and replays
+
+
+def test_a_terminal_event_carries_the_hand_off_of_a_request_that_had_no_dispatched_event() -> None:
+    # Fast work: the forward agent wrote no `dispatched` event; the work message said when it was handed off.
+    handed_off = request().derive(dispatched_at=T0 + 0.5)
+    (row,) = collapse([request(), event(handed_off, "completed", 2, started_at=T0 + 1)])
+    assert row["dispatched_at"] == T0 + 0.5 and row["started_at"] == T0 + 1
+    assert [h["status"] for h in row["history"]] == ["queued", "dispatched", "running", "completed"]
+    # A late `dispatched` event of the same request adds nothing.
+    (again,) = collapse([request(), event(handed_off, "completed", 2), event(handed_off, "dispatched", 0.5)])
+    assert [h["status"] for h in again["history"]] == ["queued", "dispatched", "completed"]

@@ -94,7 +94,7 @@ def row_of(item: Event) -> Row | None:
         "usage": item.usage,
         "created_at": _blank(item.created_at),
         "updated_at": item.at,
-        "dispatched_at": item.at if item.status == "dispatched" else None,
+        "dispatched_at": item.at if item.status == "dispatched" else item.dispatched_at,
         "started_at": item.at if item.status == "running" else item.started_at,
         "completed_at": item.at if item.status in TERMINAL else None,
         "callback_url": item.callback_url,
@@ -104,10 +104,13 @@ def row_of(item: Event) -> Row | None:
 
 
 def _event_history(item: ResultEvent) -> list[dict[str, Any]]:
-    """The event's own status, preceded by `running` when a terminal event says when work began."""
+    """The event's own status, preceded by `running` when a terminal event says when work began, and by
+    `dispatched` when a later event says when the request was handed to RabbitMQ."""
     entries = [{"status": item.status, "at": item.at}]
     if item.started_at is not None and item.status in TERMINAL:
         entries.insert(0, {"status": "running", "at": item.started_at})
+    if item.dispatched_at is not None and item.status != "dispatched":
+        entries.insert(0, {"status": "dispatched", "at": item.dispatched_at})
     return entries
 
 
