@@ -125,7 +125,7 @@ class AdmissionService:
         now = self.now()
         request_id = new_request_id(now)
         try:
-            admission = self.quota.admit(user, plan, request_id, estimated)
+            admission = self.quota.admit(user, plan, request_id, estimated, at=now)
         except QuotaExceeded as exc:
             metrics.ADMISSIONS.labels(exc.type).inc()
             raise Refused(exc, self.quota.snapshot(user, plan).headers()) from None

@@ -48,8 +48,10 @@ class QuotaBook:
         # gateway may still give back (kept in memory: a crash ends the admission with the process).
         self._unlogged: set[str] = set()
 
-    def admit(self, user_id: str, plan: Plan, request_id: str, estimated: int) -> Admission:
-        new, admission = decide(self.table.get(user_id), plan, request_id, estimated, self.now())
+    def admit(self, user_id: str, plan: Plan, request_id: str, estimated: int, at: float | None = None) -> Admission:
+        """``at`` must be the request's ``created_at``: its pending bucket is found again by it."""
+        now = self.now() if at is None else at
+        new, admission = decide(self.table.get(user_id), plan, request_id, estimated, now)
         self.table[user_id] = new
         self._unlogged.add(request_id)
         return admission

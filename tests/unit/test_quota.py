@@ -495,6 +495,14 @@ def test_a_released_orphan_that_reaches_the_log_after_all_is_charged_again_once(
     assert qb.doc("u", PLAN)["tokens"]["used"] == 30 and qb.doc("u", PLAN)["requests"]["used"] == 1
 
 
+def test_the_bucket_is_the_second_of_the_requests_created_at_not_of_a_later_clock_read() -> None:
+    qb, table, clock = book(NOON + 0.9999)
+    clock.t = NOON + 1.0001  # the clock moved on past a second between created_at and the quota check
+    qb.admit("u", PLAN, "a", 10, at=NOON + 0.9999)
+    asyncio.run(qb.confirm_requests([logged("a", NOON + 0.9999, 10, offset=1)]))
+    assert table["u"]["pending"] == {} and dict(qb.reservations.held()) == {"a/u": [10, DAY]}
+
+
 def test_a_request_no_admission_counted_is_not_charged() -> None:
     # Written to the log around the gateway: the table does not count it, and the audit reports it.
     qb, table, _ = book()
