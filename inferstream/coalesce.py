@@ -5,21 +5,19 @@ burst of admissions); each would make its own small round trip. Writes on
 loopback are what the worker spends most of its CPU on (py-spy: 35% in socket
 writes under load), so one round trip serves them all:
 
-* :class:`Coalesced`: "do this for these items" (e.g. write cache documents);
-  every caller gets the combined call's result or its exception;
-* :class:`CoalescedLookup`: "which of these ids are cancelled?", built on it:
-  one lookup of the union, each caller told about its own ids.
+:class:`Coalesced`: "do this for these items" (e.g. write cache documents);
+every caller gets the combined call's result or its exception. The ML worker
+gathers across round trips instead (:mod:`workers.gather`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
-Lookup = Callable[[Sequence[str]], Awaitable[set[str]]]
 
 
 class Coalesced(Generic[T, R]):
@@ -60,22 +58,3 @@ class Coalesced(Generic[T, R]):
         for fut in waiters:
             if not fut.done():
                 fut.set_result(result)
-
-
-class CoalescedLookup:
-    """``await lookup(ids)``: those of ``ids`` that the tick's one lookup (of every caller's ids) found."""
-
-    def __init__(self, lookup: Lookup) -> None:
-        self._lookup = lookup
-        self._batch: Coalesced[frozenset[str], set[str]] = Coalesced(self._look_up_all)
-
-    @property
-    def calls(self) -> int:
-        return self._batch.calls
-
-    async def __call__(self, ids: Sequence[str]) -> set[str]:
-        wanted = frozenset(ids)
-        return await self._batch(wanted) & wanted
-
-    async def _look_up_all(self, wanted: list[frozenset[str]]) -> set[str]:
-        return set(await self._lookup(sorted(frozenset[str]().union(*wanted))))
