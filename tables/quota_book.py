@@ -31,6 +31,9 @@ from tables.quota import (
 )
 from tables.reservations import Reservations
 
+UNLOGGED_KEEP_S = 600.0
+UNLOGGED_PRUNE_AT = 10_000
+
 
 class QuotaBook:
     """The only writer of the ``quota`` and ``reservations`` tables; no await between a read and its write."""
@@ -46,25 +49,31 @@ class QuotaBook:
         self.now = now
         # Admissions of this process whose request the forward agent has not read yet: what the
         # gateway may still give back (kept in memory: a crash ends the admission with the process).
-        self._unlogged: set[str] = set()
+        # Request id -> when admitted; an admission ended some other way (its handler cancelled before
+        # the write) is dropped after UNLOGGED_KEEP_S, long past any admission timeout.
+        self._unlogged: dict[str, float] = {}
+        self._pruned_at = 0.0
 
     def admit(self, user_id: str, plan: Plan, request_id: str, estimated: int, at: float | None = None) -> Admission:
         """``at`` must be the request's ``created_at``: its pending bucket is found again by it."""
         now = self.now() if at is None else at
         new, admission = decide(self.table.get(user_id), plan, request_id, estimated, now)
         self.table[user_id] = new
-        self._unlogged.add(request_id)
+        self._unlogged[request_id] = now
+        if len(self._unlogged) > UNLOGGED_PRUNE_AT and now - self._pruned_at > UNLOGGED_KEEP_S / 10:
+            horizon, self._pruned_at = now - UNLOGGED_KEEP_S, now
+            self._unlogged = {rid: at for rid, at in self._unlogged.items() if at >= horizon}
         return admission
 
     def logged(self, request_id: str) -> None:
         """The admission's request is in the log (the broker acknowledged it): it can no longer be released."""
-        self._unlogged.discard(request_id)
+        self._unlogged.pop(request_id, None)
 
     def release(self, user_id: str, request_id: str, created_at: float, estimated: int) -> bool:
         """Give back an admission whose request's write failed or timed out (unless the log has it already)."""
         if request_id not in self._unlogged:
             return False  # the forward agent read it: it runs, and stays charged
-        self._unlogged.discard(request_id)
+        self._unlogged.pop(request_id, None)
         new = release(self.table.get(user_id), request_id, created_at, estimated, self.now())
         if new is None:
             return False
@@ -81,7 +90,7 @@ class QuotaBook:
         per_user: dict[str, list[Logged]] = {}
         for r in requests:
             per_user.setdefault(r.user_id, []).append(r)
-            self._unlogged.discard(r.request_id)
+            self._unlogged.pop(r.request_id, None)
         now = self.now()
         for user, reqs in per_user.items():
             found = confirm(self.table.get(user), reqs, now)

@@ -26,7 +26,7 @@ from tables.quota import (
     release,
     settle,
 )
-from tables.quota_book import QuotaBook
+from tables.quota_book import UNLOGGED_KEEP_S, UNLOGGED_PRUNE_AT, QuotaBook
 
 # 2025-03-14 12:00:30 UTC: mid-day, 30 s into a minute.
 NOON = datetime(2025, 3, 14, 12, 0, 30, tzinfo=UTC).timestamp()
@@ -501,6 +501,17 @@ def test_the_bucket_is_the_second_of_the_requests_created_at_not_of_a_later_cloc
     qb.admit("u", PLAN, "a", 10, at=NOON + 0.9999)
     asyncio.run(qb.confirm_requests([logged("a", NOON + 0.9999, 10, offset=1)]))
     assert table["u"]["pending"] == {} and dict(qb.reservations.held()) == {"a/u": [10, DAY]}
+
+
+def test_admissions_that_ended_unseen_are_forgotten_in_time() -> None:
+    # A handler cancelled before its write neither releases nor sees its request in the log.
+    qb, _, clock = book()
+    plan = Plan("big", requests_per_day=10**9, tokens_per_day=10**12, requests_per_minute=0)
+    for i in range(UNLOGGED_PRUNE_AT + 1):
+        qb.admit("u", plan, f"old{i}", 1)
+    clock.t = NOON + UNLOGGED_KEEP_S + 1
+    qb.admit("u", plan, "new", 1)
+    assert not qb.release("u", "old0", NOON, 1) and qb.release("u", "new", clock.t, 1)
 
 
 def test_a_request_no_admission_counted_is_not_charged() -> None:
