@@ -53,6 +53,7 @@ from bench.direct_model import (
     sentences,
     starting_on,
 )
+from bench.measure import worker_settings
 from devtools.localbroker import LocalBroker
 from tests.support.modelserver import (
     HOST,
@@ -232,7 +233,7 @@ def progress(what: str) -> None:
 
 
 async def start_workers(pipeline: Pipeline, args: argparse.Namespace) -> dict[str, WorkerProcess]:
-    extra = {k.lower(): v for k, v in (item.split("=", 1) for item in args.worker_env)}
+    extra = worker_settings(args.worker_env)
     roles = TOPOLOGIES[args.topology]
     started = [pipeline.start_worker(wait=False, **{**extra, "roles": r}) for r in roles.values()]
     workers = dict(zip(roles, await asyncio.gather(*started), strict=True))

@@ -18,6 +18,7 @@ the reference machine (README "Benchmarks").
 
     .venv/bin/python -m bench.cpu --topology all-in-one [--requests 3000]
     .venv/bin/python -m bench.cpu --topology split
+    .venv/bin/python -m bench.cpu --worker-env FETCH_MAX_WAIT_MS=5   # a worker setting, without INFERSTREAM_
     .venv/bin/python -m bench.cpu --profile /tmp/prof   # + py-spy raw profiles of each worker, measured window only
 
 The topologies are ``TOPOLOGIES`` (label -> ``INFERSTREAM_ROLES``), the default
@@ -44,6 +45,7 @@ from bench.measure import (
     statuses_of,
     tcp_bytes,
     wait_terminal,
+    worker_settings,
 )
 from devtools.localbroker import LocalBroker, free_port
 from tests.support.modelserver import start_modelserver, stop_modelserver, wait_healthy
@@ -221,7 +223,8 @@ async def main(args: argparse.Namespace) -> None:
             async with Pipeline.session(broker.url, model_url + "/v1") as pipeline:
                 await pipeline.set_plan("bench", requests_per_day=10**7, tokens_per_day=10**10)
                 keys = [await pipeline.create_key(f"u{u}", "bench") for u in range(USERS)]
-                started = [pipeline.start_worker(wait=False, roles=r) for r in roles.values()]
+                extra = worker_settings(args.worker_env)
+                started = [pipeline.start_worker(wait=False, **{**extra, "roles": r}) for r in roles.values()]
                 workers: dict[str, WorkerProcess] = dict(
                     zip(roles, await asyncio.gather(*started), strict=True)
                 )
@@ -303,4 +306,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--profile", type=Path, help="py-spy raw profiles of each worker into this directory"
     )
+    parser.add_argument(
+        "--worker-env", action="append", default=[], metavar="NAME=VALUE",
+        help="extra INFERSTREAM_* setting of the workers, without the prefix (e.g. FETCH_MAX_WAIT_MS=5)",
+    )  # fmt: skip
     asyncio.run(main(parser.parse_args()))

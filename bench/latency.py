@@ -6,7 +6,7 @@ request, the time from sending the POST to receiving the terminal SSE event
 (the client holds the event stream open from the 202 on). Prints p50/p90/p99
 and the per-stage breakdown from the stored timestamps.
 
-    .venv/bin/python -m bench.latency [--requests 50]
+    .venv/bin/python -m bench.latency [--requests 50] [--worker-env NAME=VALUE ...]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from datetime import datetime
 
 import aiohttp
 
+from bench.measure import worker_settings
 from devtools.localbroker import LocalBroker
 from tests.support.modelserver import running_modelserver
 from tests.support.pipeline import Api, Pipeline
@@ -43,12 +44,12 @@ async def one(http: aiohttp.ClientSession, api: Api, task: str) -> float:
     return time.perf_counter() - started
 
 
-async def main(n: int) -> None:
+async def main(n: int, extra: dict[str, str]) -> None:
     with LocalBroker() as broker:
         async with running_modelserver() as model_url:
             pipeline = await Pipeline.create(broker.url, model_url + "/v1")
             try:
-                worker = await pipeline.start_worker()
+                worker = await pipeline.start_worker(**extra)
                 await pipeline.set_plan("bench", requests_per_day=10**6, tokens_per_day=10**9)
                 async with aiohttp.ClientSession() as http:
                     api = await Api(http, worker.url, await pipeline.create_key("bench", "bench")).wait_key_active()
@@ -85,4 +86,9 @@ async def main(n: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=50)
-    asyncio.run(main(parser.parse_args().requests))
+    parser.add_argument(
+        "--worker-env", action="append", default=[], metavar="NAME=VALUE",
+        help="extra INFERSTREAM_* setting of the worker, without the prefix (e.g. FETCH_MAX_WAIT_MS=5)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    asyncio.run(main(args.requests, worker_settings(args.worker_env)))

@@ -46,6 +46,11 @@ _LOOP = compile(
 )
 
 
+def worker_settings(items: list[str]) -> dict[str, str]:
+    """``--worker-env NAME=VALUE`` arguments as ``start_worker`` overrides (``INFERSTREAM_`` is added there)."""
+    return {name.lower(): value for name, value in (item.split("=", 1) for item in items)}
+
+
 def calibrate() -> float:
     """CPU seconds of ``s = 0; for i in range(10_000_000): s += i`` at module level, in this process.
 
