@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import faust
-from faust.types import FutureMessage
+from faust.types import TP, FutureMessage, TableT
 
 
 class AckedTable(faust.Table):
@@ -48,3 +48,11 @@ def _done() -> asyncio.Future[None]:
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     done.set_result(None)
     return done
+
+
+def changelog_partition(table: TableT, key: Any) -> TP:
+    """The changelog partition the producer's partitioner picks for ``key``: where a
+    ``use_partitioner`` table writes it, and so which worker owns it."""
+    changelog = table.changelog_topic
+    key_bytes = changelog.prepare_key(key, None)[0]
+    return table.app.producer.key_partition(changelog.get_topic_name(), key_bytes)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Mapping, MutableMapping
 from typing import Any, TypeAlias
 
-from tables.acked import AckedTable, changelog_written
+from tables.acked import AckedTable, changelog_partition, changelog_written
 
 SEP = "/"  # request ids never contain it; user ids may: the user is everything after the first one
 Reservation: TypeAlias = list[Any]  # [estimated tokens, quota day]
@@ -29,10 +29,8 @@ def reservation_key(request_id: str, user_id: str) -> str:
     return f"{request_id}{SEP}{user_id}"
 
 
-def user_of(key: str | bytes) -> str | bytes:
+def user_of(key: str) -> str:
     """The part of a reservation key its partition is chosen by."""
-    if isinstance(key, bytes):
-        return key.split(SEP.encode(), 1)[-1]
     return key.split(SEP, 1)[-1]
 
 
@@ -40,14 +38,8 @@ class ReservationTable(AckedTable):
     """An :class:`AckedTable` whose entries are partitioned by the user part of their key."""
 
     def partition_for_key(self, key: Any) -> int | None:
-        changelog = self.changelog_topic
-        user_bytes = changelog.prepare_key(user_of(key), None)[0]
-        return int(self.app.producer.key_partition(changelog.get_topic_name(), user_bytes).partition)
-
-    def partition_key(self, key: bytes) -> bytes:
-        """What the RocksDB store hashes to find an entry's partition (:mod:`tables.rocksdb_store`)."""
-        part = user_of(key)
-        return part if isinstance(part, bytes) else part.encode()
+        """The partition of the key's user (the RocksDB store asks this too: :mod:`tables.rocksdb_store`)."""
+        return int(changelog_partition(self, user_of(key)).partition)
 
 
 class Reservations:

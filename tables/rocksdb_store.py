@@ -29,10 +29,10 @@ class Store(FaustRocksDBStore):
         db.put(key, value)
 
     def _partition_of(self, key: bytes) -> int:
-        # A table may partition its keys by a part of them (tables.reservations: the user).
-        partition_key = getattr(self.table, "partition_key", None)
-        if partition_key is not None:
-            key = partition_key(key)
+        # A table may choose the partition of its keys itself (tables.reservations: by the user part).
+        chosen = self.table.partition_for_key(self._decode_key(key)) if self.table.use_partitioner else None
+        if chosen is not None:
+            return int(chosen)
         topic = self.table.changelog_topic.get_topic_name()
         tp: Any = self.app.producer.key_partition(topic, key)
         return int(tp.partition)

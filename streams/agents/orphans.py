@@ -20,6 +20,7 @@ from faust.types import TableT
 from inferstream.settings import Settings
 from streams.agents import metrics
 from streams.quirks import known_to_producer, tables_recovered
+from tables.acked import changelog_partition
 from tables.quota import orphans
 from tables.quota_book import QuotaBook
 
@@ -30,10 +31,7 @@ SWEEP_INTERVAL_S = 5.0
 
 def owns(app: faust.App, table: TableT, user_id: str) -> bool:
     """Whether this worker actively owns ``user_id``'s quota partition (a standby copy is not ownership)."""
-    changelog = table.changelog_topic
-    key = changelog.prepare_key(user_id, None)[0]
-    tp = app.producer.key_partition(changelog.get_topic_name(), key)
-    return bool(app.assignor.is_active(tp))
+    return bool(app.assignor.is_active(changelog_partition(table, user_id)))
 
 
 def sweep(app: faust.App, table: TableT, book: QuotaBook, settings: Settings) -> dict[str, int]:

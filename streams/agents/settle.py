@@ -3,7 +3,7 @@
 The results topic is keyed by ``user_id`` with the quota changelog's partition
 count, so this agent runs on the worker that owns the user's quota state. Each
 result carries its offset into the settlement, so a batch replayed after a crash
-is recognised and not applied twice (:meth:`tables.quota.QuotaBook.settle_results`).
+is recognised and not applied twice (:meth:`tables.quota_book.QuotaBook.settle_results`).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from yarl import URL
 
 from inferstream.errors import Unavailable
 from streams.quirks import known_to_producer, tables_recovered
+from tables.acked import changelog_partition
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,7 @@ class OwnerRouter(Service):
             raise Unavailable("no worker owns this user's partition yet", retry_after=1) from None
         if self._ident(url) != self._ident(URL(app.conf.canonical_url)):
             return url
-        changelog = self.table.changelog_topic
-        key = changelog.prepare_key(user_id, None)[0]
-        tp = app.producer.key_partition(changelog.get_topic_name(), key)
-        if not app.assignor.is_active(tp):
+        if not app.assignor.is_active(changelog_partition(self.table, user_id)):
             raise Unavailable("this worker is taking over the user's partition", retry_after=1)
         return None
 
