@@ -62,7 +62,7 @@ class QuotaBook:
         self._unlogged[request_id] = now
         if len(self._unlogged) > UNLOGGED_PRUNE_AT and now - self._pruned_at > UNLOGGED_KEEP_S / 10:
             horizon, self._pruned_at = now - UNLOGGED_KEEP_S, now
-            self._unlogged = {rid: at for rid, at in self._unlogged.items() if at >= horizon}
+            self._unlogged = {rid: when for rid, when in self._unlogged.items() if when >= horizon}
         return admission
 
     def logged(self, request_id: str) -> None:
@@ -71,9 +71,8 @@ class QuotaBook:
 
     def release(self, user_id: str, request_id: str, created_at: float, estimated: int) -> bool:
         """Give back an admission whose request's write failed or timed out (unless the log has it already)."""
-        if request_id not in self._unlogged:
+        if self._unlogged.pop(request_id, None) is None:
             return False  # the forward agent read it: it runs, and stays charged
-        self._unlogged.pop(request_id, None)
         new = release(self.table.get(user_id), request_id, created_at, estimated, self.now())
         if new is None:
             return False
@@ -94,8 +93,10 @@ class QuotaBook:
         now = self.now()
         for user, reqs in per_user.items():
             found = confirm(self.table.get(user), reqs, now)
-            for r in found[1] if found is not None else ():
-                self.reservations.hold(user, r.request_id, r.estimated, found[0]["day"])  # type: ignore[index]
+            if found is not None:
+                state, held = found
+                for r in held:
+                    self.reservations.hold(user, r.request_id, r.estimated, state["day"])
         await asyncio.gather(*(self.reservations.written(r.user_id, r.request_id) for r in requests))
         now = self.now()
         for user, reqs in per_user.items():
