@@ -78,6 +78,6 @@ class DispatchedEvents:
         await send_events(self.topics, (ResultEvent.for_request(r, "dispatched", at=at) for r in reqs))
 
     async def drain(self) -> None:
-        """Wait for the events still to be written (tests, and an orderly stop)."""
+        """Wait for the events still to be written (tests; a stopping worker drops them: best effort)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
