@@ -96,6 +96,17 @@ class Settings:
         "Model routes `task:model,...`; the first model of each task is its default. "
         "Each route gets its own RabbitMQ work queue.",
     )
+    routes_file: str = _setting(
+        "",
+        "Routes file (YAML `.yaml`/`.yml` or TOML `.toml`): per route its backends, weights, fallbacks and "
+        "limits (README, Routes). Empty: one backend per route from `INFERSTREAM_MODELS` and "
+        "`INFERSTREAM_MODEL_URL`, limits from the `INFERSTREAM_ML_*` settings.",
+    )
+    routes_poll_s: float = _setting(
+        2.0,
+        "How often each worker checks the routes file for a change (SIGHUP reloads at once); 0 turns the "
+        "polling off.",
+    )
     result_ttl_s: int = _setting(3600, "How long results stay in the Redis cache.")
     idempotency_ttl_s: int = _setting(86_400, "How long an Idempotency-Key is remembered.")
     admission_timeout_s: float = _setting(5.0, "How long admission waits for the owner or the log before 503.")
