@@ -16,6 +16,7 @@ from schemas.migrate import migrate as apply_migrations
 from streams.commands.audit import register_audit
 from streams.commands.redrive import register_redrive
 from streams.commands.replay import register_replay
+from streams.commands.routes import register_routes
 from streams.commands.topics import register_topics
 
 
@@ -85,3 +86,4 @@ def register(app: faust.App, settings: Settings, store: Store) -> None:
 
     register_audit(app, settings, store)
     register_topics(app, settings)
+    register_routes(app, settings)
