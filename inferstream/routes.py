@@ -292,7 +292,10 @@ def _parse(
     expanded: set[Path] = set()
     found: list[tuple[Path, str]] = list(doc.problems)
     doc.data = expand(doc.data, (), environ, expanded, found)
-    resolved = check_document(doc.data, settings_limits(settings), environ, expanded, found)
+    unexpanded = {path for path, _ in found}
+    checked: list[tuple[Path, str]] = []
+    resolved = check_document(doc.data, settings_limits(settings), environ, expanded, checked)
+    found += [(path, message) for path, message in checked if path not in unexpanded]  # said once is enough
     if found:
         problems = [Problem(source, doc.line(path), dotted(path), message) for path, message in found]
         problems.sort(key=lambda p: p.line or 0)

@@ -75,10 +75,10 @@ def _yaml_value(node: yaml.Node, path: Path, doc: Document, loader: yaml.SafeLoa
         return None
     try:
         if isinstance(node, yaml.MappingNode):
-            loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
             active.add(id(node))
             out: dict[str, Any] = {}
-            for key_node, value_node in node.value:
+            own, merged = _yaml_pairs(node, path, doc, active)
+            for key_node, value_node, inherited in own + merged:
                 key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
                 if not isinstance(key, str):
                     doc.lines[path + (str(key),)] = key_node.start_mark.line + 1
@@ -86,9 +86,10 @@ def _yaml_value(node: yaml.Node, path: Path, doc: Document, loader: yaml.SafeLoa
                     continue
                 sub = path + (key,)
                 if key in out:
-                    doc.lines[sub] = key_node.start_mark.line + 1
-                    doc.problems.append((sub, "appears twice in the same mapping"))
-                    continue
+                    if not inherited:
+                        doc.lines[sub] = key_node.start_mark.line + 1
+                        doc.problems.append((sub, "appears twice in the same mapping"))
+                    continue  # a merged (`<<`) field yields to the mapping's own and to earlier merges
                 doc.lines[sub] = key_node.start_mark.line + 1
                 out[key] = _yaml_value(value_node, sub, doc, loader, active)
             active.discard(id(node))
@@ -105,6 +106,31 @@ def _yaml_value(node: yaml.Node, path: Path, doc: Document, loader: yaml.SafeLoa
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark or node.start_mark
         raise SourceError(f"YAML: {exc.problem or exc}", mark.line + 1) from None
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_Pair = tuple[yaml.Node, yaml.Node, bool]
+
+
+def _yaml_pairs(node: yaml.MappingNode, path: Path, doc: Document, active: set[int]) -> tuple[list[_Pair], list[_Pair]]:
+    """A mapping's own (key, value) nodes and those merged in by ``<<`` keys, without changing the nodes (aliases share them)."""
+    own: list[_Pair] = []
+    merged: list[_Pair] = []
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE_TAG:
+            own.append((key_node, value_node, False))
+            continue
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for source in sources:
+            if not isinstance(source, yaml.MappingNode) or id(source) in active:
+                doc.lines.setdefault(path + ("<<",), key_node.start_mark.line + 1)
+                doc.problems.append((path + ("<<",), "a merge key (<<) takes a mapping or a list of mappings"))
+                continue
+            active.add(id(source))
+            inner_own, inner_merged = _yaml_pairs(source, path, doc, active)
+            active.discard(id(source))
+            merged.extend((k, v, True) for k, v, _ in inner_own + inner_merged)
+    return own, merged
 
 
 # ---- TOML --------------------------------------------------------------------
