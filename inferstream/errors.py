@@ -15,8 +15,9 @@
     │   └── Unavailable                unavailable: retryable, not the caller's fault (retry_after)
     │       └── StoreUnavailable       PostgreSQL unreachable, restarting or overloaded (broken_connection)
     ├── ConfigurationError             a worker refuses to start: the message names what to change
-    │   └── TopologyError              a topic's partition count breaks co-partitioning (topic, expected, actual)
-    └── ModelError                     a model call failed (status: the model service's HTTP status, if any)
+    │   ├── TopologyError              a topic's partition count breaks co-partitioning (topic, expected, actual)
+    │   └── RoutesError                the routes file does not validate (problems: file, line, field; in inferstream.routes)
+    └── ModelError                     a model call failed (status: the model service's HTTP status, if any; backend)
         ├── RetryableModelError        timeouts, connection errors, 408, 409, 425, 429, 5xx (retry_after)
         └── FatalModelError            other 4xx, malformed answers: fail at once
 
@@ -128,6 +129,7 @@ class ModelError(InferstreamError):
         self.message = message
         self.status = status
         self.retry_after = retry_after
+        self.backend: str | None = None  # which backend of the route failed; set by the ML worker
 
     @property
     def type(self) -> str:

@@ -73,6 +73,8 @@ class RequestDoc(Struct):
     error: Failure | UnsetType = UNSET
     usage: Usage | UnsetType = UNSET
     metadata: dict[str, Any] | UnsetType = UNSET
+    # Which backend of the route served it (on a failure, the last one tried); the routes file names them.
+    backend: str | UnsetType = UNSET
 
 
 class CancelAccepted(RequestDoc):
@@ -152,6 +154,26 @@ class QuotaErrorBody(Struct):
     error: QuotaErrorDetail
 
 
+class ModelEntry(Struct):
+    """One public route: OpenAI's model object, with the route's task, whether it is the task's default,
+    and the highest priority it accepts (a higher one is capped)."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    task: Task
+    default: bool
+    max_priority: Priority
+
+
+class ModelList(Struct):
+    """``GET /v1/models``: the routes that accept submissions now, in the routes file's order."""
+
+    object: Literal["list"]
+    data: list[ModelEntry]
+
+
 # Columns of the requests table, in order; the PostgreSQL store reads and writes these.
 REQUEST_COLUMNS: tuple[str, ...] = (
     "request_id",
@@ -178,6 +200,7 @@ REQUEST_COLUMNS: tuple[str, ...] = (
     "callback_url",
     "quota_day",
     "history",
+    "backend",
 )
 
 
@@ -219,6 +242,8 @@ def request_doc(row: Mapping[str, Any]) -> dict[str, Any]:
     metadata = _json(row.get("metadata"))
     if metadata:
         doc["metadata"] = metadata
+    if row.get("backend"):
+        doc["backend"] = row["backend"]
     return doc
 
 

@@ -122,6 +122,8 @@ class ResultEvent(
     started_at: float | None = None
     # When it was handed to RabbitMQ: a request that moved on quickly never had a `dispatched` event.
     dispatched_at: float | None = None
+    # The backend of its route that served it (routes file `backends[].name`); on a failure, the last one tried.
+    backend: str | None = None
 
     @property
     def is_terminal(self) -> bool:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from aiokafka.errors import KafkaError
@@ -31,10 +31,12 @@ from inferstream import clock
 from inferstream.coalesce import Coalesced
 from inferstream.errors import InvalidRequest, QuotaExceeded, Unavailable
 from inferstream.ids import new_request_id
-from inferstream.settings import Settings
+from inferstream.route_watch import RouteWatcher
+from inferstream.settings import Priority, Settings
 from inferstream.tokens import estimate_tokens
 from schemas.api import Submission, check_callback_url, parse_submission
 from schemas.documents import Accepted, Links, request_doc
+from schemas.plans import Plan
 from schemas.records import InferenceRequest
 from streams.gateway import metrics
 from streams.gateway.routing import OwnerRouter
@@ -79,6 +81,7 @@ class AdmissionService:
         idempotency: IdempotencyBook,
         topics: Topics,
         redis: RedisClient,
+        routes: RouteWatcher,
         now: Callable[[], float] = clock.now,
     ) -> None:
         self.settings = settings
@@ -89,7 +92,7 @@ class AdmissionService:
         self.topics = topics
         self.redis = redis
         self.now = now
-        self.model_routes = settings.model_routes
+        self.routes = routes
         # One Redis round trip for all the admissions of a tick.
         self._cache_new: Coalesced[OwnedDoc, None] = Coalesced(redis.cache_docs)
 
@@ -101,7 +104,8 @@ class AdmissionService:
         return self.router.owner(user_id)
 
     async def admit(self, principal: Principal, body: bytes, idempotency_key: str | None) -> Admitted:
-        sub = parse_submission(body, self.model_routes)
+        self.routes.table  # noqa: B018 - loads the routes on first use
+        sub = parse_submission(body, self.routes.model_routes)
         if sub.callback_url is not None:
             await check_callback_url(sub.callback_url, self.settings)  # may resolve its host: before admission
         body_fp = ""
@@ -111,6 +115,12 @@ class AdmissionService:
             body_fp = fingerprint(body)
         estimated = estimate_tokens(sub.task, sub.input, sub.max_tokens, self.settings.default_max_tokens)
         return await self._reserve_and_enqueue(principal, sub, estimated, idempotency_key, body_fp)
+
+    def _priority(self, plan: Plan, sub: Submission) -> Priority:
+        """The priority asked for, capped by the plan and then by the route (neither rejects it)."""
+        priority = plan.cap_priority(sub.priority)
+        route = self.routes.route(sub.task, sub.model)
+        return priority if route is None else cast(Priority, route.cap_priority(priority))
 
     async def _reserve_and_enqueue(
         self, principal: Principal, sub: Submission, estimated: int, idem_key: str | None, body_fp: str
@@ -139,7 +149,7 @@ class AdmissionService:
             estimated_tokens=estimated,
             created_at=now,
             quota_day=admission.window_day,
-            priority=plan.cap_priority(sub.priority),
+            priority=self._priority(plan, sub),
             params=sub.params,
             deadline_at=now + sub.deadline_s if sub.deadline_s else None,
             metadata=sub.metadata,

@@ -14,8 +14,9 @@ The stages, in the order a request travels (``pipeline`` role unless noted):
    (``streams/agents/sink.py``, ``bridges/sink.py``);
 6. delivery: Redis cache, notifications for SSE on any worker, webhooks (``streams/delivery.py``).
 
-Alongside: topology (topics created before the log is touched), the watchdog and
-the orphan sweep, key sync, readiness, and the operator commands.
+Alongside: the routes (``inferstream/route_watch.py``: loaded before the worker serves,
+reloaded on SIGHUP or a file change), topology (topics created before the log is
+touched), the watchdog and the orphan sweep, key sync, readiness, and the operator commands.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Any
 import mode.loop
 from mode import Service, ServiceT
 
-from bridges.clients.model import ModelClient
 from bridges.clients.notifications import NotificationHub
 from bridges.clients.rabbitmq import RabbitClient
 from bridges.clients.redis import RedisClient
@@ -38,6 +38,7 @@ from bridges.dead_letters import DeadLetterRecorder
 from bridges.results_bridge import ResultsBridge
 from bridges.sink import ResultSink
 from inferstream.errors import ConfigurationError
+from inferstream.route_watch import RouteWatcher
 from inferstream.settings import Settings
 from streams import commands, quirks
 from streams.admission import AdmissionService
@@ -114,18 +115,20 @@ def build_pipeline(settings: Settings) -> InferstreamApp:
     """The app for ``settings.roles``, with its clients, stages, views and commands attached."""
     app = build_app(settings)
     app.preflight.append(lambda: _refuse_insecure_bind(app, settings))
+    routes = RouteWatcher(settings)
+    app.preflight.append(lambda: _load_routes(routes))
     store = Store(settings)
     redis = RedisClient(settings)
-    rabbit = RabbitClient(settings)
+    rabbit = RabbitClient(settings, routes=routes)
     webhooks = WebhookSender(settings, record=attempt_recorder(store.webhooks))
-    parts: list[ServiceT] = [store, redis, rabbit, webhooks]
+    parts: list[ServiceT] = [routes, store, redis, rabbit, webhooks]
 
     commands.register(app, settings, store)
     install_topology(app, settings)
     topics = define_topics(app, settings)
     role: PipelineRole | None = None
     if settings.has_pipeline:
-        role = _pipeline_role(app, settings, topics, store, redis, rabbit, webhooks)
+        role = _pipeline_role(app, settings, topics, store, redis, rabbit, webhooks, routes)
         parts += role.services
     else:
         # An ML-only worker needs no log. With the Kafka consumer on, it would join
@@ -136,12 +139,16 @@ def build_pipeline(settings: Settings) -> InferstreamApp:
         app.boot_strategy = app.BootStrategy(app, enable_kafka=False)
     ml_worker: MLWorker | None = None
     if settings.has_ml:
-        model = ModelClient(settings)
-        ml_worker = MLWorker(settings, rabbit, model, redis.cancelled)
-        parts += [model, ml_worker]
+        ml_worker = MLWorker(settings, rabbit, routes, redis.cancelled)
+        parts.append(ml_worker)
     quirks.run_with_app(app, Lifecycle(parts))
-    register_ops(app, _readiness(app, settings, rabbit, role, ml_worker))
+    register_ops(app, _readiness(app, settings, rabbit, routes, role, ml_worker))
     return app
+
+
+async def _load_routes(routes: RouteWatcher) -> None:
+    """Before the worker serves: a routes file that does not validate stops it, naming file, line and field."""
+    routes.load()
 
 
 def _pipeline_role(
@@ -152,6 +159,7 @@ def _pipeline_role(
     redis: RedisClient,
     rabbit: RabbitClient,
     webhooks: WebhookSender,
+    routes: RouteWatcher,
 ) -> PipelineRole:
     """Gateway, tables, agents and bridges; the services they need, in start order."""
     tables = define_tables(app, settings)
@@ -170,7 +178,8 @@ def _pipeline_role(
         redis=redis,
         hub=hub,
         admission=AdmissionService(
-            settings, keys=keys, router=router, quota=quota, idempotency=idempotency, topics=topics, redis=redis
+            settings, keys=keys, router=router, quota=quota, idempotency=idempotency, topics=topics, redis=redis,
+            routes=routes,
         ),
     )
     register_gateway(app, gateway)
@@ -202,6 +211,7 @@ def _readiness(
     app: InferstreamApp,
     settings: Settings,
     rabbit: RabbitClient,
+    routes: RouteWatcher,
     role: PipelineRole | None,
     ml_worker: MLWorker | None,
 ) -> ReadinessCheck:
@@ -219,6 +229,8 @@ def _readiness(
             checks["redis_pubsub"] = role.hub.healthy
             ready = checks["tables_recovered"] and not checks["rebalancing"] and role.keys.loaded
         checks["rabbitmq"] = rabbit.connected
+        # A refused reload keeps the old routes serving: detail (routes.reload_error), not unreadiness.
+        checks["routes"] = routes.status()
         if ml_worker is not None:
             checks["ml"] = ml_worker.health()
             # An open breaker pauses consumption on purpose: detail, not unreadiness.

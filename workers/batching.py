@@ -9,7 +9,8 @@ most T for company.
 A request is never split across calls: if it alone exceeds ``max_items`` it
 goes out on its own. A batch's ``usage`` is shared out between its requests in
 proportion to their own token counts (largest remainder, so the parts add up
-to the model's figure exactly).
+to the model's figure exactly). Each request also learns which backend served
+its batch (the call's third value).
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ log = logging.getLogger(__name__)
 
 Vectors = list[list[float]]
 Usage = dict[str, int]
-BatchCall = Callable[[list[str]], Awaitable[tuple[Vectors, Usage]]]
+# A batch's vectors, usage, and the name of the backend that served it.
+Served = tuple[Vectors, Usage, str]
+BatchCall = Callable[[list[str]], Awaitable[Served]]
 
 
 @dataclass
 class _Item:
     texts: list[str]
     arrived: float = field(default_factory=lambda: asyncio.get_running_loop().time())
-    future: asyncio.Future[tuple[Vectors, Usage]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[Served] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 def split_usage(usage: Usage, weights: Sequence[int]) -> list[Usage]:
@@ -57,7 +60,7 @@ def split_usage(usage: Usage, weights: Sequence[int]) -> list[Usage]:
 
 
 class Batcher:
-    """Gathers texts for one model; ``submit()`` resolves with this request's vectors and usage share."""
+    """Gathers texts for one route; ``submit()`` resolves with this request's vectors, usage share and backend."""
 
     def __init__(
         self, call: BatchCall, *, max_items: int, max_wait_s: float, max_in_flight: int = 2, name: str = ""
@@ -79,7 +82,7 @@ class Batcher:
     def pending(self) -> int:
         return len(self._pending)
 
-    async def submit(self, texts: list[str]) -> tuple[Vectors, Usage]:
+    async def submit(self, texts: list[str]) -> Served:
         item = _Item(list(texts))
         self._pending.append(item)
         self._pending_texts += len(texts)
@@ -139,7 +142,7 @@ class Batcher:
     async def _run(self, items: list[_Item]) -> None:
         texts = [t for item in items for t in item.texts]
         try:
-            vectors, usage = await self._call(texts)
+            vectors, usage, backend = await self._call(texts)
         except asyncio.CancelledError:
             for item in items:
                 item.future.cancel()
@@ -155,7 +158,7 @@ class Batcher:
             part = vectors[offset : offset + len(item.texts)]
             offset += len(item.texts)
             if not item.future.done():
-                item.future.set_result((part, share))
+                item.future.set_result((part, share, backend))
 
     async def close(self) -> None:
         """Cancel batches in flight and waiting (their waiters see CancelledError)."""

@@ -68,18 +68,34 @@ class CircuitBreaker:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def try_acquire(self) -> bool | None:
+        """Without waiting: None when no call may go out now, else whether this caller is the probe."""
+        state = self.state
+        if state == "closed":
+            return False
+        if state == "half_open" and not self._probe_out:
+            self._probe_out = True
+            return True
+        return None
+
+    @property
+    def probe_free(self) -> bool:
+        """Half-open with nobody probing: the next caller would be the probe."""
+        return self.state == "half_open" and not self._probe_out
+
+    def seconds_until_probe(self) -> float | None:
+        """How long an open breaker stays shut (0 when a probe may go now); None when not open."""
+        if self.state != "open":
+            return None
+        return max(0.0, self.reset_s - (self._clock() - self._opened_at))
+
     async def acquire(self) -> bool:
         """Wait until a call may go out. True when this caller is the half-open probe."""
         while True:
-            state = self.state
-            if state == "closed":
-                return False
-            if state == "half_open" and not self._probe_out:
-                self._probe_out = True
-                return True
-            timeout = None
-            if state == "open":
-                timeout = max(0.0, self.reset_s - (self._clock() - self._opened_at))
+            probe = self.try_acquire()
+            if probe is not None:
+                return probe
+            timeout = self.seconds_until_probe()
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout)
             except TimeoutError:

@@ -1,9 +1,12 @@
-"""One model endpoint (model base URL + task): its breaker, rate limit, concurrency limit and batchers.
+"""One route's call path (task + public model): its backends, rate limit, concurrency limit and batcher.
 
 Every model call goes through :meth:`Endpoint.call`, in this order: a
-concurrency slot, the breaker (waits while open), a rate-limit token, the
-request's deadline, the call. Taking the slot first means callers queued behind
-a breaker that just opened do not rush the dead model when it is half-open.
+concurrency slot, a backend (``workers/backends.py``: by weight and fallback
+order among those whose breaker lets a call through; waits while every one is
+open), a rate-limit token, the request's deadline, the call. The limits are the
+route's (the routes file, or the ``INFERSTREAM_ML_*`` settings). Taking the
+slot first means callers queued behind breakers that just opened do not rush a
+dead model when it is half-open.
 The deadline is checked last because a prefetched message can wait there for
 many seconds behind a backlog: it must not reach the model once it expired.
 An open breaker is a pause, not a failure, but a bounded one: the wait ends at
@@ -18,17 +21,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from prometheus_client import Counter
-
-from bridges.clients.model import ModelClient
 from inferstream import clock
 from inferstream.errors import FatalModelError, RetryableModelError
+from inferstream.retrying import model_call
+from inferstream.routes import Route
 from inferstream.settings import Settings
 from workers import metrics
-from workers.batching import Batcher, Usage, Vectors
-from workers.breaker import STATE_VALUE, BreakerState, CircuitBreaker
+from workers.backends import BackendPool, BreakerChange, Upstream
+from workers.batching import Batcher, Served, Usage
 from workers.ratelimit import TokenBucket
-from workers.retry import RetryBudget
+from workers.retry import RetryBudget, RetryPolicy
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -55,49 +57,38 @@ def _limit_passed(deadline_at: float | None, budget_end: float | None, waiting_f
 
 
 class Endpoint:
-    """The call path of one task against the model service."""
+    """The call path of one route; see the module docstring."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        model: ModelClient,
-        task: str,
-        *,
-        on_breaker_change: Callable[[str, BreakerState, BreakerState], None] | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, route: Route, *, on_breaker_change: BreakerChange | None = None) -> None:
         self.settings = settings
-        self.model = model
-        self.task = task
-        self.name = f"{task}@{model.base_url}"
-        self.label = task
+        self.route = route
+        self.task = route.task
+        self.name = f"{route.task}/{route.model}"
         # Label lookups once per endpoint, not per message (prometheus' labels() hashes and locks).
-        self.in_flight = metrics.IN_FLIGHT.labels(task)
-        self.retries = metrics.RETRIES.labels(task)
-        self._call_seconds = metrics.MODEL_CALL_SECONDS.labels(task)
-        self._calls: dict[str, Any] = {}
+        self.in_flight = metrics.IN_FLIGHT.labels(route.task)
+        self.retries = metrics.RETRIES.labels(route.task)
         self._terminal: dict[str, Any] = {}
-
-        def changed(name: str, old: BreakerState, new: BreakerState) -> None:
-            metrics.BREAKER_STATE.labels(self.label).set(STATE_VALUE[new])
-            if on_breaker_change is not None:
-                on_breaker_change(name, old, new)
-
-        self.breaker = CircuitBreaker(
-            self.name, settings.ml_breaker_threshold, settings.ml_breaker_reset_s, on_change=changed
-        )
-        metrics.BREAKER_STATE.labels(self.label).set(0)
-        self.limiter = TokenBucket(settings.ml_rate_limit_rps)
-        self.slots = asyncio.Semaphore(max(1, settings.ml_concurrency))
-        self._batchers: dict[str, Batcher] = {}
+        self.pool = BackendPool(settings, route, on_breaker_change=on_breaker_change)
+        self.limiter = TokenBucket(route.rate_limit_rps)
+        self.slots = asyncio.Semaphore(max(1, route.concurrency))
+        self.retry = RetryPolicy(model_call(settings), max(0.0, route.retry_budget_s))
+        self._batcher: Batcher | None = None
 
     @property
     def batched(self) -> bool:
         return self.task in BATCHED_TASKS
 
     async def call(
-        self, fn: Callable[[], Awaitable[T]], deadline_at: float | None = None, budget: RetryBudget | None = None
-    ) -> T:
-        """One model call; it starts ``budget``. Waits (slot, breaker, rate limit) end at the earlier limit."""
+        self,
+        fn: Callable[[Upstream], Awaitable[T]],
+        deadline_at: float | None = None,
+        budget: RetryBudget | None = None,
+    ) -> tuple[T, str]:
+        """One model call on the backend chosen for it: its answer and the backend's name.
+
+        It starts ``budget``. Waits (slot, backends, rate limit) end at the earlier limit. A model
+        error raised here carries the backend's name (``backend``).
+        """
         budget_end = None if budget is None else budget.end
         limits = [t for t in (deadline_at, budget_end) if t is not None]
         limit = min(limits) if limits else None
@@ -113,9 +104,10 @@ class Endpoint:
 
         await wait(self.slots.acquire(), "a free call slot", not self.slots.locked())
         try:
-            probe = await wait(
-                self.breaker.acquire(), "the circuit breaker to close", self.breaker.state == "closed"
-            )
+            picked = self.pool.pick()
+            if picked is None:
+                picked = await wait(self.pool.acquire(), "a backend's circuit breaker to close", False)
+            upstream, probe = picked
             outcome = "cancelled"
             try:
                 await wait(self.limiter.acquire(), "the rate limit", self.limiter.unlimited)
@@ -124,67 +116,66 @@ class Endpoint:
                 if budget is not None:
                     budget.start(clock.now())
                 started = time.perf_counter()
-                result = await fn()
+                result = await fn(upstream)
                 outcome = "ok"
             except (DeadlinePassed, RetryBudgetSpent):
                 outcome = "not_called"
                 raise
-            except RetryableModelError:
+            except RetryableModelError as exc:
                 outcome = "retryable"
-                self.breaker.on_failure(probe)
+                exc.backend = upstream.name
+                self.pool.failed(upstream, probe)
                 raise
-            except FatalModelError:
-                # The endpoint answered: healthy as far as the breaker is concerned.
+            except FatalModelError as exc:
+                # The backend answered: healthy as far as its breaker is concerned.
                 outcome = "fatal"
-                self.breaker.on_success(probe)
+                exc.backend = upstream.name
+                self.pool.succeeded(upstream, probe)
                 raise
             finally:
                 if outcome != "not_called":
-                    self._counter(self._calls, metrics.MODEL_CALLS, outcome).inc()
+                    upstream.calls(outcome).inc()
                 if outcome in ("cancelled", "not_called"):
-                    self.breaker.release(probe)
+                    self.pool.abandoned(upstream, probe)
         finally:
             self.slots.release()
-        self.breaker.on_success(probe)
-        self._call_seconds.observe(time.perf_counter() - started)
-        return result
-
-    def _counter(self, cache: dict[str, Any], family: Counter, value: str) -> Any:
-        child = cache.get(value)
-        if child is None:
-            child = cache[value] = family.labels(self.label, value)
-        return child
+        self.pool.succeeded(upstream, probe)
+        upstream.seconds.observe(time.perf_counter() - started)
+        return result, upstream.name
 
     def terminal(self, status: str) -> Any:
         """The terminal-status counter of this endpoint's task for ``status``."""
-        return self._counter(self._terminal, metrics.TERMINAL, status)
+        child = self._terminal.get(status)
+        if child is None:
+            child = self._terminal[status] = metrics.TERMINAL.labels(self.task, status)
+        return child
 
-    def _batcher(self, model: str) -> Batcher:
-        batcher = self._batchers.get(model)
-        if batcher is None:
+    def _batches(self) -> Batcher:
+        if self._batcher is None:
+            route = self.route
 
-            async def run(texts: list[str]) -> tuple[Vectors, Usage]:
-                metrics.BATCH_SIZE.labels(model).observe(len(texts))
-                return await self.call(lambda: self.model.embed(model, texts))
+            async def run(texts: list[str]) -> Served:
+                metrics.BATCH_SIZE.labels(route.model).observe(len(texts))
+                (vectors, usage), backend = await self.call(lambda u: u.client.embed(u.spec.model, texts))
+                return vectors, usage, backend
 
-            batcher = self._batchers[model] = Batcher(
+            self._batcher = Batcher(
                 run,
-                max_items=self.settings.ml_batch_size,
-                max_wait_s=self.settings.ml_batch_wait_ms / 1000,
-                max_in_flight=self.settings.ml_batch_concurrency,
-                name=model,
+                max_items=route.batch_size,
+                max_wait_s=route.batch_wait_ms / 1000,
+                max_in_flight=route.batch_concurrency,
+                name=route.model,
             )
-        return batcher
+        return self._batcher
 
     async def infer(
         self,
-        model: str,
         texts: list[str],
         params: dict[str, Any] | None,
         deadline_at: float | None = None,
         budget: RetryBudget | None = None,
-    ) -> tuple[dict[str, Any], Usage]:
-        """One attempt for one request: its ``result`` and ``usage``.
+    ) -> tuple[dict[str, Any], Usage, str]:
+        """One attempt for one request: its ``result``, ``usage`` and the backend that served it.
 
         Raises :class:`DeadlinePassed` or :class:`RetryBudgetSpent` when a limit
         passed before the call went out. Generation joins several input strings
@@ -192,7 +183,7 @@ class Endpoint:
         ``settings.default_max_tokens``, the figure admission reserved, so usage
         never exceeds the estimate by default. An embedding shares its call with
         its batch: its budget starts when it joins one (a batch goes out within
-        ``ml_batch_wait_ms``) and only the budget bounds it; the worker checks
+        the route's batch wait) and only the budget bounds it; the worker checks
         the deadline between attempts.
         """
         if self.batched:
@@ -201,15 +192,19 @@ class Endpoint:
             budget_end = None if budget is None else budget.end
             try:
                 async with asyncio.timeout(None if budget_end is None else budget_end - clock.now()):
-                    vectors, usage = await self._batcher(model).submit(texts)
+                    vectors, usage, backend = await self._batches().submit(texts)
             except TimeoutError:
                 raise RetryBudgetSpent("a batched call") from None
-            return {"embeddings": vectors}, usage
+            return {"embeddings": vectors}, usage, backend
         prompt = "\n".join(texts)
         merged = {"max_tokens": self.settings.default_max_tokens, **(params or {})}
-        text, usage = await self.call(lambda: self.model.generate(model, prompt, merged), deadline_at, budget)
-        return {"text": text}, usage
+        (text, usage), backend = await self.call(
+            lambda u: u.client.generate(u.spec.model, prompt, merged), deadline_at, budget
+        )
+        return {"text": text}, usage, backend
 
     async def close(self) -> None:
-        for batcher in self._batchers.values():
-            await batcher.close()
+        if self._batcher is not None:
+            await self._batcher.close()
+        await self.pool.close()
+

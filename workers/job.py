@@ -34,6 +34,7 @@ class Job:
     started_at: float | None = None
     attempts: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    backend: str | None = None  # the backend of the last attempt that reached one
 
     async def run(self, policy: RetryPolicy) -> tuple[ResultEvent, bool]:
         """Attempts until an answer or a final failure: (terminal event, whether to dead-letter).
@@ -49,6 +50,7 @@ class Job:
             nonlocal last
             error = failure(state)
             assert isinstance(error, ModelError)
+            self.backend = error.backend or self.backend
             self.history.append(attempt_record(self.attempts, clock.now(), error, next_sleep(state)))
             last = error_info(error)
             self.endpoint.retries.inc()
@@ -57,7 +59,7 @@ class Job:
             if req.deadline_at is not None and clock.now() >= req.deadline_at:
                 return self.event("expired"), False
             self.attempts += 1
-            result, usage = await self.endpoint.infer(req.model, list(req.input), req.params, req.deadline_at, budget)
+            result, usage, self.backend = await self.endpoint.infer(list(req.input), req.params, req.deadline_at, budget)
             return self.event("completed", result=result, usage=usage or None), False
 
         try:
@@ -91,6 +93,7 @@ class Job:
         raise AssertionError("tenacity ended without an outcome")
 
     def _gave_up(self, error: ModelError, reason: GiveUp, budget: RetryBudget) -> tuple[ResultEvent, bool]:
+        self.backend = error.backend or self.backend
         self.history.append(attempt_record(self.attempts, clock.now(), error, None))
         if reason == "deadline":
             return self.event("expired"), False
@@ -110,5 +113,5 @@ class Job:
         started = self.started_at if self.attempts else None
         return ResultEvent.for_request(
             self.req, status, at=clock.now(), attempts=self.attempts, history=self.history or None,
-            started_at=started, **extra,
+            started_at=started, backend=self.backend, **extra,
         )

@@ -133,6 +133,8 @@ def failure_info(
 def attempt_record(attempt: int, at: float, error: ModelError, delay: float | None) -> dict[str, Any]:
     """One entry of a request's attempt history."""
     record: dict[str, Any] = {"attempt": attempt, "at": at, **error_info(error), "status": error.status}
+    if error.backend is not None:
+        record["backend"] = error.backend
     if delay is not None:
         record["retry_in_s"] = round(delay, 4)
     return record

@@ -13,8 +13,13 @@ share one results message and one confirm (``workers/results.py``); the acks
 of a tick share frames, ``multiple=True`` up to the channel's low watermark
 of finished deliveries (``workers/acks.py``).
 
-While an endpoint's breaker is open its queues are not consumed; messages
-already held wait for the breaker instead of bouncing through the broker.
+Each route (task + public model) has its queue, consumer and endpoint
+(``workers/endpoint.py``: its backends, limits and batcher). While every
+backend of a route has its breaker open, its queue is not consumed; messages
+already held wait for a breaker instead of bouncing through the broker. A
+routes reload (``inferstream/route_watch.py``) adds consumers for new routes
+and gives a changed route a new endpoint for new messages; messages in hand
+finish on the endpoint they started on, which closes when its last one ends.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 from mode import Service
 
-from bridges.clients.model import ModelClient
 from bridges.clients.rabbitmq import AMQP_ERRORS, Consumer, PublishError, RabbitClient
 from inferstream import clock
 from inferstream.retrying import TERMINAL_PUBLISH, failure, next_sleep
+from inferstream.route_watch import RouteKey, RouteWatcher
+from inferstream.routes import Route, RouteTable
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 from workers.acks import Acks
@@ -40,7 +46,6 @@ from workers.endpoint import Endpoint
 from workers.gather import GatheredLookup
 from workers.job import Job
 from workers.results import ResultPublisher
-from workers.retry import RetryPolicy
 
 __all__ = ["IsCancelled", "MLWorker", "no_cancellations"]
 
@@ -57,26 +62,27 @@ async def no_cancellations(request_ids: Sequence[str]) -> set[str]:
 
 
 class MLWorker(Service):
-    """Consumes every work queue of ``settings.models``; see the module docstring."""
+    """Consumes the work queue of every route ``routes`` serves; see the module docstring."""
 
     def __init__(
         self,
         settings: Settings,
         rabbit: RabbitClient,
-        model: ModelClient,
+        routes: RouteWatcher | None = None,
         is_cancelled: IsCancelled = no_cancellations,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.rabbit = rabbit
-        self.model = model
+        self.routes = routes if routes is not None else (rabbit.route_watcher or RouteWatcher(settings))
         self.results = ResultPublisher(rabbit)
         self.is_cancelled: IsCancelled = GatheredLookup(is_cancelled)
-        self.retry = RetryPolicy.from_settings(settings)
         self.running_after_s = settings.ml_running_after_ms / 1000
-        self.endpoints: dict[str, Endpoint] = {}
-        self._consumers: dict[str, list[Consumer]] = {}
+        self.endpoints: dict[RouteKey, Endpoint] = {}
+        self._consumers: dict[RouteKey, Consumer] = {}
+        self._superseded: set[Endpoint] = set()  # replaced by a reload; closed when their last job ends
+        self._routes_lock = asyncio.Lock()
         self._jobs: set[Job] = set()
         self._stopping = False
         self._consuming_set_up = False
@@ -87,20 +93,44 @@ class MLWorker(Service):
     # ---- lifecycle -----------------------------------------------------
     async def on_start(self) -> None:
         await self.rabbit.connect()
-        for task, model in self.rabbit.routes():
-            endpoint = self.endpoints.get(task)
-            if endpoint is None:
-                endpoint = self.endpoints[task] = Endpoint(
-                    self.settings, self.model, task, on_breaker_change=self._breaker_changed
-                )
-            consumer = await self.rabbit.consumer(
-                self.rabbit.work_queue_name(task, model),
-                functools.partial(self._on_message, endpoint, Acks()),
-                prefetch=self.settings.ml_prefetch,
-            )
-            self._consumers.setdefault(task, []).append(consumer)
+        await self._serve_routes(self.routes.table)
+        self.routes.subscribe(self._serve_routes)
         self._consuming_set_up = True
-        log.info("ML worker consuming %d queues", sum(len(c) for c in self._consumers.values()))
+        log.info("ML worker consuming %d queues", len(self._consumers))
+
+    async def _serve_routes(self, table: RouteTable) -> None:
+        """Endpoints and consumers for every served route (at start, and after each reload)."""
+        async with self._routes_lock:
+            served = self.routes.served()
+            await self.rabbit.declare_routes([r.key for r in served])
+            for route in served:
+                self._endpoint_for(route)
+                if route.key not in self._consumers:
+                    self._consumers[route.key] = await self.rabbit.consumer(
+                        self.rabbit.work_queue_name(*route.key),
+                        functools.partial(self._on_message, route.key, Acks()),
+                        prefetch=self.settings.ml_prefetch,
+                        start=not self._stopping,
+                    )
+            self._close_idle_superseded()
+        self._wake.set()
+
+    def _endpoint_for(self, route: Route) -> Endpoint:
+        endpoint = self.endpoints.get(route.key)
+        if endpoint is not None and endpoint.route == route:
+            return endpoint
+        if endpoint is not None:
+            self._superseded.add(endpoint)
+        endpoint = self.endpoints[route.key] = Endpoint(
+            self.settings, route, on_breaker_change=self._breaker_changed
+        )
+        return endpoint
+
+    def _close_idle_superseded(self) -> None:
+        busy = {j.endpoint for j in self._jobs}
+        for endpoint in [e for e in self._superseded if e not in busy]:
+            self._superseded.discard(endpoint)
+            self.add_future(endpoint.close())
 
     async def on_stop(self) -> None:
         """Stop taking messages, let in-flight work finish for the grace period, requeue the rest."""
@@ -117,28 +147,29 @@ class MLWorker(Service):
             for handler in handlers:
                 handler.cancel()
             await asyncio.wait(handlers, timeout=5.0)
-        for consumers in self._consumers.values():
-            for consumer in consumers:
-                try:
-                    await consumer.close()
-                except AMQP_ERRORS as exc:
-                    log.warning("closing consumer channel failed: %r", exc)
+        for consumer in self._consumers.values():
+            try:
+                await consumer.close()
+            except AMQP_ERRORS as exc:
+                log.warning("closing consumer channel failed: %r", exc)
         await self.results.close()
-        for endpoint in self.endpoints.values():
+        for endpoint in [*self.endpoints.values(), *self._superseded]:
             await endpoint.close()
 
     def health(self) -> dict[str, Any]:
         """Breaker states, in-flight counts and whether the queues are consumed (``/readyz`` detail)."""
         endpoints = {}
-        for task, endpoint in self.endpoints.items():
-            consumers = self._consumers.get(task, [])
+        for key, endpoint in self.endpoints.items():
+            consumer = self._consumers.get(key)
             endpoints[endpoint.name] = {
-                "task": task,
-                "breaker": endpoint.breaker.state,
-                "consecutive_failures": endpoint.breaker.consecutive_failures,
-                "in_flight": sum(1 for j in self._jobs if j.endpoint is endpoint),
-                "consuming": bool(consumers) and all(c.consuming for c in consumers),
-                "queues": [c.queue.name for c in consumers],
+                "task": endpoint.task,
+                "model": endpoint.route.model,
+                "retired": key in self.routes.retired,
+                "breaker": endpoint.pool.state,
+                "backends": endpoint.pool.health(),
+                "in_flight": sum(1 for j in self._jobs if j.endpoint.route.key == key),
+                "consuming": consumer is not None and consumer.consuming,
+                "queue": None if consumer is None else consumer.queue.name,
             }
         return {
             # Every queue has its consumer and the worker is not shutting down (breakers aside).
@@ -156,24 +187,26 @@ class MLWorker(Service):
     def _want_consuming(self, endpoint: Endpoint) -> bool:
         if self._stopping:
             return False
-        state = endpoint.breaker.state
-        # Half-open with nothing in hand: take messages again so one of them can probe.
+        pool = endpoint.pool
+        if not pool.probing:  # some backend is closed
+            return True
+        # Only probes can go out: take messages again, with nothing in hand, so one of them can probe.
         busy = any(j.endpoint is endpoint for j in self._jobs)
-        return state == "closed" or (state == "half_open" and not busy)
+        return pool.accepting and not busy
 
     async def _reconcile(self) -> None:
-        for task, endpoint in self.endpoints.items():
+        for key, consumer in list(self._consumers.items()):
+            endpoint = self.endpoints[key]
             want = self._want_consuming(endpoint)
-            for consumer in self._consumers.get(task, []):
-                try:
-                    if want and not consumer.consuming:
-                        await consumer.resume()
-                        log.info("resumed consuming %s", consumer.queue.name)
-                    elif not want and consumer.consuming:
-                        await consumer.pause()
-                        log.info("stopped consuming %s (breaker %s)", consumer.queue.name, endpoint.breaker.state)
-                except AMQP_ERRORS as exc:
-                    log.warning("could not change consumption of %s: %r", consumer.queue.name, exc)
+            try:
+                if want and not consumer.consuming:
+                    await consumer.resume()
+                    log.info("resumed consuming %s", consumer.queue.name)
+                elif not want and consumer.consuming:
+                    await consumer.pause()
+                    log.info("stopped consuming %s (breakers %s)", consumer.queue.name, endpoint.pool.state)
+            except AMQP_ERRORS as exc:
+                log.warning("could not change consumption of %s: %r", consumer.queue.name, exc)
 
     @Service.task
     async def _supervise(self) -> None:
@@ -207,9 +240,10 @@ class MLWorker(Service):
             return set()
 
     # ---- one message ---------------------------------------------------
-    async def _on_message(self, endpoint: Endpoint, acks: Acks, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, key: RouteKey, acks: Acks, message: AbstractIncomingMessage) -> None:
         # Before any await, so no earlier delivery is missing when a later one is acked.
         acks.delivered(message)
+        endpoint = self.endpoints[key]  # the route's endpoint now: a reload may have replaced it
         if self._stopping:
             await acks.settle_now(message, requeue=True)
             return
@@ -238,6 +272,8 @@ class MLWorker(Service):
             if not self._jobs:
                 self._idle.set()
             endpoint.in_flight.dec()
+            if endpoint in self._superseded:
+                self._close_idle_superseded()
             self._wake.set()
 
     async def _handle(self, job: Job) -> None:
@@ -250,7 +286,7 @@ class MLWorker(Service):
         else:
             job.started_at = clock.now()
             loop = asyncio.get_running_loop()
-            job.work = loop.create_task(job.run(self.retry))
+            job.work = loop.create_task(job.run(job.endpoint.retry))
             # `running` is reported once the work has taken longer than the delay: a fast
             # call (a batched embedding) goes straight to its terminal event, saving a
             # publish, a log write, a row update and a notification per request. A timer,

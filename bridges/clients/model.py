@@ -1,8 +1,10 @@
 """Client of an OpenAI-compatible model service (ours, vLLM, Ollama, TGI, OpenAI): embeddings and completions.
 
 Only the documented OpenAI wire format is used (``POST {base}/embeddings`` and
-``POST {base}/completions``), so swapping the service is a change of
-``INFERSTREAM_MODEL_URL`` and ``INFERSTREAM_MODEL_API_KEY`` alone.
+``POST {base}/completions``), so swapping the service is a change of a
+backend's ``url`` and key in the routes file (or of ``INFERSTREAM_MODEL_URL``
+and ``INFERSTREAM_MODEL_API_KEY``, the one-backend shorthand). One client per
+backend (``workers/backends.py``).
 
 Failures map onto the error tree: timeouts, connection errors, 408, 409,
 425, 429 and 5xx raise :class:`RetryableModelError` (with the ``Retry-After``
@@ -68,10 +70,20 @@ def _error_text(body: bytes) -> str:
 class ModelClient(Service):
     """One aiohttp session to the model service; opened lazily, closed on stop."""
 
-    def __init__(self, settings: Settings, *, base_url: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.base_url = (base_url or settings.model_url).rstrip("/")
+        self._api_key = settings.model_api_key if api_key is None else api_key
+        self.timeout_s = settings.ml_call_timeout_s if timeout_s is None else timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._lock = asyncio.Lock()
 
@@ -82,11 +94,11 @@ class ModelClient(Service):
         async with self._lock:
             if self._session is None or self._session.closed:
                 headers = {"Content-Type": "application/json"}
-                if self.settings.model_api_key:
-                    headers["Authorization"] = f"Bearer {self.settings.model_api_key}"
+                if self._api_key:
+                    headers["Authorization"] = f"Bearer {self._api_key}"
                 self._session = aiohttp.ClientSession(
                     headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=self.settings.ml_call_timeout_s),
+                    timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                     connector=aiohttp.TCPConnector(limit=0),
                 )
             return self._session
@@ -106,7 +118,7 @@ class ModelClient(Service):
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         except TimeoutError as exc:
-            raise RetryableModelError(f"model call timed out after {self.settings.ml_call_timeout_s}s") from exc
+            raise RetryableModelError(f"model call timed out after {self.timeout_s}s") from exc
         except aiohttp.ClientError as exc:
             raise RetryableModelError(f"model service unreachable: {exc!r}") from exc
         if status >= 400 and is_retryable_status(status):

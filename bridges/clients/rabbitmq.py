@@ -1,6 +1,6 @@
 """RabbitMQ client: the namespaced topology, confirmed publishes, and consumers that can pause.
 
-Topology (declared idempotently on connect; ``ns`` is ``settings.namespace``)::
+Topology (declared idempotently on connect, and for each route a reload adds; ``ns`` is ``settings.namespace``)::
 
     {ns}.work         direct exchange; routing key "{task}.{model}"
       -> {ns}.work.{task}.{model}   durable, x-max-priority 2, dead-letters to {ns}.dlx
@@ -42,6 +42,7 @@ from aio_pika.abc import (
 from mode import Service
 
 from inferstream.errors import InferstreamError
+from inferstream.route_watch import RouteWatcher
 from inferstream.settings import Settings
 from schemas.records import PRIORITY_LEVEL, InferenceRequest, ResultEvent
 
@@ -147,9 +148,22 @@ class Consumer:
 class RabbitClient(Service):
     """The one RabbitMQ connection of a worker; connects lazily on first use."""
 
-    def __init__(self, settings: Settings, *, publish_timeout_s: float = 10.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        routes: RouteWatcher | None = None,
+        publish_timeout_s: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
+        # Which routes have work queues: the watcher's (current and retired); without one, the settings'.
+        self.route_watcher = routes
+        self._fixed_routes = None if routes is not None else frozenset(
+            (task, model) for task, models in settings.model_routes.items() for model in models
+        )
+        self._declared: set[tuple[str, str]] = set()
         self.publish_timeout_s = publish_timeout_s
         self._lock = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
@@ -186,8 +200,18 @@ class RabbitClient(Service):
         return f"{task}.{model}"
 
     def routes(self) -> list[tuple[str, str]]:
-        """Every ``(task, model)`` with a work queue, from ``settings.models``."""
+        """Every ``(task, model)`` with a work queue: the route watcher's served routes (or ``settings.models``)."""
+        if self.route_watcher is not None:
+            return [r.key for r in self.route_watcher.served()]
         return [(task, model) for task, models in self.settings.model_routes.items() for model in models]
+
+    def route_keys(self) -> frozenset[tuple[str, str]]:
+        """The same as a set, without building it per call."""
+        if self.route_watcher is not None:
+            self.route_watcher.table  # noqa: B018 - loads the routes on first use
+            return self.route_watcher.served_keys
+        assert self._fixed_routes is not None
+        return self._fixed_routes
 
     def all_queue_names(self) -> list[str]:
         work = [self.work_queue_name(t, m) for t, m in self.routes()]
@@ -231,13 +255,32 @@ class RabbitClient(Service):
         dead = await channel.declare_queue(self.dead_letter_queue_name, durable=True)
         await dead.bind(self._dlx, routing_key="")
         await channel.declare_queue(self.results_queue_name, durable=True)
-        for task, model in self.routes():
+        self._declared = set()
+        await self._declare_work_queues(channel, self.routes())
+
+    async def _declare_work_queues(self, channel: AbstractRobustChannel, keys: Sequence[tuple[str, str]]) -> None:
+        assert self._work_exchange is not None
+        for task, model in keys:
+            if (task, model) in self._declared:
+                continue
             queue = await channel.declare_queue(
                 self.work_queue_name(task, model),
                 durable=True,
                 arguments={"x-max-priority": MAX_PRIORITY, "x-dead-letter-exchange": self.dlx_name},
             )
             await queue.bind(self._work_exchange, routing_key=self.routing_key(task, model))
+            self._declared.add((task, model))
+
+    async def declare_routes(self, keys: Sequence[tuple[str, str]] | None = None) -> None:
+        """Declare the work queues of ``keys`` (default: every route) that this connection has not declared.
+
+        Routes added by a reload get their queues here; the robust channel declares them again after a reconnect.
+        """
+        channel = await self.connect()
+        wanted = self.routes() if keys is None else list(keys)
+        if any(k not in self._declared for k in wanted):
+            async with self._lock:
+                await self._declare_work_queues(channel, wanted)
 
     async def close(self) -> None:
         async with self._lock:
@@ -264,12 +307,14 @@ class RabbitClient(Service):
         whole batch (duplicates are fine downstream). :class:`UnknownRoute` is
         raised before anything is sent if a request's route has no queue.
         """
-        known = set(self.routes())
+        known = self.route_keys()
         for req in reqs:
             if (req.task, req.model) not in known:
                 raise UnknownRoute(req.request_id, self.routing_key(req.task, req.model))
         try:
             await self.connect()
+            if any((req.task, req.model) not in self._declared for req in reqs):
+                await self.declare_routes(sorted({(str(req.task), req.model) for req in reqs}))  # a reload added it
         except AMQP_ERRORS as exc:
             raise PublishError(f"RabbitMQ unreachable: {exc!r}", request_ids=[r.request_id for r in reqs]) from exc
         exchange = self._work_exchange

@@ -70,9 +70,8 @@ def register_forward(
     book: QuotaBook,
     dispatched: DispatchedEvents,
 ) -> None:
-    routes = set(rabbit.routes())
-
     async def forward(read: Sequence[EventT]) -> None:
+        routes = rabbit.route_keys()  # the routes served now: a reload may add some, and retires others
         confirmed = await book.confirm_requests([logged(e) for e in read])
         batch = [cast(InferenceRequest, e.value) for e in read]
         at = clock.now()
@@ -82,8 +81,9 @@ def register_forward(
             await publish_confirmed(rabbit, routable)
             metrics.FORWARD_BATCHES.inc(len(routable))
         await asyncio.gather(*confirmed)
-        # Admitted by a gateway configured with a model this worker has no queue for:
-        # a configuration mismatch; fail the request (refunded) rather than drop it.
+        # Admitted by a gateway configured with a route this worker has no queue for (another
+        # routes file, or a route removed before this worker started): fail it (refunded) rather
+        # than drop it. A route removed by a reload of this worker is retired, not unroutable.
         unroutable = [
             ResultEvent.for_request(
                 r, "failed", at=at,

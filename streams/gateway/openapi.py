@@ -13,6 +13,7 @@ from schemas.documents import (
     Accepted,
     CancelAccepted,
     ErrorBody,
+    ModelList,
     QuotaDoc,
     QuotaErrorBody,
     RequestDoc,
@@ -176,6 +177,12 @@ ROUTES: tuple[Route, ...] = (
         "get",
         "The caller's quota for the current UTC day",
         {200: Answer("Quota", QuotaDoc), 401: _UNAUTHORIZED, 503: _UNAVAILABLE},
+    ),
+    Route(
+        "/v1/models",
+        "get",
+        "The public routes (task and model) that accept submissions now",
+        {200: Answer("The routes", ModelList), 401: _UNAUTHORIZED, 503: _UNAVAILABLE},
     ),
     Route(
         "/healthz", "get", "Alive", {200: Answer("Alive", media="application/json")}, public=True

@@ -1,4 +1,4 @@
-"""``/v1/requests`` and ``/v1/quota``: admission, reads, listing, cancellation and the event stream."""
+"""``/v1/requests``, ``/v1/quota`` and ``/v1/models``: admission, reads, listing, cancellation, the event stream."""
 
 from __future__ import annotations
 
@@ -102,3 +102,11 @@ async def quota(gw: Gateway, request: web.Request) -> web.StreamResponse:
     if owner is not None:
         return await gw.router.forward(request, owner, b"")
     return json_response(gw.quota.doc(principal.user_id, principal.plan))
+
+
+async def models(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models``: the routes this worker admits now (a reload changes them)."""
+    await gw.keys.authenticate(api_key(request))
+    routes = gw.admission.routes
+    created = int(routes.loaded_at or 0)
+    return json_response({"object": "list", "data": [{**r.public(), "created": created} for r in routes.table]})

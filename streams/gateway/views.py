@@ -39,6 +39,7 @@ def register_gateway(app: faust.App, gw: Gateway) -> None:
     cancel = _endpoint(gw, "/v1/requests/{id}", requests.cancel)
     events = _endpoint(gw, None, requests.events)
     quota = _endpoint(gw, "/v1/quota", requests.quota)
+    models = _endpoint(gw, "/v1/models", requests.models)
 
     @app.page("/v1/requests")
     class RequestsView(View):
@@ -65,3 +66,8 @@ def register_gateway(app: faust.App, gw: Gateway) -> None:
     class QuotaView(View):
         async def get(self, request: web.Request) -> web.StreamResponse:
             return await quota(request)
+
+    @app.page("/v1/models")
+    class ModelsView(View):
+        async def get(self, request: web.Request) -> web.StreamResponse:
+            return await models(request)

@@ -20,7 +20,6 @@ import aio_pika
 import aiohttp
 import pytest
 
-from bridges.clients.model import ModelClient
 from bridges.clients.rabbitmq import PublishError, RabbitClient, result_bodies
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
@@ -38,6 +37,7 @@ from workers.worker import IsCancelled, MLWorker, no_cancellations
 
 pytestmark = pytest.mark.integration
 MODELS = "generate:sim-gpt,embed:all-MiniLM-L6-v2,embed:no-such-model"
+GENERATE = ("generate", "sim-gpt")  # the key of the generate route's endpoint
 
 
 def make_req(priority: str = "normal", task: str = "generate", model: str = "sim-gpt", **extra: Any) -> InferenceRequest:
@@ -127,20 +127,18 @@ class Harness:
         self.settings = settings
         self.rabbit = RabbitClient(settings)
         self.results = Results(self.rabbit)
-        self.workers: list[tuple[MLWorker, ModelClient]] = []
+        self.workers: list[MLWorker] = []
 
     async def worker(self, is_cancelled: IsCancelled = no_cancellations, **overrides: Any) -> MLWorker:
         settings = replace(self.settings, **overrides)
-        model = ModelClient(settings)
-        worker = MLWorker(settings, RabbitClient(settings), model, is_cancelled)
-        self.workers.append((worker, model))
+        worker = MLWorker(settings, RabbitClient(settings), is_cancelled=is_cancelled)
+        self.workers.append(worker)
         await worker.start()
         return worker
 
     async def close(self) -> None:
-        for worker, model in self.workers:
+        for worker in self.workers:
             await worker.stop()
-            await model.close()
             await worker.rabbit.close()
         await self.rabbit.delete_namespace()
         await self.rabbit.close()
@@ -263,7 +261,7 @@ async def test_half_failing_model_pauses_on_the_breaker_and_completes_every_requ
     closed = [r for r in caplog.records if "half_open -> closed" in r.getMessage()]
     assert opened and closed, "the breaker opened and closed again"
     assert max(e.attempts for e in done.values()) > 1
-    await wait_for(lambda: worker.endpoints["generate"].breaker.state == "closed" and worker.health()["consuming"], timeout=20)
+    await wait_for(lambda: worker.endpoints[GENERATE].pool.state == "closed" and worker.health()["consuming"], timeout=20)
 
 
 async def test_a_400_fails_at_once_without_retry(admin: Admin, harness_factory: Any) -> None:
@@ -299,9 +297,9 @@ async def test_model_down_opens_breaker_stops_consuming_then_recovers(harness_fa
     worker = await h.worker()
     reqs = [make_req() for _ in range(8)]
     await h.rabbit.publish_requests(reqs)
-    endpoint = worker.endpoints["generate"]
+    endpoint = worker.endpoints[GENERATE]
 
-    await wait_for(lambda: endpoint.breaker.state != "closed" and not worker.health()["endpoints"][endpoint.name]["consuming"], timeout=20)
+    await wait_for(lambda: endpoint.pool.state != "closed" and not worker.health()["endpoints"][endpoint.name]["consuming"], timeout=20)
     queue = h.rabbit.work_queue_name("generate", "sim-gpt")
     assert await h.rabbit.message_count(queue) >= 6  # held back in RabbitMQ, not bounced around
     assert worker.health()["in_flight"] <= 2
@@ -312,7 +310,7 @@ async def test_model_down_opens_breaker_stops_consuming_then_recovers(harness_fa
         await wait_healthy(f"http://{HOST}:{port}", time.monotonic() + 60, proc)
         done = await h.results.wait_terminal([r.request_id for r in reqs], within=30)
         assert {e.status for e in done.values()} == {"completed"}
-        await wait_for(lambda: endpoint.breaker.state == "closed" and worker.health()["consuming"], timeout=20)
+        await wait_for(lambda: endpoint.pool.state == "closed" and worker.health()["consuming"], timeout=20)
     finally:
         stop_modelserver(proc)
 

@@ -15,12 +15,13 @@ class Recorder:
         self.calls: list[list[str]] = []
         self.fail = fail
 
-    async def __call__(self, texts: list[str]) -> tuple[list[list[float]], dict[str, int]]:
+    async def __call__(self, texts: list[str]) -> tuple[list[list[float]], dict[str, int], str]:
         self.calls.append(texts)
         await asyncio.sleep(0)
         if self.fail:
             raise RetryableModelError("down", status=503)
-        return [[float(len(t))] for t in texts], {"prompt_tokens": 10 * len(texts), "total_tokens": 10 * len(texts)}
+        usage = {"prompt_tokens": 10 * len(texts), "total_tokens": 10 * len(texts)}
+        return [[float(len(t))] for t in texts], usage, f"backend-{len(self.calls)}"
 
 
 async def test_fills_to_max_items_then_splits_back() -> None:
@@ -30,6 +31,7 @@ async def test_fills_to_max_items_then_splits_back() -> None:
     assert rec.calls == [["a", "bb", "ccc", "dddd"]]
     assert [r[0] for r in results] == [[[1.0]], [[2.0], [3.0]], [[4.0]]]
     assert sum(r[1]["prompt_tokens"] for r in results) == 40
+    assert {r[2] for r in results} == {"backend-1"}  # every request learns its batch's backend
 
 
 async def test_time_trigger_and_requests_never_split() -> None:

@@ -6,8 +6,10 @@ import asyncio
 
 import pytest
 
-from bridges.clients.model import ModelClient
+from typing import Any
+
 from inferstream import clock
+from inferstream.routes import routes_from_settings
 from inferstream.settings import Settings
 from workers.breaker import CircuitBreaker
 from workers.endpoint import DeadlinePassed, Endpoint, RetryBudgetSpent
@@ -111,15 +113,25 @@ async def test_late_success_of_a_non_probe_does_not_close_an_open_breaker() -> N
 # ---- the breaker as a pause inside an endpoint call -------------------------
 
 
+def _endpoint(settings: Settings) -> Endpoint:
+    route = routes_from_settings(settings).get("generate", "sim-gpt")
+    assert route is not None
+    return Endpoint(settings, route)
+
+
+def _breaker(endpoint: Endpoint) -> CircuitBreaker:
+    (upstream,) = endpoint.pool.upstreams  # the shorthand: one backend per route
+    return upstream.breaker
+
+
 def _open_endpoint(reset_s: float) -> Endpoint:
-    settings = Settings(ml_breaker_threshold=1, ml_breaker_reset_s=reset_s)
-    endpoint = Endpoint(settings, ModelClient(settings), "generate")
-    endpoint.breaker.on_failure(False)
-    assert endpoint.breaker.state == "open"
+    endpoint = _endpoint(Settings(ml_breaker_threshold=1, ml_breaker_reset_s=reset_s))
+    _breaker(endpoint).on_failure(False)
+    assert _breaker(endpoint).state == "open"
     return endpoint
 
 
-async def _never_called() -> str:
+async def _never_called(upstream: Any) -> str:
     raise AssertionError("no call may go out while the breaker is open")
 
 
@@ -147,27 +159,26 @@ async def test_a_deadline_before_the_budget_expires_the_paused_call() -> None:
 async def test_a_paused_call_goes_out_when_the_breaker_half_opens_within_the_budget() -> None:
     endpoint = _open_endpoint(reset_s=0.2)
 
-    async def answer() -> str:
+    async def answer(upstream: Any) -> str:
         return "ok"
 
     budget = RetryBudget(10)
-    assert await endpoint.call(answer, budget=budget) == "ok"
-    assert endpoint.breaker.state == "closed"  # it was the probe, and its success closed the breaker
+    assert await endpoint.call(answer, budget=budget) == ("ok", "default")
+    assert _breaker(endpoint).state == "closed"  # it was the probe, and its success closed the breaker
     assert budget.started_at is not None and budget.started_at - clock.now() < 0.1  # the call started it
 
 
 async def test_the_budget_starts_at_the_first_call_not_while_waiting_for_a_slot() -> None:
     """A prefetched message queued behind a backlog keeps its whole budget for its own calls."""
-    settings = Settings(ml_concurrency=1)
-    endpoint = Endpoint(settings, ModelClient(settings), "generate")
+    endpoint = _endpoint(Settings(ml_concurrency=1))
     called, release = asyncio.Event(), asyncio.Event()
 
-    async def slow() -> str:
+    async def slow(upstream: Any) -> str:
         called.set()
         await release.wait()
         return "first"
 
-    async def quick() -> str:
+    async def quick(upstream: Any) -> str:
         return "second"
 
     first = asyncio.ensure_future(endpoint.call(slow))
@@ -177,5 +188,5 @@ async def test_the_budget_starts_at_the_first_call_not_while_waiting_for_a_slot(
     done, _ = await asyncio.wait({second}, timeout=0.3)  # three budgets' time waiting for the slot
     assert not done and budget.started_at is None
     release.set()
-    assert await first == "first" and await second == "second"
+    assert await first == ("first", "default") and await second == ("second", "default")
     assert budget.started_at is not None

@@ -40,6 +40,7 @@ ADVANCE_FIELDS: tuple[str, ...] = (
     "error",
     "usage",
     "completed_at",
+    "backend",
 )
 TIMESTAMPS: frozenset[str] = frozenset(
     {"created_at", "updated_at", "dispatched_at", "started_at", "completed_at", "deadline_at"}
@@ -100,6 +101,7 @@ def row_of(item: Event) -> Row | None:
         "callback_url": item.callback_url,
         "quota_day": _blank(item.quota_day),
         "history": _event_history(item),
+        "backend": item.backend,
     }
 
 
@@ -223,7 +225,7 @@ def _set_clause() -> str:
         f"status = CASE WHEN {_ADV} THEN EXCLUDED.status ELSE requests.status END",
         "status_rank = GREATEST(requests.status_rank, EXCLUDED.status_rank)",
     ]
-    for c in ("result", "error", "usage", "completed_at"):
+    for c in ("result", "error", "usage", "completed_at", "backend"):
         sets.append(
             f"{c} = CASE WHEN {_ADV} THEN COALESCE(EXCLUDED.{c}, requests.{c}) ELSE requests.{c} END"
         )
