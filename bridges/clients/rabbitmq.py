@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import aio_pika
@@ -456,11 +456,12 @@ class RabbitClient(Service):
         }
 
     # ---- test and admin helpers ---------------------------------------
-    async def delete_namespace(self) -> None:
-        """Delete this namespace's queues and exchanges (tests clean up with it)."""
+    async def delete_namespace(self, extra_routes: Iterable[tuple[str, str]] = ()) -> None:
+        """Delete this namespace's queues and exchanges, and the work queues of ``extra_routes`` (tests clean up with it)."""
         connection = await self._connection_ready()
         async with connection.channel() as channel:
-            for name in self.all_queue_names():
+            extra = [self.work_queue_name(task, model) for task, model in extra_routes]
+            for name in dict.fromkeys([*self.all_queue_names(), *extra]):
                 await channel.queue_delete(name)
             for name in (self.work_exchange_name, self.dlx_name):
                 await channel.exchange_delete(name)

@@ -130,6 +130,8 @@ class Pipeline:
         self.settings = Settings.from_env(self.env)
         self.store = Store(self.settings)
         self.workers: list[WorkerProcess] = []
+        # Work queues beyond INFERSTREAM_MODELS' (a routes file's routes) that cleanup must delete.
+        self.extra_routes: set[tuple[str, str]] = set()
 
     @classmethod
     async def create(cls, broker_url: str, model_url: str, **overrides: str) -> Pipeline:
@@ -192,7 +194,7 @@ class Pipeline:
             worker.stop()
         rabbit = RabbitClient(self.settings)
         try:
-            await rabbit.delete_namespace()
+            await rabbit.delete_namespace(self.extra_routes)
         finally:
             await rabbit.close()
         pool = await self.store.connect()
