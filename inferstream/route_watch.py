@@ -147,7 +147,10 @@ class RouteWatcher(Service):
                 path, why, old.digest, table.digest, _names(after - before), _names(before - after), _names(changed),
             )  # fmt: skip
             for subscriber in self._subscribers:
-                await subscriber(table)
+                try:
+                    await subscriber(table)
+                except Exception:  # one part failing to follow must not stop the watcher or the others
+                    log.exception("applying the reloaded routes failed in %r", subscriber)
             return True
 
     def _file_stamp(self) -> tuple[int, int, int] | None:

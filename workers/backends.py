@@ -166,8 +166,7 @@ class BackendPool:
 
     def health(self) -> dict[str, Any]:
         return {
-            u.name: {
-                "url": u.spec.url,
+            u.name: {  # no URL: /readyz is unauthenticated, and the routes file says where each name points
                 "model": u.spec.model,
                 "weight": u.spec.weight,
                 "order": u.spec.order,

@@ -83,6 +83,7 @@ class MLWorker(Service):
         self._consumers: dict[RouteKey, Consumer] = {}
         self._superseded: set[Endpoint] = set()  # replaced by a reload; closed when their last job ends
         self._routes_lock = asyncio.Lock()
+        self._consumers_missing = False  # a reload's new queues still want their consumers
         self._jobs: set[Job] = set()
         self._stopping = False
         self._consuming_set_up = False
@@ -102,17 +103,26 @@ class MLWorker(Service):
         """Endpoints and consumers for every served route (at start, and after each reload)."""
         async with self._routes_lock:
             served = self.routes.served()
-            await self.rabbit.declare_routes([r.key for r in served])
             for route in served:
                 self._endpoint_for(route)
-                if route.key not in self._consumers:
-                    self._consumers[route.key] = await self.rabbit.consumer(
-                        self.rabbit.work_queue_name(*route.key),
-                        functools.partial(self._on_message, route.key, Acks()),
-                        prefetch=self.settings.ml_prefetch,
-                        start=not self._stopping,
-                    )
             self._close_idle_superseded()
+            try:
+                await self.rabbit.declare_routes([r.key for r in served])
+                for route in served:
+                    if route.key not in self._consumers:
+                        self._consumers[route.key] = await self.rabbit.consumer(
+                            self.rabbit.work_queue_name(*route.key),
+                            functools.partial(self._on_message, route.key, Acks()),
+                            prefetch=self.settings.ml_prefetch,
+                            start=not self._stopping,
+                        )
+                self._consumers_missing = False
+            except AMQP_ERRORS as exc:
+                if not self._consuming_set_up:
+                    raise  # at start: the worker is not ready, and says why
+                # After a reload with RabbitMQ away: the supervisor tries again until it is back.
+                self._consumers_missing = True
+                log.warning("consumers for reloaded routes not set up yet (RabbitMQ: %r); retrying", exc)
         self._wake.set()
 
     def _endpoint_for(self, route: Route) -> Endpoint:
@@ -217,6 +227,8 @@ class MLWorker(Service):
                 pass
             self._wake.clear()
             if not self._stopping:
+                if self._consumers_missing and self.rabbit.connected:
+                    await self._serve_routes(self.routes.table)
                 await self._reconcile()
 
     @Service.task
