@@ -542,3 +542,82 @@ async def test_a_worker_killed_before_its_results_are_confirmed_has_its_messages
 
 async def _stats_at_least(admin: Admin, calls: int) -> bool:
     return int((await admin.stats())["generate_calls"]) >= calls
+
+
+RETIRING = ("generate", "sim-gpt-retiring")  # in the routes file before the reload only
+ADDED = ("generate", "sim-gpt-added")  # after it only
+
+
+def _write_reload_routes(path: str, a_url: str, b_url: str, *, reloaded: bool) -> None:
+    """Before: generate/sim-gpt on `slow-a` (server A) and a route to retire; after: sim-gpt on `fast-b` (B), one added."""
+    if reloaded:
+        gen_backend, other = f"{{name: fast-b, url: '{b_url}/v1', model: sim-gpt}}", ADDED
+    else:
+        gen_backend, other = f"{{name: slow-a, url: '{a_url}/v1', model: sim-gpt}}", RETIRING
+    text = (
+        "routes:\n"
+        "  - task: generate\n    model: sim-gpt\n    default: true\n"
+        f"    backends:\n      - {gen_backend}\n"
+        f"  - task: generate\n    model: {other[1]}\n"
+        f"    backends:\n      - {{name: fast-b, url: '{b_url}/v1', model: sim-gpt}}\n"
+    )
+    with open(path, "w") as file:
+        file.write(text)
+
+
+@pytest.mark.timeout(180)
+async def test_a_routes_reload_serves_new_work_on_the_new_backends_while_work_in_hand_finishes_on_the_old(
+    admin: Admin, harness_factory: Any, tmp_path: os.PathLike[str]
+) -> None:
+    # Imported here, not at the top: this test was appended to a shared file whose imports stay as they are.
+    from inferstream.route_watch import RouteWatcher
+
+    async with running_modelserver("--no-embeddings") as b_url:
+        admin_b = Admin(b_url)
+        await admin.faults(latency_ms=1500)  # server A: slow-a
+        routes = os.path.join(tmp_path, "routes.yaml")
+        _write_reload_routes(routes, admin.url, b_url, reloaded=False)
+        h = await harness_factory(f"{admin.url}/v1", routes_file=routes)
+        watcher = RouteWatcher(h.settings)
+        worker = MLWorker(h.settings, RabbitClient(h.settings, routes=watcher))
+        # h.close() deletes the queues of the settings' MODELS (generate/sim-gpt among them), not these.
+        extra_queues = [worker.rabbit.work_queue_name(*key) for key in (RETIRING, ADDED)]
+        try:
+            await worker.start()
+            first = [make_req(params={"max_tokens": 4}) for _ in range(3)]
+            await worker.rabbit.publish_requests(first)
+            await wait_for(lambda: worker.health()["in_flight"] == 3, timeout=20, what="the first batch in flight")
+            old = worker.endpoints[GENERATE]
+
+            _write_reload_routes(routes, admin.url, b_url, reloaded=True)
+            assert await worker.routes.reload("test") is True
+            assert worker.endpoints[GENERATE] is not old
+            assert watcher.route(*RETIRING) is None and RETIRING in watcher.retired
+            health = worker.health()["endpoints"]
+            assert health["generate/sim-gpt-retiring"]["retired"] and health["generate/sim-gpt-retiring"]["consuming"]
+            assert health["generate/sim-gpt-added"]["consuming"] and not health["generate/sim-gpt-added"]["retired"]
+            assert list(health["generate/sim-gpt"]["backends"]) == ["fast-b"]
+
+            second = [make_req(params={"max_tokens": 4}) for _ in range(3)]
+            added = make_req(model=ADDED[1], params={"max_tokens": 4})
+            retiring = make_req(model=RETIRING[1], params={"max_tokens": 4})  # the worker's client knows retired routes
+            await worker.rabbit.publish_requests([*second, added, retiring])
+            later = [*second, added, retiring]
+            done = await h.results.wait_terminal([r.request_id for r in [*first, *later]], within=30)
+
+            assert {e.status for e in done.values()} == {"completed"}, [e.error for e in done.values()]
+            assert [done[r.request_id].backend for r in first] == ["slow-a"] * 3
+            assert [done[r.request_id].backend for r in later] == ["fast-b"] * 5
+            # New work did not queue behind the slow calls in hand: it finished first.
+            order = [e.request_id for e in h.results.events if e.is_terminal]
+            assert max(order.index(r.request_id) for r in second) < min(order.index(r.request_id) for r in first)
+            assert (await admin.stats())["generate_calls"] == 3
+            assert (await admin_b.stats())["generate_calls"] == 5
+            # The replaced endpoint closes once its last job is done.
+            await wait_for(lambda: not worker._superseded, timeout=10, what="the old endpoint closed")
+        finally:
+            await worker.stop()
+            await worker.rabbit.close()
+            channel = await h.rabbit.connect()
+            for name in extra_queues:
+                await channel.queue_delete(name)

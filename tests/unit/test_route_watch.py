@@ -209,11 +209,24 @@ async def test_polling_picks_up_a_changed_file(settings: Settings, routes_file: 
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="SIGHUP needs the main thread")
-async def test_sighup_reloads(settings: Settings, routes_file: RoutesFile, started: Any) -> None:
-    watcher = await started(RouteWatcher(settings, environ={}))  # routes_poll_s=0: only the signal reloads
-    # Without the handler SIGHUP would end the test run: make sure it is installed before sending it.
-    assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-    routes_file.write(routes_yaml(GEN))
-    os.kill(os.getpid(), signal.SIGHUP)
-    await wait_for(lambda: watcher.reloads == 1, timeout=5, what="SIGHUP to reload the file")
-    assert watcher.table.keys() == [GEN] and set(watcher.retired) == {EMBED}
+async def test_sighup_reloads(settings: Settings, routes_file: RoutesFile) -> None:
+    watcher = RouteWatcher(settings, environ={})  # routes_poll_s=0: only the signal reloads
+    await watcher.start()
+    try:
+        # Without the handler SIGHUP would end the test run: make sure it is installed before sending it.
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        routes_file.write(routes_yaml(GEN))
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for(lambda: watcher.reloads == 1, timeout=5, what="SIGHUP to reload the file")
+        assert watcher.table.keys() == [GEN] and set(watcher.retired) == {EMBED}
+    finally:
+        await watcher.stop()
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # stopping gives SIGHUP back
+
+
+async def test_without_a_routes_file_the_shorthand_serves_and_reload_changes_nothing(started: Any) -> None:
+    shorthand = Settings(namespace="trwatch", models="generate:sim-gpt,embed:mini", routes_poll_s=0.05)
+    watcher = await started(RouteWatcher(shorthand, environ={}))
+    assert watcher.table.source == "INFERSTREAM_MODELS" and watcher.table.keys() == [GEN, EMBED]
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # no file, nothing to reload on SIGHUP
+    assert await watcher.reload() is False and watcher.reloads == 0
