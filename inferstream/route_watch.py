@@ -125,6 +125,7 @@ class RouteWatcher(Service):
         """Load the file again; True when the routes changed. A file that does not validate changes nothing."""
         path = self.settings.routes_file
         if not path:
+            log.info("%s: no routes file to reload (INFERSTREAM_ROUTES_FILE is not set)", why)
             return False
         async with self._lock:
             old = self.table
@@ -136,7 +137,9 @@ class RouteWatcher(Service):
                 log.error("routes file %s refused (%s); still serving routes %s:\n%s", path, why, old.digest, exc)
                 return False
             self.error = self.error_at = None
-            if table.digest == old.digest and table == old:
+            if table.routes == old.routes:  # the same routes (a comment changed, or nothing)
+                if table.digest != old.digest:
+                    self._table = table
                 return False
             self._install(table)
             self.reloads += 1
@@ -165,12 +168,13 @@ class RouteWatcher(Service):
 
     async def on_start(self) -> None:
         self.load()
-        if self.settings.routes_file and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             # SIGHUP's default action ends the process; mode's worker handles only INT, TERM and USR1/2.
+            # Without a routes file it only logs that there is nothing to reload.
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
 
     async def on_stop(self) -> None:
-        if self.settings.routes_file and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
     def _on_sighup(self) -> None:
