@@ -58,6 +58,10 @@ class RoutesFile:
     def write(self, text: str) -> None:
         self.path.write_text(text)
 
+    def write_parents(self, text: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.write(text)
+
     def read(self) -> str:
         return self.path.read_text()
 
@@ -134,6 +138,19 @@ async def test_an_identical_rewrite_is_no_change(watcher: RouteWatcher, routes_f
     assert watcher.table is table and seen.tables == [] and watcher.reloads == 0
 
 
+async def test_a_comment_only_change_is_no_change_but_the_digest_follows(
+    watcher: RouteWatcher, routes_file: RoutesFile
+) -> None:
+    table = watcher.load()
+    seen = Recorder()
+    watcher.subscribe(seen)
+    routes_file.write("# reviewed\n" + routes_file.read())
+    assert await watcher.reload() is False
+    assert seen.tables == [] and watcher.reloads == 0 and watcher.retired == {}
+    assert watcher.table.routes == table.routes
+    assert watcher.status()["digest"] == watcher.table.digest != table.digest  # /readyz names the file now loaded
+
+
 async def test_a_broken_file_is_refused_and_the_next_good_one_clears_the_error(
     watcher: RouteWatcher, routes_file: RoutesFile
 ) -> None:
@@ -184,6 +201,18 @@ async def test_subscribers_run_once_per_change_with_the_new_table(watcher: Route
     assert second.tables == first.tables
 
 
+async def test_a_vanished_file_is_refused_and_its_return_clears_the_error(
+    watcher: RouteWatcher, routes_file: RoutesFile
+) -> None:
+    table = watcher.load()
+    good = routes_file.read()
+    routes_file.path.unlink()
+    assert await watcher.reload() is False
+    assert watcher.table is table and "cannot read the file" in (watcher.error or "")
+    routes_file.write(good)
+    assert await watcher.reload() is False and watcher.error is None
+
+
 @pytest.fixture
 async def started() -> AsyncIterator[Any]:
     running: list[RouteWatcher] = []
@@ -208,6 +237,22 @@ async def test_polling_picks_up_a_changed_file(settings: Settings, routes_file: 
     assert watcher.route(*EXTRA) is not None and [t.keys() for t in seen.tables] == [[GEN, EMBED, EXTRA]]
 
 
+async def test_polling_follows_a_configmap_style_symlink_swap(tmp_path: Path, started: Any) -> None:
+    # Kubernetes updates a mounted ConfigMap by pointing `..data` at a new directory: the file's own
+    # path never changes, only what it resolves to.
+    for version, routes in (("v1", (GEN,)), ("v2", (GEN, EXTRA))):
+        RoutesFile(tmp_path / version / "routes.yaml").write_parents(routes_yaml(*routes))
+    (tmp_path / "..data").symlink_to("v1")
+    (tmp_path / "routes.yaml").symlink_to("..data/routes.yaml")
+    settings = Settings(namespace="trwatch", routes_file=str(tmp_path / "routes.yaml"), routes_poll_s=0.05)
+    watcher = await started(RouteWatcher(settings, environ={}))
+    assert watcher.table.keys() == [GEN]
+    (tmp_path / "..data_tmp").symlink_to("v2")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")  # atomic, as the kubelet does it
+    await wait_for(lambda: watcher.reloads == 1, timeout=5, what="the poll to follow the swap")
+    assert watcher.table.keys() == [GEN, EXTRA]
+
+
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="SIGHUP needs the main thread")
 async def test_sighup_reloads(settings: Settings, routes_file: RoutesFile) -> None:
     watcher = RouteWatcher(settings, environ={})  # routes_poll_s=0: only the signal reloads
@@ -224,9 +269,19 @@ async def test_sighup_reloads(settings: Settings, routes_file: RoutesFile) -> No
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # stopping gives SIGHUP back
 
 
-async def test_without_a_routes_file_the_shorthand_serves_and_reload_changes_nothing(started: Any) -> None:
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="SIGHUP needs the main thread")
+async def test_without_a_routes_file_the_shorthand_serves_and_sighup_only_logs(
+    started: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     shorthand = Settings(namespace="trwatch", models="generate:sim-gpt,embed:mini", routes_poll_s=0.05)
     watcher = await started(RouteWatcher(shorthand, environ={}))
     assert watcher.table.source == "INFERSTREAM_MODELS" and watcher.table.keys() == [GEN, EMBED]
-    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # no file, nothing to reload on SIGHUP
     assert await watcher.reload() is False and watcher.reloads == 0
+    # SIGHUP must not end a worker that has no file: the handler is there and says why nothing happens.
+    assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    caplog.set_level("INFO", logger="inferstream.route_watch")
+    os.kill(os.getpid(), signal.SIGHUP)
+    await wait_for(
+        lambda: any("SIGHUP: no routes file" in r.getMessage() for r in caplog.records), timeout=5, what="the log"
+    )
+    assert watcher.reloads == 0 and watcher.table.source == "INFERSTREAM_MODELS"
