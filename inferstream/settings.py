@@ -175,6 +175,23 @@ class Settings:
         2.0, "How long submit waits for a `callback_url` host to resolve before refusing it (400)."
     )
     sse_heartbeat_s: float = _setting(15.0, "Seconds between SSE heartbeat comments.")
+    stream_token_ttl_s: float = _setting(
+        300.0,
+        "Lifetime of an event-stream token (`POST /v1/requests/{id}/events/token`), which lets a browser's "
+        "`EventSource` follow one request of its owner without an `Authorization` header.",
+    )
+    cors_origins: str = _setting(
+        "",
+        "Comma-separated origins (`https://app.example.com`) whose pages may call the API from a browser "
+        "(CORS); empty: none.",
+    )
+    # Operations
+    log_format: str = _setting(
+        "text", "`text` (for a terminal) or `json` (one object per line, with request and trace ids where known)."
+    )
+    observe_interval_s: float = _setting(
+        5.0, "How often a worker samples queue depths and consumer lag for `/metrics` and the dashboard."
+    )
     sse_poll_s: float = _setting(1.0, "SSE poll interval of the store when Redis pub/sub is unavailable.")
 
     # ---- derived names -------------------------------------------------
