@@ -137,7 +137,7 @@ async def test_a_failed_probe_reopens_the_primary_and_the_fallback_keeps_serving
 
 
 async def test_acquire_waits_while_every_breaker_is_open_and_returns_the_probe(pools: Any) -> None:
-    pool = pools(("a", 1, 1), ("b", 1, 2), reset_s=0.3)
+    pool = pools(("a", 1, 1), ("b", 1, 2), reset_s=1.0)  # long enough that the checks below run while open
     open_breaker(pool, "a")
     open_breaker(pool, "b")
     assert pool.pick() is None and not pool.accepting
