@@ -36,9 +36,10 @@ LOG_DIR = Path(os.environ.get("INFERSTREAM_TEST_LOG_DIR", "/tmp/inferstream-test
 class WorkerProcess:
     """``faust -A streams worker`` in a subprocess, logging to a file."""
 
-    def __init__(self, env: dict[str, str], port: int, name: str) -> None:
+    def __init__(self, env: dict[str, str], port: int, name: str, log_level: str = "info") -> None:
         self.env = env
         self.port = port
+        self.log_level = log_level
         self.url = f"http://127.0.0.1:{port}"
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"{name}.log"
@@ -47,7 +48,7 @@ class WorkerProcess:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "faust", "-A", "streams", "worker", "-l", "info"],
+            [sys.executable, "-m", "faust", "-A", "streams", "worker", "-l", self.log_level],
             cwd=ROOT,
             env=self.env,
             stdout=log,
@@ -149,14 +150,16 @@ class Pipeline:
         finally:
             await pipeline.cleanup()
 
-    async def start_worker(self, *, wait: bool = True, **overrides: str) -> WorkerProcess:
+    async def start_worker(
+        self, *, wait: bool = True, log_level: str = "info", **overrides: str
+    ) -> WorkerProcess:
         port = int(overrides.pop("web_port", 0)) or free_port()
         env = {
             **self.env,
             "INFERSTREAM_WEB_PORT": str(port),
             **{f"INFERSTREAM_{k.upper()}": v for k, v in overrides.items()},
         }
-        worker = WorkerProcess(env, port, f"{self.namespace}-{port}")
+        worker = WorkerProcess(env, port, f"{self.namespace}-{port}", log_level)
         worker.start()
         self.workers.append(worker)
         if wait:
