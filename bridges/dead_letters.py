@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from mode import Service
+from prometheus_client import Counter
 from tenacity import RetryCallState
 
 from bridges.clients.rabbitmq import AMQP_ERRORS, InboxConsumer, RabbitClient
@@ -25,9 +26,16 @@ from inferstream.retrying import DEAD_LETTER_RECORD, failure, next_sleep
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest
 
-__all__ = ["DeadLetterRecorder", "decode_dead_letter"]
+__all__ = ["DEAD_LETTERS", "DeadLetterRecorder", "decode_dead_letter"]
 
 log = logging.getLogger(__name__)
+
+DEAD_LETTERS = Counter(
+    "inferstream_dead_letters_total",
+    "Dead letters recorded in PostgreSQL by route (a redelivered one may count twice; the row is upserted once).",
+    ["task", "model"],
+)
+UNDECODABLE = ("unknown", "unknown")  # the labels of a dead letter whose body is not a request
 
 
 def _rejection(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -85,6 +93,7 @@ class DeadLetterRecorder(InboxConsumer):
                     "dropping dead letter %s: %s; headers %r; body %r",
                     message.message_id, exc, message.headers, message.body[:2000],
                 )  # fmt: skip
+                DEAD_LETTERS.labels(*UNDECODABLE).inc()
             else:
                 await self._record(request, error, history)
             try:
@@ -109,4 +118,5 @@ class DeadLetterRecorder(InboxConsumer):
             with attempt:
                 await self.store.record_dead_letter(request, error, history)
         self.recorded += 1
+        DEAD_LETTERS.labels(request.task, request.model).inc()
         log.info("dead letter %s recorded (%s)", request.request_id, error.get("type"))

@@ -55,6 +55,7 @@ from streams.gateway.ops import ReadinessCheck, register_ops
 from streams.gateway.routing import OwnerRouter
 from streams.gateway.views import register_gateway
 from streams.keysync import KeySync
+from streams.observe import Observer
 from streams.topics import Topics, define_topics, send_and_wait
 from streams.topology import install_topology
 from tables.definitions import define_tables
@@ -203,6 +204,7 @@ def _pipeline_role(
         router,
         ResultsBridge(settings, rabbit, produce_results),
         DeadLetterRecorder(settings, rabbit, store.dead_letters),
+        Observer(app, settings, rabbit),
     ]
     return PipelineRole(keys=keys, key_sync=key_sync, hub=hub, services=services)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 ADMISSIONS = Counter(
     "inferstream_admissions_total", "Admission decisions by outcome", ["outcome"]
@@ -15,3 +15,4 @@ HTTP_LATENCY = Histogram(
     ["route", "method", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+SSE_CLIENTS = Gauge("inferstream_sse_clients", "Event streams (SSE) open on this worker.")

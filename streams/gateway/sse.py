@@ -34,6 +34,7 @@ from bridges.clients.notifications import NotificationHub, Subscription
 from inferstream.errors import InferstreamError
 from schemas.documents import event_id
 from schemas.records import STATUS_RANK, TERMINAL
+from streams.gateway.metrics import SSE_CLIENTS
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ async def stream_events(
 
     # Subscribe before reading the state: anything published after the read is then queued.
     sub = hub.subscribe(request_id)
+    SSE_CLIENTS.inc()
     try:
         doc = await load_doc()
         resp = web.StreamResponse(
@@ -181,6 +183,7 @@ async def stream_events(
         except ConnectionResetError:
             pass  # the client went away: nothing to report, the subscription is dropped below
     finally:
+        SSE_CLIENTS.dec()
         hub.unsubscribe(sub)
     return resp
 
