@@ -174,6 +174,15 @@ class ModelList(Struct):
     data: list[ModelEntry]
 
 
+class StreamToken(Struct):
+    """201 to ``POST /v1/requests/{id}/events/token``: open ``events_url`` (relative) with ``EventSource``."""
+
+    token: str
+    expires_at: Annotated[float, Meta(description="Unix seconds; the stream must be opened before then.")]
+    ttl_s: float
+    events_url: str
+
+
 # Columns of the requests table, in order; the PostgreSQL store reads and writes these.
 REQUEST_COLUMNS: tuple[str, ...] = (
     "request_id",

@@ -16,6 +16,8 @@ class Plan:
     tokens_per_day: int
     requests_per_minute: int
     max_priority: Priority = "high"
+    # Admins see every user's quota use and every dead letter on /dashboard (migration 0004).
+    admin: bool = False
     updated_at: float | None = field(default=None, compare=False)
 
     def cap_priority(self, priority: str) -> Priority:

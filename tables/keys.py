@@ -109,6 +109,10 @@ class KeyCache:
     def plan(self, name: str) -> Plan:
         return self._plans.get(name) or (DEFAULT_PLAN if name == "default" else self._plans.get("default", DEFAULT_PLAN))
 
+    def plans_by_user(self) -> dict[str, Plan]:
+        """Each user's plan as far as this cache knows its keys (for an admin's view of everyone's quota)."""
+        return {user: self.plan(plan) for user, plan in self._keys.values()}
+
     async def authenticate(self, key: str | None) -> Principal:
         if not key:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from schemas.api import SubmissionBody
+from schemas.dashboard import DashboardQuota, DashboardStats
 from schemas.documents import (
     REQUEST_ID_PATTERN,
     Accepted,
@@ -18,6 +19,7 @@ from schemas.documents import (
     QuotaErrorBody,
     RequestDoc,
     RequestPage,
+    StreamToken,
 )
 from schemas.records import Status
 
@@ -158,7 +160,8 @@ ROUTES: tuple[Route, ...] = (
                 "The event stream; each event's data is the request's document",
                 media="text/event-stream",
             ),
-            401: _UNAUTHORIZED,
+            401: _error("Missing, unknown or revoked API key; or a stream token that is malformed, "
+                        "tampered with, expired or for another request"),
             404: _NOT_FOUND,
             503: _UNAVAILABLE,
         },
@@ -170,7 +173,26 @@ ROUTES: tuple[Route, ...] = (
                 "description": "Resume after this event.",
                 "schema": {"type": "string"},
             },
+            {
+                "name": "token",
+                "in": "query",
+                "description": "A stream token from `POST .../events/token`, instead of an API key "
+                "(for `EventSource`, which cannot send headers).",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 512},
+            },
         ),
+    ),
+    Route(
+        "/v1/requests/{request_id}/events/token",
+        "post",
+        "Mint a short-lived token that opens this request's event stream without an API key",
+        {
+            201: Answer("The token (INFERSTREAM_STREAM_TOKEN_TTL_S) and the stream's URL", StreamToken),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            503: _UNAVAILABLE,
+        },
+        parameters=(_ID,),
     ),
     Route(
         "/v1/quota",
@@ -183,6 +205,39 @@ ROUTES: tuple[Route, ...] = (
         "get",
         "The public routes (task and model) that accept submissions now",
         {200: Answer("The routes", ModelList), 401: _UNAUTHORIZED, 503: _UNAVAILABLE},
+    ),
+    Route(
+        "/dashboard/api/stats",
+        "get",
+        "This worker's live numbers for the dashboard; recent failures are the caller's own unless admin",
+        {200: Answer("The numbers", DashboardStats), 401: _UNAUTHORIZED, 503: _UNAVAILABLE},
+    ),
+    Route(
+        "/dashboard/api/quota",
+        "get",
+        "Quota use: every user this worker holds for an admin key, the caller's own otherwise",
+        {200: Answer("Quota documents", DashboardQuota), 401: _UNAUTHORIZED, 503: _UNAVAILABLE},
+    ),
+    Route(
+        "/dashboard",
+        "get",
+        "The live dashboard page (it asks for an API key)",
+        {200: Answer("The page", media="text/html")},
+        public=True,
+    ),
+    Route(
+        "/dashboard/app.js",
+        "get",
+        "The dashboard's script",
+        {200: Answer("Script", media="application/javascript")},
+        public=True,
+    ),
+    Route(
+        "/dashboard/style.css",
+        "get",
+        "The dashboard's style sheet",
+        {200: Answer("Style sheet", media="text/css")},
+        public=True,
     ),
     Route(
         "/healthz", "get", "Alive", {200: Answer("Alive", media="application/json")}, public=True

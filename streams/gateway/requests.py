@@ -16,6 +16,7 @@ from streams.gateway import metrics
 from streams.gateway.context import Gateway
 from streams.gateway.http import api_key, error_response, json_response, query_int, read_body
 from streams.gateway.sse import stream_events
+from streams.gateway.stream_tokens import StreamTokens
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,20 @@ async def cancel(gw: Gateway, request: web.Request, request_id: str) -> web.Stre
     return json_response({**doc, "cancel_requested": True}, status=202)
 
 
-async def events(gw: Gateway, request: web.Request, request_id: str) -> web.StreamResponse:
-    principal = await gw.keys.authenticate(api_key(request))
-    await _owned_doc(gw, principal.user_id, request_id)
+async def events(
+    gw: Gateway, request: web.Request, request_id: str, tokens: StreamTokens | None = None
+) -> web.StreamResponse:
+    """The event stream, authenticated by the API key or, for ``EventSource``, by ``?token=``."""
+    token = request.query.get("token")
+    if token is not None and tokens is not None:
+        # The token names its user and request; a key sent beside it is not consulted.
+        user_id = tokens.check(token, request_id).user_id
+    else:
+        user_id = (await gw.keys.authenticate(api_key(request))).user_id
+    await _owned_doc(gw, user_id, request_id)
 
     async def load() -> dict[str, Any] | None:
-        return await gw.load_doc(principal.user_id, request_id)
+        return await gw.load_doc(user_id, request_id)
 
     return await stream_events(
         request,
@@ -93,6 +102,21 @@ async def events(gw: Gateway, request: web.Request, request_id: str) -> web.Stre
         hub=gw.hub,
         heartbeat_s=gw.settings.sse_heartbeat_s,
         poll_s=gw.settings.sse_poll_s,
+    )
+
+
+async def events_token(
+    gw: Gateway, request: web.Request, request_id: str, tokens: StreamTokens
+) -> web.StreamResponse:
+    """``POST /v1/requests/{id}/events/token``: a short-lived token for this request's event stream."""
+    principal = await gw.keys.authenticate(api_key(request))
+    await _owned_doc(gw, principal.user_id, request_id)
+    token, expires_at = tokens.mint(request_id, principal.user_id)
+    events_url = f"/v1/requests/{request_id}/events?token={token}"
+    return json_response(
+        {"token": token, "expires_at": expires_at, "ttl_s": tokens.ttl_s, "events_url": events_url},
+        status=201,
+        headers={"Cache-Control": "no-store"},
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import cast
 
 import faust
 from aiohttp import web
@@ -11,7 +13,10 @@ from faust.web import View
 
 from streams.gateway import metrics, requests
 from streams.gateway.context import Gateway
+from streams.gateway.cors import CorsPolicy, parse_origins, preflight
+from streams.gateway.dashboard import Dashboard, register_dashboard
 from streams.gateway.http import guarded
+from streams.gateway.stream_tokens import StreamTokens
 
 Endpoint = Callable[..., Awaitable[web.StreamResponse]]
 
@@ -33,16 +38,30 @@ def _endpoint(gw: Gateway, route: str | None, fun: Endpoint) -> Endpoint:
 
 
 def register_gateway(app: faust.App, gw: Gateway) -> None:
+    """The ``/v1`` views, CORS for the listed origins, and the dashboard (with this worker's quota)."""
+    tokens = StreamTokens(gw.settings.key_secret, gw.settings.stream_token_ttl_s)
+    # Faust builds its aiohttp Application when the first page is registered; the signal must be
+    # connected before the server starts (aiohttp freezes it then).
+    CorsPolicy(parse_origins(gw.settings.cors_origins)).install(cast(web.Application, app.web.web_app))  # type: ignore[attr-defined]
+    register_dashboard(
+        app, Dashboard(gw.settings, gw.keys, quota=gw.quota, router=gw.router, requests=gw.store)
+    )
     submit = _endpoint(gw, "/v1/requests", requests.submit)
     list_mine = _endpoint(gw, "/v1/requests", requests.list_mine)
     get_one = _endpoint(gw, "/v1/requests/{id}", requests.get_one)
     cancel = _endpoint(gw, "/v1/requests/{id}", requests.cancel)
-    events = _endpoint(gw, None, requests.events)
+    events = _endpoint(gw, None, partial(requests.events, tokens=tokens))
+    events_token = _endpoint(
+        gw, "/v1/requests/{id}/events/token", partial(requests.events_token, tokens=tokens)
+    )
     quota = _endpoint(gw, "/v1/quota", requests.quota)
     models = _endpoint(gw, "/v1/models", requests.models)
 
     @app.page("/v1/requests")
     class RequestsView(View):
+        async def options(self, request: web.Request) -> web.StreamResponse:
+            return preflight(request)
+
         async def post(self, request: web.Request) -> web.StreamResponse:
             return await submit(request)
 
@@ -51,6 +70,9 @@ def register_gateway(app: faust.App, gw: Gateway) -> None:
 
     @app.page("/v1/requests/{request_id}")
     class RequestView(View):
+        async def options(self, request: web.Request, request_id: str) -> web.StreamResponse:
+            return preflight(request)
+
         async def get(self, request: web.Request, request_id: str) -> web.StreamResponse:
             return await get_one(request, request_id)
 
@@ -59,15 +81,32 @@ def register_gateway(app: faust.App, gw: Gateway) -> None:
 
     @app.page("/v1/requests/{request_id}/events")
     class EventsView(View):
+        async def options(self, request: web.Request, request_id: str) -> web.StreamResponse:
+            return preflight(request)
+
         async def get(self, request: web.Request, request_id: str) -> web.StreamResponse:
             return await events(request, request_id)
 
+    @app.page("/v1/requests/{request_id}/events/token")
+    class EventsTokenView(View):
+        async def options(self, request: web.Request, request_id: str) -> web.StreamResponse:
+            return preflight(request)
+
+        async def post(self, request: web.Request, request_id: str) -> web.StreamResponse:
+            return await events_token(request, request_id)
+
     @app.page("/v1/quota")
     class QuotaView(View):
+        async def options(self, request: web.Request) -> web.StreamResponse:
+            return preflight(request)
+
         async def get(self, request: web.Request) -> web.StreamResponse:
             return await quota(request)
 
     @app.page("/v1/models")
     class ModelsView(View):
+        async def options(self, request: web.Request) -> web.StreamResponse:
+            return preflight(request)
+
         async def get(self, request: web.Request) -> web.StreamResponse:
             return await models(request)

@@ -85,7 +85,9 @@ class Keys(Aggregate):
         tokens_per_day: int,
         requests_per_minute: int,
         max_priority: str = "high",
+        admin: bool | None = None,
     ) -> Plan:
+        """Create or change a plan; ``admin`` None keeps the flag a plan has (a new plan: not admin)."""
         if max_priority not in PRIORITIES:
             raise InvalidRequest(
                 f"max_priority must be one of {', '.join(PRIORITIES)}, not {max_priority!r}"
@@ -93,10 +95,11 @@ class Keys(Aggregate):
         if min(requests_per_day, tokens_per_day, requests_per_minute) < 0:
             raise InvalidRequest("plan limits must not be negative")
         (row,) = await self.pool.write(
-            "WITH p AS (INSERT INTO plans (name, requests_per_day, tokens_per_day, requests_per_minute, max_priority)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET"
+            "WITH p AS (INSERT INTO plans (name, requests_per_day, tokens_per_day, requests_per_minute, max_priority,"
+            " admin) VALUES ($1, $2, $3, $4, $5, coalesce($7, false)) ON CONFLICT (name) DO UPDATE SET"
             " requests_per_day = EXCLUDED.requests_per_day, tokens_per_day = EXCLUDED.tokens_per_day,"
             " requests_per_minute = EXCLUDED.requests_per_minute, max_priority = EXCLUDED.max_priority,"
+            " admin = coalesce($7, plans.admin),"
             " updated_at = now() RETURNING *) SELECT p.*, pg_notify($6, 'plan:' || p.name) FROM p",
             name,
             requests_per_day,
@@ -104,6 +107,7 @@ class Keys(Aggregate):
             requests_per_minute,
             max_priority,
             self.channel,
+            admin,
         )
         return _plan(row)
 
@@ -118,5 +122,6 @@ def _plan(row: Mapping[str, Any]) -> Plan:
         tokens_per_day=row["tokens_per_day"],
         requests_per_minute=row["requests_per_minute"],
         max_priority=row["max_priority"],
+        admin=bool(row.get("admin", False)),
         updated_at=row["updated_at"].timestamp(),
     )
