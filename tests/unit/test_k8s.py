@@ -75,6 +75,11 @@ def pod_spec(workload: Doc) -> Doc:
     return spec
 
 
+def all_containers(workload: Doc) -> list[Doc]:
+    spec = pod_spec(workload)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
 def data_of(docs: tuple[Doc, ...], kind: str, name: str) -> dict[str, str]:
     obj = named(docs, kind, name)
     assert obj is not None, f"{kind} {name} is referenced but not in the rendered output"
@@ -115,7 +120,7 @@ def container_env(docs: tuple[Doc, ...], workload: Doc, container: Doc) -> dict[
 def faust_containers(docs: tuple[Doc, ...]) -> Iterator[tuple[Doc, Doc, dict[str, str]]]:
     """(workload, container, environment) of every container that runs ``faust -A streams``."""
     for w in workloads(docs):
-        for c in pod_spec(w)["containers"]:
+        for c in all_containers(w):
             if c.get("command", [])[:3] == ["faust", "-A", "streams"]:
                 yield w, c, container_env(docs, w, c)
 
@@ -295,10 +300,7 @@ def test_every_inferstream_variable_is_a_known_setting(docs: tuple[Doc, ...]) ->
         k for d in of_kind(docs, "ConfigMap") + of_kind(docs, "Secret") for k in d.get("data", {})
     }
     names |= {
-        v["name"]
-        for w in workloads(docs)
-        for c in pod_spec(w)["containers"]
-        for v in c.get("env", [])
+        v["name"] for w in workloads(docs) for c in all_containers(w) for v in c.get("env", [])
     }
     ours = {n for n in names if n.startswith(PREFIX)}
     assert ours and ours <= Settings.env_names(), (
@@ -334,12 +336,12 @@ def test_worker_settings_build_and_only_the_overlay_may_serve(
 
 def test_every_container_has_probes_and_resources(docs: tuple[Doc, ...]) -> None:
     for w in workloads(docs):
-        for c in pod_spec(w)["containers"]:
+        for c in all_containers(w):
             where = f"{w['kind']} {w['metadata']['name']}/{c['name']}"
             requests = c.get("resources", {}).get("requests", {})
             assert {"cpu", "memory"} <= set(requests), f"{where}: requests {requests}"
             assert "memory" in c["resources"].get("limits", {}), f"{where}: no memory limit"
-            if w["kind"] == "Job":
+            if w["kind"] == "Job" or c in pod_spec(w).get("initContainers", []):
                 continue  # runs to completion: nothing to probe
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                 assert "httpGet" in c.get(probe, {}), f"{where}: no HTTP {probe}"
@@ -391,8 +393,8 @@ def test_pipeline_workers_advertise_their_own_stable_name(docs: tuple[Doc, ...])
 
 def test_termination_grace_outlasts_the_ml_shutdown_grace(docs: tuple[Doc, ...]) -> None:
     for w, c, env in faust_containers(docs):
-        if w["kind"] == "Job":
-            continue
+        if c["command"][3:4] != ["worker"]:
+            continue  # the migrations: a Job, or an init container before the worker
         settings = Settings.from_env(env)
         pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
         paused = int(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0
@@ -448,7 +450,7 @@ def test_routes_are_mounted_where_the_setting_points(docs: tuple[Doc, ...]) -> N
 def test_every_container_runs_the_one_image_as_its_user(docs: tuple[Doc, ...]) -> None:
     uid = re.search(r"useradd [^\n]*--uid (\d+)", (ROOT / "Dockerfile").read_text())
     assert uid is not None
-    images = {c["image"] for w in workloads(docs) for c in pod_spec(w)["containers"]}
+    images = {c["image"] for w in workloads(docs) for c in all_containers(w)}
     assert len(images) == 1, images
     for w in workloads(docs):
         assert pod_spec(w)["securityContext"]["runAsUser"] == int(uid[1])
