@@ -84,22 +84,26 @@ class Observer(Service):
     @Service.task
     async def _sample_loop(self) -> None:
         while not self.should_stop:
-            self.sample_lag()
-            for task, model in self.rabbit.routes():
-                # At 0 before the first one: increase() cannot see a series that starts at 1.
-                DEAD_LETTERS.labels(task, model)
-            if self.app.is_leader():
-                try:
-                    # Bounded: a broker that hangs must not stall the next lag sample.
-                    await asyncio.wait_for(self.sample_depths(), timeout=max(1.0, self.interval_s))
-                except _SAMPLE_ERRORS as exc:
-                    self._forget_depths()
-                    if self._depth_ok:
-                        log.warning("queue depths not sampled (series dropped until RabbitMQ answers): %r", exc)
-                    self._depth_ok = False
-            else:
-                self._forget_depths()
+            await self.sample_once()
             await self.sleep(self.interval_s)
+
+    async def sample_once(self) -> None:
+        """One round: lag always, depths on the leader (dropped elsewhere, or while RabbitMQ does not answer)."""
+        self.sample_lag()
+        for task, model in self.rabbit.routes():
+            # At 0 before the first one: increase() cannot see a series that starts at 1.
+            DEAD_LETTERS.labels(task, model)
+        if not self.app.is_leader():
+            self._forget_depths()
+            return
+        try:
+            # Bounded: a broker that hangs must not stall the next lag sample.
+            await asyncio.wait_for(self.sample_depths(), timeout=max(1.0, self.interval_s))
+        except _SAMPLE_ERRORS as exc:
+            self._forget_depths()
+            if self._depth_ok:
+                log.warning("queue depths not sampled (series dropped until RabbitMQ answers): %r", exc)
+            self._depth_ok = False
 
     # ---- consumer lag --------------------------------------------------
     def sample_lag(self) -> None:
