@@ -138,8 +138,11 @@ async def test_every_metric_a_panel_or_rule_names_is_exposed(
         exposed = seen["pipeline"] | seen["ml"]
         missing = {name: sorted(where) for name, where in wanted.items() if name not in exposed}
         raise AssertionError(f"metrics named by the dashboard or the rules but exposed by no worker: {missing}") from None
-    # The failed request's dead letter is counted under its route.
-    dead = series(await scrape(http, pipe), "inferstream_dead_letters_total")
+    # The failed request's dead letter is counted under its route, the refusal under its type.
+    samples = await scrape(http, pipe)
+    refused = series(samples, "inferstream_admissions_total")
+    assert refused[frozenset({("outcome", "request_quota_exceeded")})] >= 1
+    dead = series(samples, "inferstream_dead_letters_total")
     assert dead[frozenset({("task", "generate"), ("model", default_model(pipeline, "generate"))})] >= 1
 
 
