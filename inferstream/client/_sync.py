@@ -36,6 +36,7 @@ class Client:
     ) -> None:
         self._runner = asyncio.Runner()
         self._client = AsyncClient(base_url, api_key, **kwargs)
+        self._closed = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **kwargs: Any) -> Client:
@@ -60,6 +61,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._runner.run(self._client.close())
         finally:
