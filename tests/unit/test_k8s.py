@@ -454,3 +454,17 @@ def test_every_container_runs_the_one_image_as_its_user(docs: tuple[Doc, ...]) -
     assert len(images) == 1, images
     for w in workloads(docs):
         assert pod_spec(w)["securityContext"]["runAsUser"] == int(uid[1])
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(docs: tuple[Doc, ...]) -> None:
+    for w in workloads(docs):
+        pod = pod_spec(w)["securityContext"]
+        assert pod["runAsNonRoot"] and pod["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in all_containers(w):
+            sc = c.get("securityContext", {})
+            where = f"{w['metadata']['name']}/{c['name']}"
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sc.get("privileged") and "runAsUser" not in sc, where
+        kinds = {k for v in pod_spec(w).get("volumes", []) for k in v if k != "name"}
+        assert kinds <= {"configMap", "emptyDir", "secret", "persistentVolumeClaim", "projected"}
