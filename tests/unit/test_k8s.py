@@ -353,7 +353,12 @@ def test_worker_probes_ports_and_bind_follow_the_web_port_conventions(
     pipeline, ml = workers(docs, "pipeline"), workers(docs, "ml")
     assert len(pipeline) == 1 and len(ml) == 1
     web_port = Settings().web_port
-    # scripts/up and docker-compose.yml: the ML worker's port is the pipeline's + 1 (INFERSTREAM_ML_WEB_PORT).
+    # scripts/up: the ML worker's port is the pipeline's + 1 (INFERSTREAM_ML_WEB_PORT); compose agrees.
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert [
+        int(compose[name]["environment"][f"{PREFIX}WEB_PORT"])
+        for name in ("pipeline-worker", "ml-worker")
+    ] == [web_port, web_port + 1]
     for (w, c, env), expected in ((pipeline[0], web_port), (ml[0], web_port + 1)):
         settings = Settings.from_env(env)
         assert settings.web_port == expected == port_of(c, "http")
