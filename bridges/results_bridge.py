@@ -34,6 +34,7 @@ from bridges.clients.rabbitmq import (
     result_bodies,
     result_count,
 )
+from inferstream import tracing
 from inferstream.retrying import LOG_PRODUCE, any_error, failure, next_sleep
 from inferstream.settings import Settings
 
@@ -133,8 +134,11 @@ class ResultsBridge(InboxConsumer):
     async def _bridge(self) -> None:
         while not self.should_stop:
             batch = await self._next_batch()
-            records = [record for m in batch for record in message_records(m)]
-            await self._produce_until_done(records)
+            if tracing.ENABLED:
+                records = await self._produce_traced(batch)
+            else:
+                records = [record for m in batch for record in message_records(m)]
+                await self._produce_until_done(records)
             try:
                 await batch[-1].ack(multiple=True)
             except AMQP_ERRORS as exc:
@@ -142,6 +146,30 @@ class ResultsBridge(InboxConsumer):
                 log.warning("could not ack %d bridged results: %r", len(batch), exc)
             self.moved += len(records)
             BRIDGED.inc(len(records))
+
+    async def _produce_traced(self, batch: list[AbstractIncomingMessage]) -> list[tuple[bytes, bytes]]:
+        """Produce with a span per event, under the context its message carries for it; each record's header names its span."""
+        records: list[tuple[bytes, bytes]] = []
+        spans = []
+        for message in batch:
+            found = message_records(message)
+            for parent in tracing.line_contexts(message.headers, len(found)):
+                spans.append(tracing.start(
+                    "results bridge", parent, kind=tracing.SpanKind.CONSUMER,
+                    attributes={"messaging.system": "rabbitmq", "messaging.destination.name": self.queue_name,
+                                "inferstream.batch_size": len(found)},
+                ))  # fmt: skip
+            records += found
+        token = tracing.RECORD_HEADERS.set([tracing.kafka_headers(s) for s in spans])
+        try:
+            await self._produce_until_done(records)
+        except BaseException as exc:
+            tracing.end_all(spans, exc)
+            raise
+        finally:
+            tracing.RECORD_HEADERS.reset(token)
+        tracing.end_all(spans)
+        return records
 
     async def _produce_until_done(self, records: list[tuple[bytes, bytes]]) -> None:
         # produce is an injected boundary: whatever it raises is logged with its traceback and retried.

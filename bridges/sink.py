@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
+from prometheus_client import Histogram
 from tenacity import RetryCallState
 
-from bridges.clients.store.rows import Event, passed_through
+from bridges.clients.store.rows import TERMINAL_RANK, Event, passed_through
+from inferstream import clock
 from inferstream.errors import InferstreamError, StoreUnavailable
 from inferstream.retrying import POSTGRES_WRITE, failure, next_sleep
 from inferstream.settings import Settings
@@ -27,6 +30,12 @@ from inferstream.settings import Settings
 log = logging.getLogger(__name__)
 
 OnApplied = Callable[[list[dict[str, Any]]], Awaitable[None]]
+END_TO_END = Histogram(
+    "inferstream_end_to_end_seconds",
+    "From admission (created_at) to the terminal row applied in PostgreSQL, once per request.",
+    ["task", "model", "status"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
 
 
 class SinkStopped(InferstreamError):
@@ -68,6 +77,7 @@ class ResultSink:
         self.events_written = 0
         self.rows_changed = 0
         self.failures = 0
+        self._e2e: dict[tuple[str, str, str], Any] = {}
 
     async def stop(self) -> None:
         """Interrupt a write that is waiting for PostgreSQL: it raises ``SinkStopped``."""
@@ -92,10 +102,27 @@ class ResultSink:
         self.batches_written += 1
         self.events_written += len(items)
         # Rows reported only because they were already current (a replay) changed nothing.
-        self.rows_changed += sum(r.get("prev_rank") is None or r["prev_rank"] < r["status_rank"] for r in rows)
+        changed = [r for r in rows if r.get("prev_rank") is None or r["prev_rank"] < r["status_rank"]]
+        self.rows_changed += len(changed)
+        self._observe_finished(changed)
         if rows and self.on_applied is not None:
             passed_through(items, rows)
             await self._notify(rows)
+
+    def _observe_finished(self, changed: list[dict[str, Any]]) -> None:
+        """``inferstream_end_to_end_seconds`` for the rows this write made terminal (a replay adds none)."""
+        now = None
+        for row in changed:
+            if row.get("status_rank", 0) < TERMINAL_RANK or row.get("created_at") is None:
+                continue
+            created = row["created_at"]
+            now = clock.now() if now is None else now
+            start = created.timestamp() if isinstance(created, datetime) else float(created)
+            key = (str(row.get("task") or ""), str(row.get("model") or ""), str(row["status"]))
+            child = self._e2e.get(key)
+            if child is None:
+                child = self._e2e[key] = END_TO_END.labels(*key)
+            child.observe(max(0.0, now - start))
 
     async def _failed(self, state: RetryCallState, count: int) -> None:
         exc = failure(state)

@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import msgspec
 from aiokafka.errors import KafkaError
+from prometheus_client import Histogram
 from yarl import URL
 
 from bridges.clients.redis import CacheUnavailable, OwnedDoc, RedisClient
-from inferstream import clock
+from inferstream import clock, tracing
 from inferstream.coalesce import Coalesced
-from inferstream.errors import InvalidRequest, QuotaExceeded, Unavailable
+from inferstream.errors import InvalidRequest, PublicError, QuotaExceeded, Unavailable
 from inferstream.ids import new_request_id
 from inferstream.route_watch import RouteWatcher
 from inferstream.settings import Priority, Settings
@@ -48,6 +50,12 @@ from tables.quota_book import QuotaBook
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255
+ADMISSION_SECONDS = Histogram(
+    "inferstream_admission_seconds",
+    "Admission decided: from the body read to the 202 or the refusal, by outcome (as inferstream_admissions_total).",
+    ["outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class AdmissionService:
         self.routes = routes
         # One Redis round trip for all the admissions of a tick.
         self._cache_new: Coalesced[OwnedDoc, None] = Coalesced(redis.cache_docs)
+        self._timers: dict[str, Any] = {}
 
     async def authenticate(self, key: str | None) -> Principal:
         return await self.keys.authenticate(key)
@@ -104,6 +113,31 @@ class AdmissionService:
         return self.router.owner(user_id)
 
     async def admit(self, principal: Principal, body: bytes, idempotency_key: str | None) -> Admitted:
+        """Decide one submission (timed by outcome; inside an ``admission`` span when tracing is on)."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            if tracing.ENABLED:
+                with tracing.use(tracing.start("admission", attributes={"enduser.id": principal.user_id})):
+                    admitted = await self._admit(principal, body, idempotency_key)
+            else:
+                admitted = await self._admit(principal, body, idempotency_key)
+            outcome = "replayed" if admitted.replayed else "admitted"
+            return admitted
+        except PublicError as exc:
+            outcome = exc.type
+            raise
+        finally:
+            self._timer(outcome).observe(time.perf_counter() - started)
+
+    def _timer(self, outcome: str) -> Any:
+        # Label lookups hash and lock: once per outcome, not per request.
+        child = self._timers.get(outcome)
+        if child is None:
+            child = self._timers[outcome] = ADMISSION_SECONDS.labels(outcome)
+        return child
+
+    async def _admit(self, principal: Principal, body: bytes, idempotency_key: str | None) -> Admitted:
         self.routes.table  # noqa: B018 - loads the routes on first use
         sub = parse_submission(body, self.routes.model_routes)
         if sub.callback_url is not None:
@@ -155,6 +189,8 @@ class AdmissionService:
             metadata=sub.metadata,
             callback_url=sub.callback_url,
         )
+        if tracing.ENABLED:
+            tracing.current_span().set_attribute("inferstream.request_id", request_id)
         self_url = f"/v1/requests/{request_id}"
         answer = Accepted(
             request_id=request_id,
@@ -190,12 +226,23 @@ class AdmissionService:
         Faust writes a table's changelog in the background; a 202 sent before it is
         acknowledged can be lost in a kill -9 and the allowance granted again.
         """
-        await asyncio.gather(*charged)
-        await self._write_request(req)
+        if not tracing.ENABLED:
+            await asyncio.gather(*charged)
+            await self._write_request(req)
+            return
+        attributes = {"inferstream.request_id": req.request_id}
+        with tracing.use(tracing.start("changelog write", attributes=attributes)):
+            await asyncio.gather(*charged)
+        span = tracing.start(
+            f"{self.settings.requests_topic} publish", kind=tracing.SpanKind.PRODUCER,
+            attributes={**attributes, "messaging.system": "kafka", "messaging.destination.name": self.settings.requests_topic},
+        )  # fmt: skip
+        with tracing.use(span):
+            await self._write_request(req, tracing.kafka_headers(span))
 
-    async def _write_request(self, req: InferenceRequest) -> None:
+    async def _write_request(self, req: InferenceRequest, headers: dict[str, bytes] | None = None) -> None:
         """Append to the requests topic and wait for the broker's ack; cache the queued doc meanwhile."""
-        pending = await self.topics.requests.send(key=req.user_id, value=req)
+        pending = await self.topics.requests.send(key=req.user_id, value=req, headers=headers)
         cache = asyncio.ensure_future(self._cache_queued(req))
         try:
             await asyncio.shield(pending)  # a timeout upstream must not cancel Faust's own future

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 import faust
 
+from inferstream import tracing
 from inferstream.settings import Settings
 from streams import quirks
 
@@ -27,6 +28,8 @@ class InferstreamApp(faust.App):
 
 def build_app(cfg: Settings) -> InferstreamApp:
     quirks.set_fetch_max_wait(cfg.fetch_max_wait_ms)
+    # Only the standard OTEL_* variables turn it on; the service name defaults to the worker's roles.
+    tracing.configure("inferstream-" + "-".join(sorted(cfg.role_set)))
     return InferstreamApp(
         cfg.namespace,
         broker=cfg.broker_url,

@@ -17,6 +17,7 @@ from typing import Any
 from bridges.clients.redis import CacheUnavailable, RedisClient
 from bridges.clients.store.webhooks import Webhooks
 from bridges.clients.webhooks import WebhookSender
+from inferstream import tracing
 from inferstream.errors import StoreUnavailable
 from schemas.documents import earlier_doc, request_doc
 from schemas.records import TERMINAL
@@ -53,13 +54,33 @@ class Delivery:
             for r, final in zip(rows, finals, strict=True)
             for doc in (*(earlier_doc(r, p["status"], p["at"]) for p in r.get("passed", ())), final)
         ]
+        spans = self._notify_spans(rows) if tracing.ENABLED else []
         try:
             await self.redis.cache_and_publish(docs)
         except CacheUnavailable as exc:
             log.warning("%d docs not cached/published (Redis): %r", len(docs), exc)
+            tracing.end_all(spans, exc)
+        else:
+            tracing.end_all(spans)
         for r, doc in zip(rows, finals, strict=True):
             if r.get("callback_url") and r["status"] in TERMINAL:
                 self.webhooks.submit(r["request_id"], r["callback_url"], doc)
+
+    @staticmethod
+    def _notify_spans(rows: Sequence[dict[str, Any]]) -> list[tracing.Span]:
+        """A ``notify`` span per row, under the sink span of its request (set by the sink agent)."""
+        sink_spans = tracing.SINK_SPANS.get() or {}
+        spans = []
+        for row in rows:
+            parent = sink_spans.get(row["request_id"])
+            if parent is None:
+                continue  # not written by a traced sink batch (a replay, a test)
+            spans.append(tracing.start(
+                "notify", tracing.context_with(parent), kind=tracing.SpanKind.PRODUCER,
+                attributes={"inferstream.request_id": row["request_id"], "inferstream.status": str(row["status"]),
+                            "messaging.system": "redis", "inferstream.statuses": 1 + len(row.get("passed", ()))},
+            ))  # fmt: skip
+        return spans
 
     async def resend_pending(self) -> None:
         """Deliveries left pending by a crash, an outage or a replay (run by the leader only)."""

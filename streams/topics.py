@@ -8,6 +8,7 @@ from typing import Any
 
 import faust
 
+from inferstream import tracing
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
 
@@ -37,8 +38,19 @@ def define_topics(app: faust.App, settings: Settings) -> Topics:
 
 
 async def send_and_wait(topic: faust.TopicT, messages: Iterable[tuple[str, Any]], **options: Any) -> None:
-    """Send ``(key, value)`` messages (the producer batches them) and return once the broker acked all."""
-    pending = [await topic.send(key=key, value=value, **options) for key, value in messages]
+    """Send ``(key, value)`` messages (the producer batches them) and return once the broker acked all.
+
+    With tracing on, per-message headers set by the caller in :data:`inferstream.tracing.RECORD_HEADERS`
+    (one entry per message, in order) go with them.
+    """
+    headers = tracing.RECORD_HEADERS.get() if tracing.ENABLED else None
+    if headers is None:
+        pending = [await topic.send(key=key, value=value, **options) for key, value in messages]
+    else:
+        pending = [
+            await topic.send(key=key, value=value, headers=h, **options)
+            for (key, value), h in zip(messages, headers, strict=True)
+        ]
     for fut in pending:
         await fut
 

@@ -21,6 +21,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from prometheus_client import Histogram
+
 from inferstream import clock
 from inferstream.errors import FatalModelError, RetryableModelError
 from inferstream.retrying import model_call
@@ -32,6 +34,12 @@ from workers.batching import Batcher, Served, Usage
 from workers.ratelimit import TokenBucket
 from workers.retry import RetryBudget, RetryPolicy
 
+QUEUE_WAIT = Histogram(
+    "inferstream_queue_wait_seconds",
+    "From the hand-off to RabbitMQ (dispatched_at) to the start of model work, observed by the ML worker.",
+    ["task", "model", "priority"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 T = TypeVar("T")
 R = TypeVar("R")
 BATCHED_TASKS = frozenset({"embed"})
@@ -68,6 +76,7 @@ class Endpoint:
         self.in_flight = metrics.IN_FLIGHT.labels(route.task)
         self.retries = metrics.RETRIES.labels(route.task)
         self._terminal: dict[str, Any] = {}
+        self._queue_wait: dict[str, Any] = {}
         self.pool = BackendPool(settings, route, on_breaker_change=on_breaker_change)
         self.limiter = TokenBucket(route.rate_limit_rps)
         self.slots = asyncio.Semaphore(max(1, route.concurrency))
@@ -142,6 +151,13 @@ class Endpoint:
         self.pool.succeeded(upstream, probe)
         upstream.seconds.observe(time.perf_counter() - started)
         return result, upstream.name
+
+    def waited(self, priority: str, seconds: float) -> None:
+        """Observe a request's queue wait (``inferstream_queue_wait_seconds``)."""
+        child = self._queue_wait.get(priority)
+        if child is None:
+            child = self._queue_wait[priority] = QUEUE_WAIT.labels(self.task, self.route.model, str(priority))
+        child.observe(max(0.0, seconds))
 
     def terminal(self, status: str) -> Any:
         """The terminal-status counter of this endpoint's task for ``status``."""

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from opentelemetry.context import Context
 from tenacity import RetryCallState, RetryError
 
-from inferstream import clock
+from inferstream import clock, tracing
 from inferstream.errors import ModelError, RetryableModelError
 from inferstream.retrying import failure, next_sleep
 from schemas.records import InferenceRequest, ResultEvent
@@ -20,6 +21,12 @@ from workers.retry import GiveUp, RetryBudget, RetryPolicy, attempt_record, erro
 __all__ = ["Job"]
 
 log = logging.getLogger(__name__)
+
+_USAGE_ATTRIBUTES = (
+    ("prompt_tokens", "gen_ai.usage.input_tokens"),
+    ("completion_tokens", "gen_ai.usage.output_tokens"),
+    ("total_tokens", "inferstream.usage.total_tokens"),
+)
 
 
 @dataclass(eq=False)
@@ -35,6 +42,7 @@ class Job:
     attempts: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     backend: str | None = None  # the backend of the last attempt that reached one
+    parent: Context | None = None  # tracing on: the forward span's context, from the work message
 
     async def run(self, policy: RetryPolicy) -> tuple[ResultEvent, bool]:
         """Attempts until an answer or a final failure: (terminal event, whether to dead-letter).
@@ -59,6 +67,8 @@ class Job:
             if req.deadline_at is not None and clock.now() >= req.deadline_at:
                 return self.event("expired"), False
             self.attempts += 1
+            if tracing.ENABLED:
+                return await self._traced_call(budget)
             result, usage, self.backend = await self.endpoint.infer(list(req.input), req.params, req.deadline_at, budget)
             return self.event("completed", result=result, usage=usage or None), False
 
@@ -91,6 +101,31 @@ class Job:
             assert isinstance(err, ModelError) and retry.reason is not None
             return self._gave_up(err, retry.reason, budget)
         raise AssertionError("tenacity ended without an outcome")
+
+    async def _traced_call(self, budget: RetryBudget) -> tuple[ResultEvent, bool]:
+        """One attempt inside a ``model call`` span (under the current ``ml work`` span)."""
+        req, endpoint = self.req, self.endpoint
+        span = tracing.start(
+            "model call", kind=tracing.SpanKind.CLIENT,
+            attributes={
+                "inferstream.request_id": req.request_id, "inferstream.route": endpoint.name,
+                "gen_ai.operation.name": "embeddings" if endpoint.batched else "text_completion",
+                "gen_ai.request.model": req.model, "inferstream.attempt": self.attempts,
+                # Texts this request sends; an embedding shares its model call with its batch's others.
+                "inferstream.batch_size": len(req.input),
+            },
+        )  # fmt: skip
+        with tracing.use(span):
+            try:
+                result, usage, self.backend = await endpoint.infer(list(req.input), req.params, req.deadline_at, budget)
+            except ModelError as exc:
+                span.set_attribute("inferstream.backend", exc.backend or "")
+                raise
+            span.set_attribute("inferstream.backend", self.backend or "")
+            for key, name in _USAGE_ATTRIBUTES:
+                if isinstance((usage or {}).get(key), int):
+                    span.set_attribute(name, usage[key])
+        return self.event("completed", result=result, usage=usage or None), False
 
     def _gave_up(self, error: ModelError, reason: GiveUp, budget: RetryBudget) -> tuple[ResultEvent, bool]:
         self.backend = error.backend or self.backend

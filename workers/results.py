@@ -27,7 +27,9 @@ MAX_EVENTS = 64  # one ML worker's prefetch: a full tick of answers fits in one 
 
 
 class PublishesResults(Protocol):
-    async def publish_results(self, events: Sequence[ResultEvent]) -> None: ...
+    async def publish_results(
+        self, events: Sequence[ResultEvent], traces: Sequence[str | None] | None = None
+    ) -> None: ...
 
 
 class ResultPublisher:
@@ -40,17 +42,29 @@ class ResultPublisher:
         self._gathered: Gathered[ResultEvent, None] = Gathered(
             self._send, max_items=max_events, max_in_flight=max_in_flight
         )
+        # Tracing on: each waiting event's traceparent (by identity), sent as the message's header list.
+        self._traces: dict[int, str] = {}
 
     @property
     def messages(self) -> int:
         return self._gathered.calls
 
-    async def publish(self, event: ResultEvent) -> None:
-        await self._gathered(event)
+    async def publish(self, event: ResultEvent, trace: str | None = None) -> None:
+        if trace is None:
+            await self._gathered(event)
+            return
+        self._traces[id(event)] = trace
+        try:
+            await self._gathered(event)
+        finally:
+            self._traces.pop(id(event), None)
 
     async def _send(self, events: list[ResultEvent]) -> None:
         metrics.RESULT_BATCH.observe(len(events))
-        await self.rabbit.publish_results(events)
+        if self._traces:
+            await self.rabbit.publish_results(events, [self._traces.get(id(e)) for e in events])
+        else:
+            await self.rabbit.publish_results(events)
 
     async def close(self) -> None:
         """Cancel messages still waiting for their confirm (their publishers see CancelledError)."""

@@ -34,7 +34,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from mode import Service
 
 from bridges.clients.rabbitmq import AMQP_ERRORS, Consumer, PublishError, RabbitClient
-from inferstream import clock
+from inferstream import clock, tracing
 from inferstream.retrying import TERMINAL_PUBLISH, failure, next_sleep
 from inferstream.route_watch import RouteKey, RouteWatcher
 from inferstream.routes import Route, RouteTable
@@ -270,7 +270,10 @@ class MLWorker(Service):
         self._idle.clear()
         endpoint.in_flight.inc()
         try:
-            await self._handle(job)
+            if tracing.ENABLED:
+                await self._handle_traced(job)
+            else:
+                await self._handle(job)
             job.acking = True
             await acks.ack(message)
         except asyncio.CancelledError:
@@ -288,6 +291,22 @@ class MLWorker(Service):
                 self._close_idle_superseded()
             self._wake.set()
 
+    async def _handle_traced(self, job: Job) -> None:
+        """``_handle`` inside an ``ml work`` span, under the forward span the work message names."""
+        req = job.req
+        job.parent = tracing.header_context(job.message.headers)
+        span = tracing.start(
+            "ml work", job.parent, kind=tracing.SpanKind.CONSUMER,
+            attributes={
+                "inferstream.request_id": req.request_id, "inferstream.route": job.endpoint.name,
+                "gen_ai.request.model": req.model, "messaging.system": "rabbitmq",
+                "messaging.destination.name": self.rabbit.work_queue_name(req.task, req.model),
+                "inferstream.priority": str(req.priority),
+            },
+        )  # fmt: skip
+        with tracing.use(span):
+            await self._handle(job)
+
     async def _handle(self, job: Job) -> None:
         req, now = job.req, clock.now()
         dead = False
@@ -297,6 +316,8 @@ class MLWorker(Service):
             event = ResultEvent.for_request(req, "cancelled", at=now)
         else:
             job.started_at = clock.now()
+            if req.dispatched_at is not None:
+                self._waited(job, req.dispatched_at, job.started_at)
             loop = asyncio.get_running_loop()
             job.work = loop.create_task(job.run(job.endpoint.retry))
             # `running` is reported once the work has taken longer than the delay: a fast
@@ -331,16 +352,42 @@ class MLWorker(Service):
         await self._publish_terminal(job, event, dead)
         job.endpoint.terminal(event.status).inc()
 
+    @staticmethod
+    def _waited(job: Job, dispatched_at: float, started_at: float) -> None:
+        job.endpoint.waited(job.req.priority, started_at - dispatched_at)
+        if tracing.ENABLED:
+            # A span after the fact: from the hand-off to RabbitMQ to now, beside the ml work span.
+            wait = tracing.start(
+                "queue wait", job.parent, start_time=dispatched_at,
+                attributes={"inferstream.request_id": job.req.request_id, "inferstream.priority": str(job.req.priority)},
+            )  # fmt: skip
+            wait.end(int(started_at * 1e9))
+
     # ---- publishing and acks ------------------------------------------
     async def _publish_running(self, req: InferenceRequest, started_at: float | None) -> None:
         try:
             at = clock.now() if started_at is None else started_at
-            await self.results.publish(ResultEvent.for_request(req, "running", at=at))
+            trace = tracing.traceparent(tracing.current_span()) if tracing.ENABLED else None
+            await self.results.publish(ResultEvent.for_request(req, "running", at=at), trace)
         except PublishError as exc:
             log.warning("running event of %s not published (carrying on): %r", req.request_id, exc)
 
     async def _publish_terminal(self, job: Job, event: ResultEvent, dead: bool) -> None:
         """Publish until confirmed: the message is not acked before, so a crash here redelivers it."""
+        if not tracing.ENABLED:
+            await self._publish_terminal_once(job, event, dead, None)
+            return
+        span = tracing.start(
+            "publish result", kind=tracing.SpanKind.PRODUCER,
+            attributes={
+                "inferstream.request_id": event.request_id, "inferstream.status": str(event.status),
+                "messaging.system": "rabbitmq", "messaging.destination.name": self.rabbit.results_queue_name,
+            },
+        )  # fmt: skip
+        with tracing.use(span):
+            await self._publish_terminal_once(job, event, dead, tracing.traceparent(span))
+
+    async def _publish_terminal_once(self, job: Job, event: ResultEvent, dead: bool, trace: str | None) -> None:
         dead_sent = not dead
 
         async def publish() -> None:
@@ -350,7 +397,7 @@ class MLWorker(Service):
                 error = {k: v for k, v in (event.error or {}).items() if k != "history"}
                 await self.rabbit.publish_dead_letter(job.req, job.history, error)
                 dead_sent = True
-            await self.results.publish(event)
+            await self.results.publish(event, trace)
 
         # The first try without tenacity's machinery (it almost always succeeds); a failure
         # enters the loop as its first attempt, so the backoff and the logs are the loop's.

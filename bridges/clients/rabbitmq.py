@@ -49,6 +49,8 @@ from schemas.records import PRIORITY_LEVEL, InferenceRequest, ResultEvent
 __all__ = [
     "AMQP_ERRORS",
     "RESULTS_BATCH_TYPE",
+    "TRACE_HEADER",
+    "TRACE_LIST_HEADER",
     "Consumer",
     "InboxConsumer",
     "PublishError",
@@ -71,6 +73,9 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
 MessageCallback = Callable[[AbstractIncomingMessage], Awaitable[None]]
 # Several result events in one message: one JSON object a line (orjson never writes a raw newline).
 RESULTS_BATCH_TYPE = "application/x-ndjson"
+# W3C trace context (inferstream.tracing): one value on a work or single-result message, a list in line order on a batch.
+TRACE_HEADER = "traceparent"
+TRACE_LIST_HEADER = "traceparents"
 
 
 def result_bodies(message: AbstractIncomingMessage) -> list[bytes]:
@@ -110,6 +115,13 @@ class UnknownRoute(InferstreamError):
 
 def _header_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _work_headers(req: InferenceRequest, trace: str | None) -> dict[str, Any]:
+    headers: dict[str, Any] = {"user_id": req.user_id, "task": req.task, "model": req.model}
+    if trace is not None:
+        headers[TRACE_HEADER] = trace
+    return headers
 
 
 class Consumer:
@@ -300,8 +312,10 @@ class RabbitClient(Service):
     ) -> None:
         await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=self.publish_timeout_s)
 
-    async def publish_requests(self, reqs: Sequence[InferenceRequest]) -> None:
+    async def publish_requests(self, reqs: Sequence[InferenceRequest], traces: Sequence[str] | None = None) -> None:
         """Publish a batch to the work queues, concurrently, and wait for every confirm.
+
+        ``traces`` (tracing on): each request's W3C ``traceparent``, sent as a header.
 
         Raises :class:`PublishError` if any message was not confirmed: retry the
         whole batch (duplicates are fine downstream). :class:`UnknownRoute` is
@@ -329,11 +343,11 @@ class RabbitClient(Service):
                         message_id=req.request_id,
                         priority=PRIORITY_LEVEL.get(req.priority, PRIORITY_LEVEL["normal"]),
                         content_type="application/json",
-                        headers={"user_id": req.user_id, "task": req.task, "model": req.model},
+                        headers=_work_headers(req, traces[i] if traces is not None else None),
                     ),
                     self.routing_key(req.task, req.model),
                 )
-                for req in reqs
+                for i, req in enumerate(reqs)
             ),
             return_exceptions=True,
         )
@@ -377,27 +391,30 @@ class RabbitClient(Service):
         except AMQP_ERRORS as exc:
             raise PublishError(f"not confirmed: {exc!r}", request_ids=[rid]) from exc
 
-    async def publish_result(self, event: ResultEvent) -> None:
+    async def publish_result(self, event: ResultEvent, trace: str | None = None) -> None:
         """Publish one status change to the results queue; returns once confirmed."""
-        await self._publish_one(
-            None, event.to_bytes(), self.results_queue_name, event.request_id,
-            headers={"user_id": event.user_id, "status": event.status},
-        )
+        headers: dict[str, Any] = {"user_id": event.user_id, "status": event.status}
+        if trace is not None:
+            headers[TRACE_HEADER] = trace
+        await self._publish_one(None, event.to_bytes(), self.results_queue_name, event.request_id, headers=headers)
 
-    async def publish_results(self, events: Sequence[ResultEvent]) -> None:
+    async def publish_results(self, events: Sequence[ResultEvent], traces: Sequence[str | None] | None = None) -> None:
         """Publish status changes as one message, confirmed once (one event keeps the single format).
 
+        ``traces`` (tracing on): each event's W3C ``traceparent`` ("" for none), in line order.
         Raises :class:`PublishError` naming every event's request when it is not confirmed.
         """
         if len(events) == 1:
-            await self.publish_result(events[0])
+            await self.publish_result(events[0], traces[0] if traces is not None else None)
             return
         ids = [e.request_id for e in events]
+        headers: dict[str, Any] = {"events": len(events), "user_ids": [e.user_id for e in events]}
+        if traces is not None:
+            headers[TRACE_LIST_HEADER] = [t or "" for t in traces]
         try:
             await self._publish_one(
                 None, b"\n".join(e.to_bytes() for e in events), self.results_queue_name,
-                f"{ids[0]}+{len(ids) - 1}", content_type=RESULTS_BATCH_TYPE,
-                headers={"events": len(events), "user_ids": [e.user_id for e in events]},
+                f"{ids[0]}+{len(ids) - 1}", content_type=RESULTS_BATCH_TYPE, headers=headers,
             )  # fmt: skip
         except PublishError as exc:
             raise PublishError(str(exc), request_ids=ids) from exc.__cause__

@@ -27,7 +27,7 @@ import faust
 from faust.types import EventT
 
 from bridges.clients.rabbitmq import PublishError, RabbitClient
-from inferstream import clock
+from inferstream import clock, tracing
 from inferstream.retrying import REQUEST_PUBLISH, failure
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
@@ -41,7 +41,9 @@ from tables.quota_book import QuotaBook
 log = logging.getLogger(__name__)
 
 
-async def publish_confirmed(rabbit: RabbitClient, batch: Sequence[InferenceRequest]) -> None:
+async def publish_confirmed(
+    rabbit: RabbitClient, batch: Sequence[InferenceRequest], traces: Sequence[str] | None = None
+) -> None:
     async for attempt in REQUEST_PUBLISH.retrying(
         PublishError,
         before_sleep=lambda state: log.warning(
@@ -50,7 +52,7 @@ async def publish_confirmed(rabbit: RabbitClient, batch: Sequence[InferenceReque
         ),  # fmt: skip
     ):
         with attempt:
-            await rabbit.publish_requests(batch)
+            await rabbit.publish_requests(batch, traces=traces)
 
 
 def logged(event: EventT) -> Logged:
@@ -60,6 +62,28 @@ def logged(event: EventT) -> Logged:
         r.user_id, r.request_id, r.created_at, r.estimated_tokens, r.quota_day, event.message.offset,
         admitted=r.redrive_of is None,
     )  # fmt: skip
+
+
+async def traced_publish(rabbit: RabbitClient, read: Sequence[EventT], routable: Sequence[InferenceRequest]) -> None:
+    """``publish_confirmed`` with one span per request, under the context its log record carries."""
+    parents = {cast(InferenceRequest, e.value).request_id: tracing.header_context(e.headers) for e in read}
+    spans = [
+        tracing.start(
+            "forward to work queue", parents.get(r.request_id), kind=tracing.SpanKind.PRODUCER,
+            attributes={
+                "inferstream.request_id": r.request_id, "messaging.system": "rabbitmq",
+                "messaging.destination.name": rabbit.work_queue_name(r.task, r.model),
+                "inferstream.batch_size": len(routable),
+            },
+        )  # fmt: skip
+        for r in routable
+    ]
+    try:
+        await publish_confirmed(rabbit, routable, [tracing.traceparent(s) for s in spans])
+    except BaseException as exc:
+        tracing.end_all(spans, exc)
+        raise
+    tracing.end_all(spans)
 
 
 def register_forward(
@@ -77,7 +101,10 @@ def register_forward(
         at = clock.now()
         # The work message says when it was handed off; every later event of the request repeats it.
         routable = [r.derive(dispatched_at=at) for r in batch if (r.task, r.model) in routes]
-        if routable:
+        if routable and tracing.ENABLED:
+            await traced_publish(rabbit, read, routable)
+            metrics.FORWARD_BATCHES.inc(len(routable))
+        elif routable:
             await publish_confirmed(rabbit, routable)
             metrics.FORWARD_BATCHES.inc(len(routable))
         await asyncio.gather(*confirmed)

@@ -14,6 +14,7 @@ from typing import cast
 import faust
 from faust.types import EventT
 
+from inferstream import tracing
 from inferstream.settings import Settings
 from schemas.records import ResultEvent
 from streams.agents import metrics
@@ -42,6 +43,18 @@ def settlements(events: Sequence[EventT]) -> list[Settlement]:
     return found
 
 
+def settle_spans(events: Sequence[EventT]) -> list[tracing.Span]:
+    """A ``settle quota`` span per terminal result, under the context its record's header names."""
+    return [
+        tracing.start(
+            "settle quota", tracing.header_context(e.headers), kind=tracing.SpanKind.CONSUMER,
+            attributes={"inferstream.request_id": e.value.request_id, "inferstream.status": str(e.value.status)},
+        )
+        for e in events
+        if isinstance(e.value, ResultEvent) and e.value.is_terminal
+    ]
+
+
 def register_settle(
     app: faust.App, settings: Settings, topics: Topics, book: QuotaBook, dispatched: DispatchedEvents
 ) -> None:
@@ -49,9 +62,16 @@ def register_settle(
         dispatched.moved_on(cast(ResultEvent, e.value) for e in events)
         results = settlements(events)
         if results:
+            spans = settle_spans(events) if tracing.ENABLED else []
             # Returns once the broker holds the settlements: the batch's offsets are
             # acked after this body, so a crash can replay them (recognised) but never lose one.
-            for _, _, status, _, _ in await book.settle_results(results):
+            try:
+                settled = await book.settle_results(results)
+            except BaseException as exc:
+                tracing.end_all(spans, exc)
+                raise
+            tracing.end_all(spans)
+            for _, _, status, _, _ in settled:
                 metrics.SETTLED.labels(status).inc()
 
     @app.agent(topics.results, name="settle-quota", concurrency=1)

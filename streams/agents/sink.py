@@ -2,28 +2,67 @@
 
 Each batch is upserted in one round trip (idempotent, rank-guarded) and the
 sink retries while PostgreSQL is down; Faust acks the batch's offsets only
-after the write returns, so nothing is lost and memory stays bounded.
+after the write returns, so nothing is lost and memory stays bounded. With
+tracing on, the agents read events (values with their headers) and write each
+batch inside one ``sink`` span per record, under the context its header names;
+with it off they read values only, as before.
 """
 
 from __future__ import annotations
 
-import faust
+from collections.abc import Sequence
+from typing import cast
 
+import faust
+from faust.types import EventT
+
+from bridges.clients.store.rows import Event
 from bridges.sink import ResultSink
+from inferstream import tracing
 from inferstream.settings import Settings
 from streams.agents.guard import until_done
 from streams.topics import Topics
 
 
+async def traced_write(sink: ResultSink, topic: str, events: Sequence[EventT]) -> None:
+    """``sink.write`` of the events' values, with a span per record; the notification step finds them by request id."""
+    values = [cast(Event, e.value) for e in events]
+    spans = {
+        v.request_id: tracing.start(
+            "sink", tracing.header_context(e.headers), kind=tracing.SpanKind.CONSUMER,
+            attributes={
+                "inferstream.request_id": v.request_id, "messaging.system": "kafka",
+                "messaging.destination.name": topic, "db.system.name": "postgresql",
+                "inferstream.batch_size": len(events),
+            },
+        )  # fmt: skip
+        for e, v in zip(events, values, strict=True)
+    }
+    token = tracing.SINK_SPANS.set(spans)
+    try:
+        await sink.write(values)
+    except BaseException as exc:
+        tracing.end_all(spans.values(), exc)
+        raise
+    finally:
+        tracing.SINK_SPANS.reset(token)
+    tracing.end_all(spans.values())
+
+
 def register_sinks(app: faust.App, settings: Settings, topics: Topics, sink: ResultSink) -> None:
     within = settings.sink_batch_wait_ms / 1000
+    traced = tracing.ENABLED  # decided once, when the pipeline is built
 
-    @app.agent(topics.requests, name="sink-requests", concurrency=1)
-    async def sink_requests(stream: faust.StreamT) -> None:
-        async for batch in stream.take(settings.sink_batch_size, within=within):
-            await until_done("sink-requests", lambda: sink.write(batch))  # noqa: B023 - awaited at once
+    def agent(topic: faust.TopicT, name: str) -> None:
+        @app.agent(topic, name=name, concurrency=1)
+        async def write_rows(stream: faust.StreamT) -> None:
+            if traced:
+                # take_events (values with their headers) is on the Stream class, not on StreamT.
+                async for events in cast(faust.Stream, stream).take_events(settings.sink_batch_size, within=within):
+                    await until_done(name, lambda: traced_write(sink, topic.get_topic_name(), events))  # noqa: B023
+                return
+            async for batch in stream.take(settings.sink_batch_size, within=within):
+                await until_done(name, lambda: sink.write(batch))  # noqa: B023 - awaited at once
 
-    @app.agent(topics.results, name="sink-results", concurrency=1)
-    async def sink_results(stream: faust.StreamT) -> None:
-        async for batch in stream.take(settings.sink_batch_size, within=within):
-            await until_done("sink-results", lambda: sink.write(batch))  # noqa: B023 - awaited at once
+    agent(topics.requests, "sink-requests")
+    agent(topics.results, "sink-results")

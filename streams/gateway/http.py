@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from inferstream import tracing
 from inferstream.errors import InvalidRequest, PayloadTooLarge, PublicError
 from streams.gateway.errors import http_status
 
@@ -71,6 +72,11 @@ def guarded(fun: Handler) -> Handler:
     """Turn the error tree into JSON answers; anything else is our bug: logged, 500 JSON."""
 
     async def handler(*args: Any, **kwargs: Any) -> web.StreamResponse:
+        if tracing.ENABLED:
+            return await _traced(answer, args, kwargs)
+        return await answer(*args, **kwargs)
+
+    async def answer(*args: Any, **kwargs: Any) -> web.StreamResponse:
         try:
             return await fun(*args, **kwargs)
         except PublicError as exc:
@@ -87,3 +93,23 @@ def guarded(fun: Handler) -> Handler:
     handler.__name__ = getattr(fun, "__name__", "handler")
     handler.__qualname__ = getattr(fun, "__qualname__", "handler")
     return handler
+
+
+async def _traced(answer: Handler, args: tuple[Any, ...], kwargs: dict[str, Any]) -> web.StreamResponse:
+    """``answer`` inside a server span that continues the caller's W3C ``traceparent`` (or starts a trace)."""
+    request = next((a for a in args if isinstance(a, web.Request)), None)
+    if request is None:
+        return await answer(*args, **kwargs)
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
+    span = tracing.start(
+        f"{request.method} {route}",
+        tracing.http_context(request.headers),
+        kind=tracing.SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "http.route": route, "url.path": request.path},
+    )
+    with tracing.use(span):
+        response = await answer(*args, **kwargs)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            tracing.failed(span, f"HTTP {response.status}")
+        return response
