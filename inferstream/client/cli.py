@@ -83,7 +83,11 @@ def _finished(doc: RequestDoc, pretty: bool) -> None:
         sys.exit(EXIT_NOT_COMPLETED)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Exit codes: 0 done, 1 the API refused (the error on stderr), 2 usage, 3 the API could "
+    "not be reached, 4 a wait timed out, 5 the request ended failed, cancelled or expired.",
+)
 @click.option("--url", envvar=BASE_URL_ENV, default=DEFAULT_BASE_URL, show_default=True,
               help=f"The API's base URL (any worker) [env: {BASE_URL_ENV}].")  # fmt: skip
 @click.option("--key", envvar=API_KEY_ENV, default=None, help=f"API key [env: {API_KEY_ENV}].")

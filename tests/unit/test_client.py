@@ -141,6 +141,22 @@ class Fake:
             self.idempotent[idem] = answer
         return answer
 
+    async def list_mine(self, request: web.Request) -> web.StreamResponse:
+        self.user(request)
+        limit = int(request.query.get("limit", "20"))
+        docs = sorted(
+            (s[-1] for s in self.states.values()), key=lambda d: d["request_id"], reverse=True
+        )
+        if "status" in request.query:
+            docs = [d for d in docs if d["status"] == request.query["status"]]
+        if "after" in request.query:
+            docs = [d for d in docs if d["request_id"] < request.query["after"]]
+        page = docs[:limit]
+        more = len(docs) > limit
+        return web.json_response(
+            {"data": page, "has_more": more, "next_after": page[-1]["request_id"] if more else None}
+        )
+
     async def get_one(self, request: web.Request) -> web.StreamResponse:
         self.user(request)
         return web.json_response(self.states_of(request.match_info["rid"])[-1])
@@ -210,6 +226,7 @@ class Fake:
 
         app = web.Application(middlewares=[errors])
         app.router.add_post("/v1/requests", self.submit)
+        app.router.add_get("/v1/requests", self.list_mine)
         app.router.add_get("/v1/requests/{rid}", self.get_one)
         app.router.add_delete("/v1/requests/{rid}", self.cancel)
         app.router.add_get("/v1/requests/{rid}/events", self.events)
@@ -296,6 +313,26 @@ async def test_submit_get_cancel_quota_models_are_typed(client: c.AsyncClient, f
     assert quota.requests.used >= 1 and quota.window.reset_at > quota.window.start
     models = await client.models()
     assert {(m.task, m.id, m.default) for m in models.data} >= {("generate", "sim-gpt", True)}
+
+
+async def test_list_pages_newest_first(client: c.AsyncClient, fake: Fake) -> None:
+    for _ in range(3):
+        fake.add(["queued"])
+    newest = sorted(
+        (s[-1]["request_id"] for s in fake.states.values() if s[-1]["status"] == "queued"),
+        reverse=True,
+    )
+    first = await client.list_requests(status="queued", limit=2)
+    assert first.has_more and [d.request_id for d in first.data] == newest[:2]
+    rest = await client.list_requests(status="queued", limit=100, after=first.next_after)
+    assert [d.request_id for d in rest.data] == newest[2:] and not rest.has_more
+
+
+def test_cli_lists(fake: Fake) -> None:
+    fake.add(["queued"])
+    newest = max(rid for rid, s in fake.states.items() if s[-1]["status"] == "queued")
+    out = cli(fake, "list", "--status", "queued", "--limit", "1")
+    assert out.exit_code == 0 and orjson.loads(out.stdout)["data"][0]["request_id"] == newest
 
 
 async def test_an_idempotent_replay_is_marked(client: c.AsyncClient) -> None:
