@@ -20,6 +20,11 @@ the reference machine (README "Benchmarks").
     .venv/bin/python -m bench.cpu --topology split
     .venv/bin/python -m bench.cpu --worker-env FETCH_MAX_WAIT_MS=5   # a worker setting, without INFERSTREAM_
     .venv/bin/python -m bench.cpu --profile /tmp/prof   # + py-spy raw profiles of each worker, measured window only
+    .venv/bin/python -m bench.cpu --trace   # tracing on: the workers export every span (OTLP/HTTP) to a sink that drops them
+
+``--trace`` sets only the standard variables (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
+sampler ``parentbased_always_on``: every request traced) and runs the OTLP
+receiver in a process of its own, outside the measured ones (docs/tracing.md).
 
 The topologies are ``TOPOLOGIES`` (label -> ``INFERSTREAM_ROLES``), the default
 ``DEFAULT_TOPOLOGY``.
@@ -30,6 +35,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +70,28 @@ TOPOLOGIES: dict[str, dict[str, str]] = {
 DEFAULT_TOPOLOGY = "all-in-one"
 TICK_MS = 1000.0 / os.sysconf("SC_CLK_TCK")
 PROC = Path("/proc")
+
+
+# An OTLP/HTTP receiver that reads each export and answers 200 with an empty ExportTraceServiceResponse.
+DROP_COLLECTOR = """
+import http.server, sys
+class Drop(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Drop).serve_forever()
+"""
+
+
+def start_drop_collector() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", DROP_COLLECTOR, str(port)])
+    return proc, f"http://127.0.0.1:{port}/v1/traces"
 
 
 def stat_fields(pid: int | str) -> list[str]:
@@ -213,6 +242,7 @@ def table(before: Sample, after: Sample, completed: int) -> tuple[list[str], flo
 async def main(args: argparse.Namespace) -> None:
     roles = TOPOLOGIES[args.topology]
     calibration = calibrate()  # before anything else runs: this process, idle machine
+    collector, collector_url = start_drop_collector() if args.trace else (None, None)
     with LocalBroker() as broker:
         port = free_port()
         model = start_modelserver(port, "--no-embeddings", "--latency-ms", "0")
@@ -224,6 +254,11 @@ async def main(args: argparse.Namespace) -> None:
                 await pipeline.set_plan("bench", requests_per_day=10**7, tokens_per_day=10**10)
                 keys = [await pipeline.create_key(f"u{u}", "bench") for u in range(USERS)]
                 extra = worker_settings(args.worker_env)
+                if collector_url is not None:
+                    pipeline.env.update(
+                        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=collector_url,
+                        OTEL_TRACES_SAMPLER="parentbased_always_on",
+                    )
                 started = [pipeline.start_worker(wait=False, **{**extra, "roles": r}) for r in roles.values()]
                 workers: dict[str, WorkerProcess] = dict(
                     zip(roles, await asyncio.gather(*started), strict=True)
@@ -264,6 +299,7 @@ async def main(args: argparse.Namespace) -> None:
             completed = counts.get("completed", 0)
             print(
                 f"topology {args.topology}: {args.requests} generate requests, {USERS} users, {IN_FLIGHT} in flight, "
+                f"tracing {'on (every request, OTLP/HTTP to a dropping receiver)' if args.trace else 'off'}, "
                 f"model 0 ms; answers {dict(sorted(statuses.items()))}; accepted {len(ids)}, "
                 f"completed {completed}, statuses in PostgreSQL {counts}"
             )
@@ -294,6 +330,9 @@ async def main(args: argparse.Namespace) -> None:
                 )
         finally:
             stop_modelserver(model)
+            if collector is not None:
+                collector.terminate()
+                collector.wait(10)
 
 
 if __name__ == "__main__":
@@ -309,5 +348,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--worker-env", action="append", default=[], metavar="NAME=VALUE",
         help="extra INFERSTREAM_* setting of the workers, without the prefix (e.g. FETCH_MAX_WAIT_MS=5)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--trace", action="store_true",
+        help="tracing on in the workers (OTEL_* only), exporting to a local receiver that drops the spans",
     )  # fmt: skip
     asyncio.run(main(parser.parse_args()))
