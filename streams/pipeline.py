@@ -37,6 +37,7 @@ from bridges.clients.webhooks import WebhookSender
 from bridges.dead_letters import DeadLetterRecorder
 from bridges.results_bridge import ResultsBridge
 from bridges.sink import ResultSink
+from inferstream import logs
 from inferstream.errors import ConfigurationError
 from inferstream.route_watch import RouteWatcher
 from inferstream.settings import Settings
@@ -90,6 +91,7 @@ class Lifecycle(Service):
 def from_environment() -> InferstreamApp:
     """What ``faust -A streams`` runs: the settings from ``INFERSTREAM_*``, checked, then the pipeline."""
     settings = Settings.from_env()
+    logs.configure(settings)  # a JSON worker writes JSON from here on, the refusal below included
     if refusal := _refusal(settings, settings.web_host):
         # Before anything binds or connects: a clear message and exit status 1, not a traceback.
         raise SystemExit(refusal)
@@ -97,7 +99,7 @@ def from_environment() -> InferstreamApp:
         # Before the worker creates its loop (Faust imports the app while parsing the
         # command line); the same as `faust -L uvloop`, without changing the command.
         mode.loop.use("uvloop")
-    return build_pipeline(settings)
+    return logs.use_worker_logging(build_pipeline(settings), settings)
 
 
 def _refusal(settings: Settings, bind: str) -> str | None:
