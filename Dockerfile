@@ -27,7 +27,9 @@ RUN pip install '.[model]'
 RUN useradd --create-home --uid 10001 inferstream \
     && mkdir -p /var/lib/inferstream && chown inferstream /var/lib/inferstream
 USER inferstream
-ENV INFERSTREAM_DATA_DIR=/var/lib/inferstream
+# A prefix: the worker makes <prefix>-<namespace>-<port> with a plain mkdir, so it must lie inside a
+# directory the user owns, not beside it in /var/lib.
+ENV INFERSTREAM_DATA_DIR=/var/lib/inferstream/data
 
 EXPOSE 6066 8000
 CMD ["faust", "-A", "streams", "worker", "-l", "info"]
