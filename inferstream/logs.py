@@ -55,6 +55,11 @@ def bind_request_id(request_id: str) -> Iterator[None]:
         _REQUEST_ID.reset(token)
 
 
+def set_request_id(request_id: str) -> None:
+    """For the rest of the current task: where one task handles one request (an HTTP view, an AMQP delivery)."""
+    _REQUEST_ID.set(request_id)
+
+
 def current_request_id() -> str | None:
     return _REQUEST_ID.get()
 
@@ -322,6 +327,9 @@ def _handlers() -> Iterator[logging.Handler]:
 
 class TextWorker(faust.Worker):
     """Faust's worker with mode's text lines, every handler filtered by :func:`redact_payloads`."""
+
+    def _repr_name(self) -> str:
+        return "Worker"  # its lines read "[^Worker]: Ready" as before, whichever subclass runs
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         super().on_setup_root_logger(logger, level)

@@ -67,6 +67,16 @@ async def test_a_task_started_in_the_block_keeps_its_request_id() -> None:
     assert await task == "req_task"
 
 
+async def test_set_request_id_lasts_for_its_task_only() -> None:
+    async def handler() -> str | None:
+        logs.set_request_id("req_view")
+        await asyncio.sleep(0)
+        return logs.current_request_id()
+
+    assert await asyncio.create_task(handler()) == "req_view"
+    assert logs.current_request_id() is None
+
+
 def test_trace_and_span_ids_come_from_the_current_span() -> None:
     context = SpanContext(trace_id=0x1234, span_id=0xABC, is_remote=False, trace_flags=TraceFlags(1))
     with trace.use_span(NonRecordingSpan(context)):
