@@ -274,3 +274,5 @@ async def test_models_quota_and_the_blocking_client(
     assert len(done.result.embeddings or []) == 2 and len(done.result.embeddings[0]) == 384
     assert ids == [4]
     assert (await client.quota()).requests.used == before + 1
+    page = await client.list_requests(status="completed", limit=1)
+    assert [d.request_id for d in page.data] == [done.request_id]  # newest first
