@@ -128,7 +128,7 @@ def numbers(new: dm.Snapshot, old: dm.Snapshot | None) -> dict[str, Any]:
     """The metric sections of the stats document, from two registry snapshots."""
     throughput = []
     counters: list[tuple[str, str, dict[str, str]]] = [
-        ("admitted", "inferstream_admissions_total", {"outcome": "accepted"}),
+        ("admitted", "inferstream_admissions_total", {"outcome": "admitted"}),
         ("admissions (all)", "inferstream_admissions_total", {}),
         ("completed", "inferstream_ml_terminal_total", {"status": "completed"}),
         ("failed", "inferstream_ml_terminal_total", {"status": "failed"}),
