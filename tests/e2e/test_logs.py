@@ -5,7 +5,8 @@ A pipeline worker and an ML worker run with ``INFERSTREAM_LOG_FORMAT=json`` at
 The test submits requests whose input is a recognisable prompt, with a key; one
 request fails at the model and is dead-lettered, one is refused as invalid, one
 comes with an unknown key. After the workers stop, the whole of both logs is
-parsed line by line and grepped for the key, its digest and the prompt.
+parsed line by line and grepped for the key, its digest and the prompt. A worker
+that refuses to start (a missing routes file) logs why as JSON, traceback in one field.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 from inferstream.apikeys import hash_key
 from tests.support.pipeline import Api, Pipeline, WorkerProcess
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -123,3 +125,15 @@ async def test_a_debug_run_logs_json_lines_without_keys_digests_or_prompts(
     assert any(failed["request_id"] in o["message"] for o in logged[pipe] if "dead letter" in o["message"])
     # Faust's banner (raw stdout) is one object, not a table of lines.
     assert any(o["logger"] == "stdout" and "transport" in o["message"] for o in logged[pipe])
+
+
+async def test_a_worker_that_cannot_start_logs_why_as_json_with_the_traceback_in_one_field(
+    pipeline: Pipeline,
+) -> None:
+    worker = await pipeline.start_worker(wait=False, routes_file="/nonexistent/routes.yaml")
+    await wait_for(lambda: worker.proc is not None and worker.proc.poll() is not None, timeout=60, what="the worker to exit")
+    assert worker.proc is not None and worker.proc.returncode != 0
+    objects = parse(worker)
+    failure = next(o for o in objects if "RoutesError" in o["message"])
+    assert failure["level"] == "ERROR" and failure["exception"].startswith("Traceback")
+    assert failure["exception"].endswith("cannot read the file: No such file or directory")
