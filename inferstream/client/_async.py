@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -262,11 +262,13 @@ class AsyncClient:
         while True:
             parser = SseParser()
             try:
-                async for event in self._stream(request_id, last, parser):
-                    last, failures = event.id, 0
-                    yield event
-                    if event.terminal:
-                        return
+                # Closed with this generator: a consumer that stops early releases the connection at once.
+                async with contextlib.aclosing(self._stream(request_id, last, parser)) as stream:
+                    async for event in stream:
+                        last, failures = event.id, 0
+                        yield event
+                        if event.terminal:
+                            return
                 cause: TransportError | Unavailable = TransportError(
                     f"the event stream of {request_id} ended before a terminal status"
                 )
@@ -282,7 +284,7 @@ class AsyncClient:
 
     async def _stream(
         self, request_id: str, last: int | None, parser: SseParser
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """One connection's events; a broken connection raises :class:`TransportError`."""
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
         if last is not None:
