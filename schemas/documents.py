@@ -262,7 +262,7 @@ def event_id(status: str) -> int:
 
 
 # What only a terminal state has: an earlier state's document never shows them.
-_OUTCOME_FIELDS = frozenset({"result", "error", "usage", "completed_at"})
+_OUTCOME_FIELDS = frozenset({"result", "error", "usage", "completed_at", "backend"})
 # What tells an earlier state's document apart from a later one of the same request.
 STEP_FIELDS = ("status", "updated_at", "attempts")
 

@@ -185,10 +185,13 @@ def test_nothing_is_implied_or_repeated_below_what_the_row_already_had() -> None
 
 def test_a_few_bytes_of_step_rebuild_an_earlier_doc_from_the_final_one() -> None:
     req = request()
-    (row,) = collapse([req, event(req, "completed", 3, result={"text": "hi"}, attempts=1)])
+    completed = event(req, "completed", 3, result={"text": "hi"}, attempts=1, backend="gpu-a")
+    (row,) = collapse([req, completed])
     final, then = request_doc(row), earlier_doc(row, "running", T0 + 2)
     assert step_of(then) == {"status": "running", "updated_at": then["updated_at"], "attempts": 0}
     assert doc_at(final, step_of(then)) == then  # what the Redis history stores and replays
+    # Which backend served it is an outcome: a live `running` event never showed it, nor may its replay.
+    assert final["backend"] == "gpu-a" and "backend" not in then
 
 
 def test_a_terminal_event_carries_the_hand_off_of_a_request_that_had_no_dispatched_event() -> None:
