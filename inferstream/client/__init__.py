@@ -45,6 +45,7 @@ from inferstream.client.models import (
     RequestDoc,
     RequestPage,
     Result,
+    StreamToken,
     Usage,
 )
 
@@ -80,6 +81,7 @@ __all__ = [
     "RequestQuotaExceeded",
     "Result",
     "ServerError",
+    "StreamToken",
     "TokenQuotaExceeded",
     "TransportError",
     "Unavailable",

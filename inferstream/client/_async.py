@@ -31,6 +31,7 @@ from inferstream.client.models import (
     RequestDoc,
     RequestPage,
     Status,
+    StreamToken,
     Task,
 )
 from inferstream.client.sse import RawEvent, SseParser
@@ -231,6 +232,11 @@ class AsyncClient:
         data, _ = await self._call("GET", "/v1/models")
         return _decode(data, ModelList)
 
+    async def stream_token(self, request_id: str) -> StreamToken:
+        """A short-lived token that opens this request's event stream without the API key (for a browser)."""
+        data, _ = await self._call("POST", f"/v1/requests/{_path_id(request_id)}/events/token")
+        return _decode(data, StreamToken)
+
     async def wait(self, request_id: str, *, timeout: float | None = None) -> RequestDoc:
         """The request's terminal document, followed on its event stream (which costs no quota).
 
@@ -249,12 +255,13 @@ class AsyncClient:
         raise ProtocolError(f"the event stream of {request_id} ended before a terminal status")
 
     async def events(
-        self, request_id: str, *, last_event_id: int | None = None
+        self, request_id: str, *, last_event_id: int | None = None, token: str | None = None
     ) -> AsyncGenerator[Event, None]:
         """The request's events until its terminal one, resumed with ``Last-Event-ID`` after a drop.
 
         A new stream starts at the current state; ``last_event_id`` resumes after that event.
-        Close it early with ``contextlib.aclosing`` (or ``break`` and let it be collected).
+        ``token`` (from :meth:`stream_token`) opens it instead of the API key. Close it early with
+        ``contextlib.aclosing`` (or ``break`` and let it be collected).
         """
         last = last_event_id
         failures = 0
@@ -263,7 +270,9 @@ class AsyncClient:
             parser = SseParser()
             try:
                 # Closed with this generator: a consumer that stops early releases the connection at once.
-                async with contextlib.aclosing(self._stream(request_id, last, parser)) as stream:
+                async with contextlib.aclosing(
+                    self._stream(request_id, last, token, parser)
+                ) as stream:
                     async for event in stream:
                         last, failures = event.id, 0
                         yield event
@@ -283,7 +292,7 @@ class AsyncClient:
             await asyncio.sleep(wait if wait is not None else delay)
 
     async def _stream(
-        self, request_id: str, last: int | None, parser: SseParser
+        self, request_id: str, last: int | None, token: str | None, parser: SseParser
     ) -> AsyncGenerator[Event, None]:
         """One connection's events; a broken connection raises :class:`TransportError`."""
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
@@ -295,7 +304,10 @@ class AsyncClient:
         )
         try:
             async with self._http().get(
-                self.base_url + path, headers=self._headers(headers), timeout=timeout
+                self.base_url + path,
+                headers=self._headers(headers),
+                params={"token": token} if token is not None else None,
+                timeout=timeout,
             ) as resp:
                 if resp.status >= 400:
                     raise error_from_response(resp.status, await resp.read(), resp.headers)

@@ -18,6 +18,7 @@ from inferstream.client.models import (
     RequestDoc,
     RequestPage,
     Status,
+    StreamToken,
     Task,
 )
 
@@ -116,12 +117,17 @@ class Client:
     def models(self) -> ModelList:
         return self._run(self._client.models())
 
+    def stream_token(self, request_id: str) -> StreamToken:
+        return self._run(self._client.stream_token(request_id))
+
     def wait(self, request_id: str, *, timeout: float | None = None) -> RequestDoc:
         return self._run(self._client.wait(request_id, timeout=timeout))
 
-    def events(self, request_id: str, *, last_event_id: int | None = None) -> Iterator[Event]:
+    def events(
+        self, request_id: str, *, last_event_id: int | None = None, token: str | None = None
+    ) -> Iterator[Event]:
         """The request's events until its terminal one; leaving the loop early closes the stream."""
-        stream = self._client.events(request_id, last_event_id=last_event_id)
+        stream = self._client.events(request_id, last_event_id=last_event_id, token=token)
 
         async def step() -> Event:
             return await anext(stream)

@@ -1,4 +1,4 @@
-"""``inferstream``: the command line over :class:`AsyncClient` (submit, get, wait, events, cancel, list, quota, models).
+"""``inferstream``: the command line over :class:`AsyncClient` (submit, get, wait, events, token, cancel, list, quota, models).
 
 Answers go to stdout as JSON (one event per line for ``events``); errors to stderr, one line.
 Exit codes: 0 done, 1 the API refused (an error body), 2 usage, 3 the API could not be reached
@@ -194,13 +194,14 @@ def wait(opts: Options, request_id: str, wait_timeout: float | None) -> None:
 @main.command()
 @click.argument("request_id")
 @click.option("--last-event-id", type=int, default=None, help="Resume after this event id.")
+@click.option("--token", default=None, help="A stream token (see `token`) instead of the API key.")
 @click.pass_obj
-def events(opts: Options, request_id: str, last_event_id: int | None) -> None:
+def events(opts: Options, request_id: str, last_event_id: int | None, token: str | None) -> None:
     """Print a request's events, one JSON line each, until its terminal status (resuming after drops)."""
 
     async def call(client: AsyncClient) -> Event | None:
         last: Event | None = None
-        async for event in client.events(request_id, last_event_id=last_event_id):
+        async for event in client.events(request_id, last_event_id=last_event_id, token=token):
             last = event
             click.echo(msgspec.json.encode(event).decode())
         return last
@@ -208,6 +209,14 @@ def events(opts: Options, request_id: str, last_event_id: int | None) -> None:
     last = _run(opts, call)
     if last is not None and last.data.status != "completed":
         sys.exit(EXIT_NOT_COMPLETED)
+
+
+@main.command()
+@click.argument("request_id")
+@click.pass_obj
+def token(opts: Options, request_id: str) -> None:
+    """Mint a short-lived token that opens the request's event stream without the API key."""
+    _echo(_run(opts, lambda c: c.stream_token(request_id)), opts.pretty)
 
 
 @main.command()

@@ -192,6 +192,17 @@ class ModelList(_Answer):
     data: list[Model]
 
 
+class StreamToken(_Answer):
+    """201 to ``POST /v1/requests/{id}/events/token``: hand ``events_url`` (relative) to a browser's
+    ``EventSource``, or pass ``token`` to :meth:`AsyncClient.events`; it opens one request's stream,
+    without an API key, until ``expires_at`` (Unix seconds)."""
+
+    token: str
+    expires_at: float
+    ttl_s: float
+    events_url: str
+
+
 class Event(_Answer):
     """One server-sent event: ``id`` increases along the lifecycle, ``data`` is the request's document.
 

@@ -276,3 +276,18 @@ async def test_models_quota_and_the_blocking_client(
     assert (await client.quota()).requests.used == before + 1
     page = await client.list_requests(status="completed", limit=1)
     assert [d.request_id for d in page.data] == [done.request_id]  # newest first
+
+
+async def test_a_stream_token_opens_one_requests_stream_without_the_key(
+    worker: WorkerProcess, client: c.AsyncClient
+) -> None:
+    first = await client.submit("embed", "token one")
+    second = await client.submit("embed", "token two")
+    minted = await client.stream_token(first.request_id)
+    assert minted.events_url == f"/v1/requests/{first.request_id}/events?token={minted.token}"
+    async with c.AsyncClient(worker.url, None) as browser_like:
+        done = [e async for e in browser_like.events(first.request_id, token=minted.token)]
+        assert done[-1].event == "completed"
+        with pytest.raises(c.AuthenticationError):
+            async for _ in browser_like.events(second.request_id, token=minted.token):
+                pass

@@ -179,9 +179,24 @@ class Fake:
             {"object": "list", "data": [{**r.public(), "created": 1} for r in table]}
         )
 
-    async def events(self, request: web.Request) -> web.StreamResponse:
+    async def events_token(self, request: web.Request) -> web.StreamResponse:
         self.user(request)
         rid = request.match_info["rid"]
+        self.states_of(rid)
+        token = server.StreamToken(
+            f"tok-{rid}", self.now + 300, 300.0, f"/v1/requests/{rid}/events?token=tok-{rid}"
+        )
+        return web.Response(
+            body=msgspec.json.encode(token), status=201, content_type="application/json"
+        )
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        rid = request.match_info["rid"]
+        token = request.query.get("token")
+        if token is None:
+            self.user(request)
+        elif token != f"tok-{rid}":
+            raise Unauthorized("the stream token is malformed, expired or for another request")
         states = self.states_of(rid)
         self.seen_ids[rid].append(request.headers.get("Last-Event-ID"))
         play = self.scripts[rid].pop(0) if self.scripts[rid] else Play()
@@ -230,6 +245,7 @@ class Fake:
         app.router.add_get("/v1/requests/{rid}", self.get_one)
         app.router.add_delete("/v1/requests/{rid}", self.cancel)
         app.router.add_get("/v1/requests/{rid}/events", self.events)
+        app.router.add_post("/v1/requests/{rid}/events/token", self.events_token)
         app.router.add_get("/v1/quota", self.quota_doc)
         app.router.add_get("/v1/models", self.models)
         return app
@@ -482,6 +498,21 @@ async def test_reconnects_give_up_after_max_reconnects(fake: Fake) -> None:
     assert len(fake.seen_ids[rid]) == 3
 
 
+async def test_a_stream_token_opens_the_stream_without_the_key(
+    client: c.AsyncClient, fake: Fake
+) -> None:
+    rid = fake.add(["queued", "completed"], Play(send=1))
+    minted = await client.stream_token(rid)
+    assert minted.ttl_s == 300 and minted.events_url.endswith(f"?token={minted.token}")
+    async with c.AsyncClient(fake.url, None, reconnect_delay=0.01) as keyless:
+        assert [e.id for e in await collect(keyless, rid, token=minted.token)] == [1, 4]
+        with pytest.raises(c.AuthenticationError):
+            await collect(keyless, fake.add(["queued"]), token=minted.token)  # another request's
+        with pytest.raises(c.AuthenticationError):
+            await collect(keyless, rid)  # no token, no key
+    assert fake.seen_ids[rid] == [None, "1"]  # resumed with the token too
+
+
 async def test_errors_before_the_stream_are_raised_not_retried(
     client: c.AsyncClient, fake: Fake
 ) -> None:
@@ -571,6 +602,9 @@ def test_cli_submit_wait_events_get_cancel(fake: Fake) -> None:
     cancelled = cli(fake, "cancel", fake.add(["queued"]))
     assert cancelled.exit_code == 0 and orjson.loads(cancelled.stdout)["cancel_requested"] is True
     assert orjson.loads(cli(fake, "quota").stdout)["user_id"] == "key-dave"
+    minted = orjson.loads(cli(fake, "token", rid).stdout)
+    keyless = cli(fake, "events", rid, "--last-event-id", "3", "--token", minted["token"], key="")
+    assert [orjson.loads(line)["id"] for line in keyless.stdout.splitlines()] == [4]
     assert any(
         m["task"] == "embed" for m in orjson.loads(cli(fake, "--pretty", "models").stdout)["data"]
     )
@@ -620,6 +654,7 @@ PAIRS = [
     (c.models.RequestsCharge, server.RequestsCharged),
     (c.models.TokensCharge, server.TokensCharged),
     (c.models.Links, server.Links),
+    (c.StreamToken, server.StreamToken),
 ]
 CLIENT_ONLY = {"replayed", "rate_limits", "reason", "attempts", "elapsed_s", "history"}
 
