@@ -89,10 +89,8 @@ class DeadLetterRecorder(InboxConsumer):
             try:
                 request, error, history = decode_dead_letter(message)
             except ValueError as exc:
-                log.error(
-                    "dropping dead letter %s: %s; headers %r; body %r",
-                    message.message_id, exc, message.headers, message.body[:2000],
-                )  # fmt: skip
+                # Neither headers nor body: the body holds the prompt (never logged).
+                log.error("dropping dead letter %s (%d bytes): %s", message.message_id, len(message.body), exc)
                 DEAD_LETTERS.labels(*UNDECODABLE).inc()
             else:
                 await self._record(request, error, history)

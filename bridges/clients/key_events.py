@@ -53,7 +53,8 @@ class KeyEvents:
         elif kind == "plan":
             self._on_plan(value)
         else:
-            log.warning("ignoring key notification %r on %s", payload, self.channel)
+            # Only the kind: a payload may carry a key digest, which is never logged.
+            log.warning("ignoring key notification of unknown kind %r on %s", kind[:40], self.channel)
 
     async def _connect(self) -> asyncpg.Connection:
         async for attempt in POSTGRES_LISTEN.retrying(

@@ -153,11 +153,11 @@ class WebhookSender(Service):
                         await self._attempt(callback_url, body, signature)
         except RetryError as gave_up:
             attempts, reason = gave_up.last_attempt.attempt_number, str(gave_up.last_attempt.exception())
-            log.warning("webhook %s to %s failed after %d attempts: %s", request_id, callback_url, attempts, reason)
+            log.warning("webhook %s to %s failed after %d attempts: %s", request_id, _host(callback_url), attempts, reason)
             await self._record(request_id, "failed", attempts, reason)
             return "failed"
         except _Rejected as exc:
-            log.warning("webhook %s to %s rejected: %s", request_id, callback_url, exc)
+            log.warning("webhook %s to %s rejected: %s", request_id, _host(callback_url), exc)
             await self._record(request_id, "failed", retrying.statistics["attempt_number"], str(exc))
             return "failed"
         await self._record(request_id, "delivered", retrying.statistics["attempt_number"], None)
@@ -223,3 +223,8 @@ class WebhookSender(Service):
         if self._resolver is not None:
             await self._resolver.close()  # a connector closes only a resolver it made itself
         self._session = self._resolver = None
+
+
+def _host(url: str) -> str:
+    """What a log line may say of a callback URL: its host (the path and query are often a secret)."""
+    return URL(url).host or "?"
