@@ -6,11 +6,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import msgspec
 from multidict import CIMultiDictProxy
 
 from inferstream.client.errors import (
@@ -34,34 +33,13 @@ from inferstream.client.models import (
     StreamToken,
     Task,
 )
-from inferstream.client.sse import RawEvent, SseParser
+from inferstream.client.sse import SseParser
+from inferstream.client.wire import decode, encode, event_of
 
 DEFAULT_BASE_URL = "http://127.0.0.1:6066"
 BASE_URL_ENV = "INFERSTREAM_BASE_URL"
 API_KEY_ENV = "INFERSTREAM_API_KEY"
 USER_AGENT = "inferstream-client/0.1"
-T = TypeVar("T")
-
-_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
-_encode = msgspec.json.Encoder().encode
-
-
-class _Marker(msgspec.Struct):
-    """The one key of an event's data that is no part of the document."""
-
-    # "snapshot" on an event that stands for states the server could not replay
-    replayed: str | None = None
-
-
-def _decode(body: bytes, type_: type[T]) -> T:
-    decoder = _decoders.get(type_)
-    if decoder is None:
-        decoder = _decoders[type_] = msgspec.json.Decoder(type_)
-    try:
-        result: T = decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(f"answer is not a {type_.__name__}: {exc}") from exc
-    return result
 
 
 def _path_id(request_id: str) -> str:
@@ -195,16 +173,16 @@ class AsyncClient:
         doc.update({k: v for k, v in optional.items() if v is not None})
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         data, resp_headers = await self._call(
-            "POST", "/v1/requests", body=_encode(doc), headers=headers
+            "POST", "/v1/requests", body=encode(doc), headers=headers
         )
-        accepted = _decode(data, Accepted)
+        accepted = decode(data, Accepted)
         accepted.replayed = resp_headers.get("Idempotent-Replayed", "").lower() == "true"
         accepted.rate_limits = RateLimits.from_headers(resp_headers)
         return accepted
 
     async def get(self, request_id: str) -> RequestDoc:
         data, _ = await self._call("GET", f"/v1/requests/{_path_id(request_id)}")
-        return _decode(data, RequestDoc)
+        return decode(data, RequestDoc)
 
     async def list_requests(
         self, *, status: Status | None = None, limit: int | None = None, after: str | None = None
@@ -217,25 +195,25 @@ class AsyncClient:
         }
         params = {k: v for k, v in query.items() if v is not None}
         data, _ = await self._call("GET", "/v1/requests", params=params)
-        return _decode(data, RequestPage)
+        return decode(data, RequestPage)
 
     async def cancel(self, request_id: str) -> CancelAccepted:
         """``DELETE``: raises :class:`Conflict` if the request is already terminal."""
         data, _ = await self._call("DELETE", f"/v1/requests/{_path_id(request_id)}")
-        return _decode(data, CancelAccepted)
+        return decode(data, CancelAccepted)
 
     async def quota(self) -> Quota:
         data, _ = await self._call("GET", "/v1/quota")
-        return _decode(data, Quota)
+        return decode(data, Quota)
 
     async def models(self) -> ModelList:
         data, _ = await self._call("GET", "/v1/models")
-        return _decode(data, ModelList)
+        return decode(data, ModelList)
 
     async def stream_token(self, request_id: str) -> StreamToken:
         """A short-lived token that opens this request's event stream without the API key (for a browser)."""
         data, _ = await self._call("POST", f"/v1/requests/{_path_id(request_id)}/events/token")
-        return _decode(data, StreamToken)
+        return decode(data, StreamToken)
 
     async def wait(self, request_id: str, *, timeout: float | None = None) -> RequestDoc:
         """The request's terminal document, followed on its event stream (which costs no quota).
@@ -315,21 +293,6 @@ class AsyncClient:
                     raise ProtocolError(f"{path} answered {resp.headers.get('Content-Type')!r}")
                 async for chunk in resp.content.iter_any():
                     for raw in parser.feed(chunk):
-                        yield _event(raw)
+                        yield event_of(raw)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransportError(f"GET {path}: {exc!r}") from exc
-
-
-def _event(raw: RawEvent) -> Event:
-    try:
-        event_id = int(raw.id) if raw.id is not None else 0
-    except ValueError:
-        raise ProtocolError(f"event id {raw.id!r} is not a number") from None
-    body = raw.data.encode()
-    doc = _decode(body, RequestDoc)
-    return Event(
-        id=event_id,
-        event=raw.event,
-        data=doc,
-        snapshot=_decode(body, _Marker).replayed == "snapshot",
-    )
