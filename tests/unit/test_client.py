@@ -461,11 +461,11 @@ async def test_a_stream_that_ends_without_a_terminal_event_is_resumed(
     assert fake.seen_ids[rid] == [None, "1"]
 
 
-async def test_heartbeats_keep_a_quiet_stream_open(client: c.AsyncClient, fake: Fake) -> None:
-    rid = fake.add(
-        ["queued", "completed"], Play(beats=10, beat_s=0.1)
-    )  # 1 s quiet, read timeout 0.3 s
-    assert [e.id for e in await collect(client, rid)] == [1, 4]
+async def test_heartbeats_keep_a_quiet_stream_open(fake: Fake) -> None:
+    # 1.5 s without an event against a 1 s read timeout; a beat every 0.1 s leaves a loaded machine room.
+    rid = fake.add(["queued", "completed"], Play(beats=15, beat_s=0.1))
+    async with c.AsyncClient(fake.url, "key-alice", read_timeout=1.0) as cl:
+        assert [e.id for e in await collect(cl, rid)] == [1, 4]
     assert fake.seen_ids[rid] == [None]
 
 
