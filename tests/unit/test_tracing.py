@@ -198,3 +198,42 @@ async def test_the_results_bridge_puts_one_span_per_event_in_each_records_header
     assert [format_trace_id(s.context.trace_id) for s in linked[:2]] == [TRACE, "1" * 32]
     assert linked[2].parent is None
     assert tracing.RECORD_HEADERS.get() is None
+
+
+class RowStore:
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    async def upsert_events(self, items: Sequence[Any], *, report_current: bool = False) -> list[dict[str, Any]]:
+        return self.rows
+
+    async def reset(self) -> None:
+        pass
+
+
+def _e2e_count(task: str, model: str, status: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "inferstream_end_to_end_seconds_count", {"task": task, "model": model, "status": status}
+    )
+    return value or 0.0
+
+
+async def test_end_to_end_is_observed_once_per_request_made_terminal() -> None:
+    from datetime import UTC, datetime
+
+    from bridges.sink import ResultSink
+
+    now = datetime.now(UTC)
+    rows = [
+        {"request_id": "a", "task": "generate", "model": "e2e-m", "status": "completed", "status_rank": 4,
+         "prev_rank": 1, "created_at": now},
+        {"request_id": "b", "task": "generate", "model": "e2e-m", "status": "completed", "status_rank": 4,
+         "prev_rank": 4, "created_at": now},  # already terminal: a replay, not counted again
+        {"request_id": "c", "task": "generate", "model": "e2e-m", "status": "running", "status_rank": 3,
+         "prev_rank": 1, "created_at": now},  # not terminal
+    ]  # fmt: skip
+    before = _e2e_count("generate", "e2e-m", "completed")
+    await ResultSink(Settings(), RowStore(rows)).write([_event(0)])
+    assert _e2e_count("generate", "e2e-m", "completed") == before + 1
