@@ -24,7 +24,7 @@ import faust
 from aiohttp import web
 from faust.web import View
 
-from bridges.clients.store import Requests
+from bridges.clients.store import Requests, Store
 from bridges.clients.store.dead_letters import DeadLetters
 from inferstream.errors import StoreUnavailable
 from inferstream.settings import Settings
@@ -32,6 +32,7 @@ from schemas.documents import iso_ts
 from streams.gateway import dashboard_metrics as dm
 from streams.gateway.http import api_key, guarded, json_response
 from streams.gateway.routing import OwnerRouter
+from streams.keysync import KeySync
 from tables.keys import KeyCache, Principal
 from tables.quota_book import QuotaBook
 
@@ -236,6 +237,18 @@ def register_dashboard(app: faust.App, dashboard: Dashboard) -> None:
     class QuotaView(View):
         async def get(self, request: web.Request) -> web.StreamResponse:
             return await quota(request)
+
+
+def register_worker_dashboard(app: faust.App, settings: Settings, store: Store) -> list[KeySync]:
+    """The dashboard on a worker without the gateway (``INFERSTREAM_ROLES=ml``): keys of its own.
+
+    Returns the service that keeps its key cache in step with PostgreSQL (revocations and plan
+    changes pushed, as on a pipeline worker): start it with the worker's other services. Such a
+    worker holds no quota, so its quota endpoint answers an empty list.
+    """
+    keys = KeyCache.from_settings(settings, store.keys.find_key)
+    register_dashboard(app, Dashboard(settings, keys, requests=store.requests))
+    return [KeySync(settings, store.keys, keys)]
 
 
 def _asset_view(serve: Any) -> type[View]:
