@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from inferstream.errors import ConfigurationError
+
 PREFIX = "/v1/"
 ALLOW_METHODS = "GET, POST, DELETE"
 ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID, X-API-Key"
@@ -43,7 +45,7 @@ def parse_origins(raw: str) -> frozenset[str]:
         if not origin:
             continue
         if origin == "*" or "://" not in origin:
-            raise ValueError(f"INFERSTREAM_CORS_ORIGINS: {origin!r} is not an origin such as https://app.example.com")
+            raise ConfigurationError(f"INFERSTREAM_CORS_ORIGINS: {origin!r} is not an origin such as https://app.example.com")
         scheme, _, host = origin.partition("://")
         origins.add(f"{scheme.lower()}://{host.lower()}")
     return frozenset(origins)

@@ -218,26 +218,13 @@ ROUTES: tuple[Route, ...] = (
         "Quota use: every user this worker holds for an admin key, the caller's own otherwise",
         {200: Answer("Quota documents", DashboardQuota), 401: _UNAUTHORIZED, 503: _UNAVAILABLE},
     ),
-    Route(
-        "/dashboard",
-        "get",
-        "The live dashboard page (it asks for an API key)",
-        {200: Answer("The page", media="text/html")},
-        public=True,
-    ),
-    Route(
-        "/dashboard/app.js",
-        "get",
-        "The dashboard's script",
-        {200: Answer("Script", media="application/javascript")},
-        public=True,
-    ),
-    Route(
-        "/dashboard/style.css",
-        "get",
-        "The dashboard's style sheet",
-        {200: Answer("Style sheet", media="text/css")},
-        public=True,
+    *(
+        Route(path, "get", summary, {200: Answer(summary, media=media)}, public=True)
+        for path, summary, media in (
+            ("/dashboard", "The live dashboard page (it asks for an API key)", "text/html"),
+            ("/dashboard/app.js", "The dashboard's script", "application/javascript"),
+            ("/dashboard/style.css", "The dashboard's style sheet", "text/css"),
+        )
     ),
     Route(
         "/healthz", "get", "Alive", {200: Answer("Alive", media="application/json")}, public=True

@@ -26,7 +26,10 @@ HOSTILE_USER = '<img id="pwned" src="x">'
 @pytest.fixture(scope="module")
 async def pipeline(broker_url: str, model_base_url: str) -> AsyncIterator[Pipeline]:
     async with Pipeline.session(broker_url, model_base_url + "/v1") as p:
-        await p.store.keys.set_plan("ops", 10_000, 10**8, 100_000, "high", admin=True)
+        assert (await p.store.keys.set_plan("ops", 10, 10, 10, "high", admin=True)).admin
+        # A change that does not mention the flag keeps it (as `plans set` without --admin would).
+        assert (await p.store.keys.set_plan("ops", 10_000, 10**8, 100_000, "high")).admin
+        assert not (await p.store.keys.load_plans())["default"].admin  # migration 0004's default
         await p.set_plan("roomy", requests_per_day=10_000, tokens_per_day=10**8)
         yield p
 

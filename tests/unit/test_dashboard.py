@@ -7,6 +7,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from inferstream.errors import ConfigurationError
 from schemas.dashboard import DashboardStats
 from streams.gateway import dashboard_metrics as dm
 from streams.gateway.cors import CorsPolicy, parse_origins
@@ -110,7 +111,7 @@ def test_parse_origins_refuses_wildcards_and_non_origins() -> None:
     )
     assert parse_origins("") == frozenset()
     for bad in ("*", "app.example.com"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigurationError, match="not an origin"):
             parse_origins(bad)
 
 
