@@ -138,6 +138,12 @@ def numbers(new: dm.Snapshot, old: dm.Snapshot | None) -> dict[str, Any]:
         ("results bridged", "inferstream_results_bridged_total", {}),
         ("dead letters", "inferstream_dead_letters_total", {}),
     ]
+    # Refusals by type (request_quota_exceeded, token_quota_exceeded, rate_limited, unavailable, ...).
+    outcomes = {dict(labels).get("outcome", "") for labels in new.series("inferstream_admissions_total")}
+    counters[2:2] = [
+        (f"refused: {o}", "inferstream_admissions_total", {"outcome": o})
+        for o in sorted(outcomes - {"admitted", "replayed", ""})
+    ]
     for name, metric, match in counters:
         found = dm.rate(new, old, metric, **match)
         if found is not None:

@@ -89,13 +89,17 @@ def test_numbers_fit_the_stats_document() -> None:
     import msgspec
 
     f = Fake()
-    f.admissions.labels("accepted").inc(3)
+    f.admissions.labels("admitted").inc(3)
+    f.admissions.labels("rate_limited").inc(2)
     f.calls.labels("generate", "m", "a").observe(0.2)
     f.breaker.labels("generate", "m", "a").set(2)
     f.breaker.labels("generate", "m", "b").set(0)
     f.depth.labels("generate", "m", "all").set(7)
     part = numbers(f.take(), None)
     assert [b["state"] for b in part["breakers"]] == ["open", "closed"]
+    assert [(r["name"], r["total"]) for r in part["throughput"]] == [
+        ("admitted", 3), ("admissions (all)", 5), ("refused: rate_limited", 2)
+    ]
     assert part["queues"] == [{"task": "generate", "model": "m", "priority": "all", "depth": 7.0}]
     assert part["dead_letters_total"] is None and part["sse_clients"] is None
     doc = {
