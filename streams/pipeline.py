@@ -52,6 +52,7 @@ from streams.agents.watchdog import register_watchdog
 from streams.application import InferstreamApp, build_app
 from streams.delivery import PENDING_SWEEP_S, Delivery, attempt_recorder
 from streams.gateway.context import Gateway
+from streams.gateway.dashboard import register_worker_dashboard
 from streams.gateway.ops import ReadinessCheck, register_ops
 from streams.gateway.routing import OwnerRouter
 from streams.gateway.views import register_gateway
@@ -140,6 +141,7 @@ def build_pipeline(settings: Settings) -> InferstreamApp:
         # stops, and could become the group's leader. Without Kafka it starts only
         # the web server (ops routes) and the services, and never waits for tables.
         app.boot_strategy = app.BootStrategy(app, enable_kafka=False)
+        parts += register_worker_dashboard(app, settings, store)  # /dashboard here too, with keys of its own
     ml_worker: MLWorker | None = None
     if settings.has_ml:
         ml_worker = MLWorker(settings, rabbit, routes, redis.cancelled)

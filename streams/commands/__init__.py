@@ -61,6 +61,10 @@ def register(app: faust.App, settings: Settings, store: Store) -> None:
         option("--tokens-per-day", type=int, required=True),
         option("--requests-per-minute", type=int, required=True),
         option("--max-priority", type=click.Choice(["high", "normal", "low"]), default="high", show_default=True),
+        option(
+            "--admin/--no-admin", default=None,
+            help="Keys of the plan see every user's quota and failures on /dashboard (default: unchanged; new plans: no).",
+        ),
     )
     async def plans(
         self: AppCommand,
@@ -70,13 +74,17 @@ def register(app: faust.App, settings: Settings, store: Store) -> None:
         tokens_per_day: int,
         requests_per_minute: int,
         max_priority: str,
+        admin: bool | None,
     ) -> None:
         """Create or change a plan (``plans set NAME ...``); running workers apply it within a second."""
         try:
-            await store.keys.set_plan(name, requests_per_day, tokens_per_day, requests_per_minute, max_priority)
+            plan = await store.keys.set_plan(
+                name, requests_per_day, tokens_per_day, requests_per_minute, max_priority, admin=admin
+            )
             self.say(
                 f"plan {name}: {requests_per_day} requests/day, {tokens_per_day} tokens/day, "
                 f"{requests_per_minute} requests/minute, max priority {max_priority}"
+                + (", admin" if plan.admin else "")
             )
         finally:
             await store.close()
