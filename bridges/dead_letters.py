@@ -21,6 +21,7 @@ from tenacity import RetryCallState
 
 from bridges.clients.rabbitmq import AMQP_ERRORS, InboxConsumer, RabbitClient
 from bridges.clients.store import DeadLetters
+from inferstream import logs
 from inferstream.errors import StoreUnavailable
 from inferstream.retrying import DEAD_LETTER_RECORD, failure, next_sleep
 from inferstream.settings import Settings
@@ -93,7 +94,8 @@ class DeadLetterRecorder(InboxConsumer):
                 log.error("dropping dead letter %s (%d bytes): %s", message.message_id, len(message.body), exc)
                 DEAD_LETTERS.labels(*UNDECODABLE).inc()
             else:
-                await self._record(request, error, history)
+                with logs.bind_request_id(request.request_id):  # one loop task for every letter
+                    await self._record(request, error, history)
             try:
                 await message.ack()
             except AMQP_ERRORS as exc:

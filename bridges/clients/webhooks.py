@@ -29,6 +29,7 @@ from mode import Service
 from tenacity import RetryCallState, RetryError
 from yarl import URL
 
+from inferstream import logs
 from inferstream.egress import EgressPolicy, EgressRefused, GuardedResolver
 from inferstream.retrying import WEBHOOK_DELIVERY, failure, parse_retry_after, retry_after
 from inferstream.settings import Settings
@@ -139,6 +140,7 @@ class WebhookSender(Service):
         self, request_id: str, callback_url: str, doc: Mapping[str, Any]
     ) -> DeliveryState:
         """Deliver now, retrying as needed, and record the outcome."""
+        logs.set_request_id(request_id)  # its own task (streams/delivery.py): one request
         body = orjson.dumps(doc)
         signature = sign(self.settings.webhook_secret, body)
 

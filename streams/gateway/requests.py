@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from inferstream import logs
 from inferstream.errors import Conflict, InvalidRequest, NotFound
 from inferstream.ids import is_request_id
 from schemas.documents import request_doc
@@ -49,6 +50,7 @@ async def _owned_doc(gw: Gateway, user_id: str, request_id: str) -> dict[str, An
 
 
 async def get_one(gw: Gateway, request: web.Request, request_id: str) -> web.StreamResponse:
+    logs.set_request_id(request_id)
     principal = await gw.keys.authenticate(api_key(request))
     return json_response(await _owned_doc(gw, principal.user_id, request_id))
 
@@ -71,6 +73,7 @@ async def list_mine(gw: Gateway, request: web.Request) -> web.StreamResponse:
 
 
 async def cancel(gw: Gateway, request: web.Request, request_id: str) -> web.StreamResponse:
+    logs.set_request_id(request_id)
     principal = await gw.keys.authenticate(api_key(request))
     doc = await _owned_doc(gw, principal.user_id, request_id)
     if doc["status"] in TERMINAL:
@@ -84,6 +87,7 @@ async def events(
     gw: Gateway, request: web.Request, request_id: str, tokens: StreamTokens | None = None
 ) -> web.StreamResponse:
     """The event stream, authenticated by the API key or, for ``EventSource``, by ``?token=``."""
+    logs.set_request_id(request_id)
     token = request.query.get("token")
     if token is not None and tokens is not None:
         # The token names its user and request; a key sent beside it is not consulted.
@@ -109,6 +113,7 @@ async def events_token(
     gw: Gateway, request: web.Request, request_id: str, tokens: StreamTokens
 ) -> web.StreamResponse:
     """``POST /v1/requests/{id}/events/token``: a short-lived token for this request's event stream."""
+    logs.set_request_id(request_id)
     principal = await gw.keys.authenticate(api_key(request))
     await _owned_doc(gw, principal.user_id, request_id)
     token, expires_at = tokens.mint(request_id, principal.user_id)
