@@ -200,8 +200,9 @@ async def test_one_request_is_one_trace_across_the_pipeline_and_the_ml_worker(
     assert parent_of("publish result") == "ml work"
     assert parent_of("settle quota") == "results bridge"
     names = {s.span_id: s.name for s in spans}
-    # The queued row and the terminal row: each notified under its own sink span.
-    assert [names[s.parent] for s in named["notify"]] == ["sink", "sink"]
+    # The queued row and the terminal row (and a `running` one after a slow call): each under its sink span.
+    notified = [names[s.parent] for s in named["notify"]]
+    assert len(notified) >= 2 and set(notified) == {"sink"}, notified
     # A slow call also publishes `running` (under ml work): each bridged event under the span that published it.
     assert {names[s.parent] for s in named["results bridge"]} <= {"publish result", "ml work"}
     assert "publish result" in {names[s.parent] for s in named["results bridge"]}
