@@ -29,7 +29,7 @@ from prometheus_client import Histogram
 from yarl import URL
 
 from bridges.clients.redis import CacheUnavailable, OwnedDoc, RedisClient
-from inferstream import clock, tracing
+from inferstream import clock, logs, tracing
 from inferstream.coalesce import Coalesced
 from inferstream.errors import InvalidRequest, PublicError, QuotaExceeded, Unavailable
 from inferstream.ids import new_request_id
@@ -168,6 +168,7 @@ class AdmissionService:
                 return Admitted(prior["status"], prior["body"], dict(prior["headers"]), replayed=True)
         now = self.now()
         request_id = new_request_id(now)
+        logs.set_request_id(request_id)
         try:
             admission = self.quota.admit(user, plan, request_id, estimated, at=now)
         except QuotaExceeded as exc:

@@ -34,7 +34,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from mode import Service
 
 from bridges.clients.rabbitmq import AMQP_ERRORS, Consumer, PublishError, RabbitClient
-from inferstream import clock, tracing
+from inferstream import clock, logs, tracing
 from inferstream.retrying import TERMINAL_PUBLISH, failure, next_sleep
 from inferstream.route_watch import RouteKey, RouteWatcher
 from inferstream.routes import Route, RouteTable
@@ -265,6 +265,7 @@ class MLWorker(Service):
             log.error("undecodable work message %s rejected to dead letters: %r", message.message_id, exc)
             await acks.settle_now(message, reject=True)
             return
+        logs.set_request_id(req.request_id)  # each delivery is its own task
         job = Job(req, message, endpoint, handler=asyncio.current_task())
         self._jobs.add(job)
         self._idle.clear()

@@ -21,6 +21,7 @@ from faust.types import TableT
 from mode import Service
 from yarl import URL
 
+from inferstream import tracing
 from inferstream.errors import Unavailable
 from streams.quirks import known_to_producer, tables_recovered
 from tables.acked import changelog_partition
@@ -83,6 +84,8 @@ class OwnerRouter(Service):
             raise Unavailable("the owner of this user's partition changed", retry_after=1)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         headers[FORWARDED_HEADER] = str(self.app.conf.canonical_url)
+        if tracing.ENABLED:  # the owner's spans are children of this gateway's, not its siblings
+            headers[tracing.HEADER] = tracing.traceparent(tracing.current_span())
         url = request.url.with_scheme(owner.scheme or "http").with_host(owner.host or "").with_port(owner.port)
         try:
             async with self._client().request(request.method, url, headers=headers, data=body) as resp:
