@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -38,3 +39,19 @@ async def model_base_url() -> AsyncIterator[str]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def faults(http: aiohttp.ClientSession, model_base_url: str) -> AsyncIterator[Any]:
+    """The shared model server's fault knobs, reset afterwards (other modules use the same server)."""
+
+    async def set_faults(**changes: Any) -> None:
+        async with http.post(f"{model_base_url}/admin/faults", json=changes) as r:
+            r.raise_for_status()
+
+    reset = {"latency_ms": 0, "error_rate": 0.0, "error_status": 503, "fail_next": 0}
+    await set_faults(**reset)
+    try:
+        yield set_faults
+    finally:
+        await set_faults(**reset)

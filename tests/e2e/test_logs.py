@@ -43,22 +43,6 @@ async def workers(pipeline: Pipeline) -> AsyncIterator[tuple[WorkerProcess, Work
     yield pipe, ml
 
 
-@pytest.fixture
-async def faults(http: aiohttp.ClientSession, model_base_url: str) -> AsyncIterator[Any]:
-    """The shared model server's fault knobs, reset afterwards (other modules use the same server)."""
-
-    async def set_faults(**changes: Any) -> None:
-        async with http.post(f"{model_base_url}/admin/faults", json=changes) as r:
-            r.raise_for_status()
-
-    reset = {"latency_ms": 0, "error_rate": 0.0, "error_status": 503, "fail_next": 0}
-    await set_faults(**reset)
-    try:
-        yield set_faults
-    finally:
-        await set_faults(**reset)
-
-
 async def finish(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     status, answer, _ = await api.submit(body)
     assert status == 202, answer

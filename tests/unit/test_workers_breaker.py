@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-
-from typing import Any
 
 from inferstream import clock
 from inferstream.routes import routes_from_settings
