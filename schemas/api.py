@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -18,6 +18,10 @@ MAX_INPUTS = 2048
 MAX_DEADLINE_S = 7 * 86_400
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_CALLBACK_URL = 2048
+# Statuses (and `output`, streamed text) a webhook may be asked to announce; default: the terminal ones.
+WebhookEvent = Literal["dispatched", "running", "output", "completed", "failed", "cancelled", "expired"]
+WEBHOOK_EVENTS: tuple[str, ...] = ("dispatched", "running", "output", "completed", "failed", "cancelled", "expired")
+DeadlinePolicy = Literal["strict", "best_effort"]
 
 _NOT_BLANK = r"\S"
 Text = Annotated[str, Meta(pattern=_NOT_BLANK, description="Not blank.")]
@@ -46,6 +50,7 @@ class Params(Struct):
 
     max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    stream: bool | None = None  # generate: stream the text as it is made (`output` events)
 
 
 class SubmissionBody(Struct, forbid_unknown_fields=True):
@@ -61,6 +66,8 @@ class SubmissionBody(Struct, forbid_unknown_fields=True):
     deadline_s: Annotated[int, Meta(ge=1, le=MAX_DEADLINE_S)] | None = None
     metadata: dict[str, Any] | None = None
     callback_url: CallbackUrl | None = None
+    webhook_events: Annotated[list[WebhookEvent], Meta(min_length=1, max_length=len(WEBHOOK_EVENTS))] | None = None
+    deadline_policy: DeadlinePolicy = "strict"
 
 
 # The message for each field when its value breaks the contract (msgspec's reason is appended).
@@ -75,6 +82,9 @@ _RULES = {
     "deadline_s": f"'deadline_s' must be an integer from 1 to {MAX_DEADLINE_S}",
     "metadata": "'metadata' must be an object",
     "callback_url": f"'callback_url' must be an http(s) URL of at most {MAX_CALLBACK_URL} characters",
+    "params.stream": "'params.stream' must be true or false",
+    "webhook_events": f"'webhook_events' must be a non-empty list of {list(WEBHOOK_EVENTS)}",
+    "deadline_policy": "'deadline_policy' must be 'strict' or 'best_effort'",
 }
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _NAMED = re.compile(r"field `(?P<name>[^`]+)`")
@@ -109,6 +119,8 @@ class Submission(Struct, frozen=True):
     deadline_s: int | None
     metadata: dict[str, Any]
     callback_url: str | None
+    webhook_events: list[str] | None = None  # None: the terminal statuses
+    deadline_policy: str = "strict"
 
     @property
     def max_tokens(self) -> int | None:
@@ -153,6 +165,8 @@ def parse_submission(body: bytes, model_routes: dict[str, list[str]]) -> Submiss
         deadline_s=sub.deadline_s,
         metadata=sub.metadata or {},
         callback_url=sub.callback_url,
+        webhook_events=sorted(set(sub.webhook_events), key=WEBHOOK_EVENTS.index) if sub.webhook_events else None,
+        deadline_policy=sub.deadline_policy,
     )
 
 

@@ -80,6 +80,8 @@ class InferenceRequest(
     redrive_of: str | None = None
     # When the forward agent handed it to RabbitMQ (set on the work message; the log's copy has none).
     dispatched_at: float | None = None
+    # What its webhook announces (schemas.api.WEBHOOK_EVENTS); None: the terminal statuses.
+    webhook_events: list[str] | None = None
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.asdict())
@@ -124,6 +126,7 @@ class ResultEvent(
     dispatched_at: float | None = None
     # The backend of its route that served it (routes file `backends[].name`); on a failure, the last one tried.
     backend: str | None = None
+    webhook_events: list[str] | None = None  # the request's, repeated like callback_url
 
     @property
     def is_terminal(self) -> bool:
@@ -150,6 +153,7 @@ class ResultEvent(
             created_at=req.created_at,
             quota_day=req.quota_day,
             callback_url=req.callback_url,
+            webhook_events=req.webhook_events,
             dispatched_at=req.dispatched_at,
             **extra,
         )

@@ -189,6 +189,7 @@ class AdmissionService:
             deadline_at=now + sub.deadline_s if sub.deadline_s else None,
             metadata=sub.metadata,
             callback_url=sub.callback_url,
+            webhook_events=sub.webhook_events,
         )
         if tracing.ENABLED:
             tracing.current_span().set_attribute("inferstream.request_id", request_id)
