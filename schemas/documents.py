@@ -210,6 +210,7 @@ REQUEST_COLUMNS: tuple[str, ...] = (
     "quota_day",
     "history",
     "backend",
+    "webhook_events",
 )
 
 

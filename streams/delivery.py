@@ -3,20 +3,29 @@
 The sink calls :meth:`Delivery.on_applied` with the rows a batch changed (and
 those it found already current, after a crash); every status a row went
 through in the batch is published in order, so each event stream hears each
-once. Terminal rows with a ``callback_url`` are handed to the webhook sender,
-whose attempts are recorded in PostgreSQL; the leader re-sends deliveries left
-pending by a crash, an outage or a replay.
+once. Rows with a ``callback_url`` get a webhook for each of those statuses
+their ``webhook_events`` name (None: the terminal ones); every attempt is
+recorded in PostgreSQL; the leader re-sends terminal deliveries left pending
+by a crash, an outage or a replay. Streamed text reaches webhooks through
+:meth:`Delivery.on_output`, at most one call per request every
+:data:`OUTPUT_INTERVAL_S`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from bridges.clients.redis import CacheUnavailable, RedisClient
+from bridges.clients.store.rows import wants_event
 from bridges.clients.store.webhooks import Webhooks
-from bridges.clients.webhooks import WebhookSender
+from bridges.clients.webhooks import Attempt, WebhookSender, message_id
 from inferstream import tracing
 from inferstream.errors import StoreUnavailable
 from schemas.documents import earlier_doc, request_doc
@@ -26,17 +35,37 @@ log = logging.getLogger(__name__)
 
 PENDING_SWEEP_S = 60.0
 PENDING_OLDER_THAN_S = 600.0
+OUTPUT_INTERVAL_S = 0.5
+_OUTPUT_IDLE_S = 600.0  # a throttle not heard of for this long is dropped (its terminal row never came here)
 
 
-def attempt_recorder(records: Webhooks) -> Callable[[str, str, int, str | None], Awaitable[None]]:
-    """What the webhook sender calls after each attempt: the delivery state, in PostgreSQL."""
+def attempt_recorder(records: Webhooks) -> Callable[[Attempt], Awaitable[None]]:
+    """What the webhook sender calls after each attempt: the attempt, and a terminal event's state, in PostgreSQL."""
 
-    async def record(request_id: str, state: str, attempts: int, last_error: str | None) -> None:
-        await records.record_webhook_attempt(
-            request_id, delivered=state == "delivered", error=last_error, final=state == "failed"
-        )
+    async def record(a: Attempt) -> None:
+        await records.record_attempt(
+            a.request_id, event=a.event, webhook_id=a.webhook_id, attempt=a.attempt, state=a.state,
+            http_status=a.http_status, error=a.error, terminal=a.event in TERMINAL,
+        )  # fmt: skip
 
     return record
+
+
+def output_doc(request_id: str, text_so_far: str, offset: int) -> dict[str, Any]:
+    """The body of an ``output`` webhook: the text generated so far (``offset``: where the last delta began)."""
+    return {"request_id": request_id, "status": "running", "event": "output",
+            "output": {"text": text_so_far, "offset": offset}}  # fmt: skip
+
+
+@dataclass
+class _Throttle:
+    """One streaming request's ``output`` webhooks: the latest text waits for its turn."""
+
+    callback_url: str | None
+    last_sent: float = 0.0
+    heard: float = 0.0
+    latest: tuple[str, int] | None = None
+    timer: asyncio.TimerHandle | None = None
 
 
 class Delivery:
@@ -46,6 +75,86 @@ class Delivery:
         self.redis = redis
         self.webhooks = webhooks
         self.records = records
+        self._outputs: dict[str, _Throttle] = {}
+
+    async def on_output(
+        self,
+        user_id: str,
+        request_id: str,
+        text_so_far: str,
+        offset: int,
+        *,
+        callback_url: str | None = None,
+        webhook_events: Sequence[str] | None = None,
+        known: bool = False,
+    ) -> None:
+        """Streamed text of a running request: an ``output`` webhook, throttled per request.
+
+        Cheap to call on every delta: the first call sends at once, later ones within
+        :data:`OUTPUT_INTERVAL_S` only replace the text a timer sends at the end of the
+        interval (so the receiver always gets the latest text, at most twice a second).
+        Pass ``callback_url`` and ``webhook_events`` with ``known=True`` when the caller
+        has them (the request carries them); otherwise they are read from PostgreSQL
+        once per request. A request that did not ask for ``output`` costs a dict lookup.
+        ``user_id`` is for the caller's symmetry with the SSE side; the request id names
+        the row. Never raises for the store: the text is dropped with a warning.
+        """
+        del user_id
+        now = time.monotonic()
+        throttle = self._outputs.get(request_id)
+        if throttle is None:
+            if len(self._outputs) > 1000:
+                self._forget_idle(now)
+            throttle = self._outputs[request_id] = _Throttle(await self._output_target(
+                request_id, callback_url, webhook_events, known))  # fmt: skip
+        throttle.heard = now
+        if throttle.callback_url is None:
+            return
+        throttle.latest = (text_so_far, offset)
+        if throttle.timer is not None:
+            return
+        wait = throttle.last_sent + OUTPUT_INTERVAL_S - now
+        if wait <= 0:
+            self._send_output(request_id)
+        else:
+            throttle.timer = asyncio.get_running_loop().call_later(wait, self._send_output, request_id)
+
+    async def _output_target(
+        self, request_id: str, callback_url: str | None, events: Sequence[str] | None, known: bool
+    ) -> str | None:
+        """Where ``output`` webhooks of the request go; None if nowhere."""
+        if not known:
+            try:
+                row = await self.records.webhook_target(request_id)
+            except StoreUnavailable as exc:
+                log.warning("output webhook target of %s unknown: %r", request_id, exc)
+                row = None
+            if row is None:
+                return None
+            callback_url, events = row.get("callback_url"), row.get("webhook_events")
+        return callback_url if callback_url and wants_event(events, "output") else None
+
+    def _send_output(self, request_id: str) -> None:
+        throttle = self._outputs.get(request_id)
+        if throttle is None or throttle.latest is None or throttle.callback_url is None:
+            return
+        throttle.timer = None
+        text, offset = throttle.latest
+        throttle.latest, throttle.last_sent = None, time.monotonic()
+        self.webhooks.submit(
+            request_id, throttle.callback_url, output_doc(request_id, text, offset),
+            event="output", webhook_id=message_id(request_id, "output", offset), retry=False,
+        )  # fmt: skip
+
+    def _end_output(self, request_id: str) -> None:
+        """The request is terminal: no ``output`` after it (the terminal document has the whole text)."""
+        throttle = self._outputs.pop(request_id, None)
+        if throttle is not None and throttle.timer is not None:
+            throttle.timer.cancel()
+
+    def _forget_idle(self, now: float) -> None:
+        for request_id in [r for r, t in self._outputs.items() if now - t.heard > _OUTPUT_IDLE_S]:
+            self._end_output(request_id)
 
     async def on_applied(self, rows: Sequence[dict[str, Any]]) -> None:
         finals = [request_doc(r) for r in rows]
@@ -62,9 +171,20 @@ class Delivery:
             tracing.end_all(spans, exc)
         else:
             tracing.end_all(spans)
-        for r, doc in zip(rows, finals, strict=True):
-            if r.get("callback_url") and r["status"] in TERMINAL:
-                self.webhooks.submit(r["request_id"], r["callback_url"], doc)
+        for r, final in zip(rows, finals, strict=True):
+            if r["status"] in TERMINAL and self._outputs:
+                self._end_output(r["request_id"])
+            if r.get("callback_url"):
+                self._webhooks(r, final)
+
+    def _webhooks(self, row: dict[str, Any], final: dict[str, Any]) -> None:
+        """A webhook per status the batch took the row through that the request asked for, in order."""
+        events = row.get("webhook_events")
+        for p in row.get("passed", ()):
+            if events is not None and wants_event(events, p["status"]):
+                self.webhooks.submit(row["request_id"], row["callback_url"], earlier_doc(row, p["status"], p["at"]))
+        if wants_event(events, row["status"]):
+            self.webhooks.submit(row["request_id"], row["callback_url"], final)
 
     @staticmethod
     def _notify_spans(rows: Sequence[dict[str, Any]]) -> list[tracing.Span]:
@@ -90,5 +210,29 @@ class Delivery:
             log.warning("pending webhook sweep skipped: %r", exc)
             return
         for row in rows:
-            if row.get("callback_url") and not self.webhooks.delivering(row["request_id"]):
+            if row.get("callback_url") and not self.webhooks.delivering(row["request_id"], row["status"]):
                 self.webhooks.submit(row["request_id"], row["callback_url"], request_doc(row))
+
+    async def redeliver(self, row: dict[str, Any]) -> str:
+        """Send the request's last webhook event again (same ``webhook-id``); returns the event.
+
+        The last event is the latest status event attempted, or the row's current status if none
+        was. An ``output`` event is not resent: the text it carried is not kept (the terminal
+        document carries all of it).
+        """
+        attempts = await self.records.list_attempts(row["request_id"], 1000)
+        statuses = [a["event"] for a in attempts if a["event"] != "output"]
+        event = statuses[-1] if statuses else str(row["status"])
+        final = request_doc(row)
+        if event == row["status"]:
+            doc = final
+        else:
+            at = next((h["at"] for h in _history(row) if h.get("status") == event), None)
+            doc = earlier_doc(row, event, at if at is not None else row["updated_at"])
+        self.webhooks.submit(row["request_id"], row["callback_url"], doc, event=event)
+        return event
+
+
+def _history(row: dict[str, Any]) -> list[dict[str, Any]]:
+    history = row.get("history") or []
+    return list(orjson.loads(history) if isinstance(history, str | bytes) else history)

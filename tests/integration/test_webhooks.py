@@ -16,6 +16,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from bridges.clients.webhooks import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
+    Attempt,
     WebhookSender,
     sign,
     verify_signature,
@@ -64,8 +65,8 @@ def sender(
 ) -> WebhookSender:
     """A sender allowed to reach loopback (where these tests' receivers listen) unless told otherwise."""
 
-    async def record(request_id: str, state: str, attempts: int, last_error: str | None) -> None:
-        recorded.append((request_id, state, attempts, last_error))
+    async def record(a: Attempt) -> None:
+        recorded.append((a.request_id, a.state, a.attempt, a.error))
 
     settings = Settings(
         webhook_secret=SECRET, webhook_max_attempts=max_attempts, webhook_allow=allow

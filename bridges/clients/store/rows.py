@@ -17,6 +17,8 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
 from schemas.documents import REQUEST_COLUMNS
 from schemas.records import STATUS_RANK, TERMINAL, InferenceRequest, ResultEvent
 
@@ -31,6 +33,7 @@ _DISPATCHED = STATUS_RANK["dispatched"]
 FILL_FIELDS: tuple[str, ...] = (
     "task", "model", "priority", "estimated_tokens", "created_at", "quota_day",
     "input", "params", "metadata", "deadline_at", "callback_url", "dispatched_at", "started_at",
+    "webhook_events",
 )  # fmt: skip
 # Only the event that moves the status forward may set these.
 ADVANCE_FIELDS: tuple[str, ...] = (
@@ -46,6 +49,15 @@ TIMESTAMPS: frozenset[str] = frozenset(
     {"created_at", "updated_at", "dispatched_at", "started_at", "completed_at", "deadline_at"}
 )
 RETURNED_COLUMNS: tuple[str, ...] = (*REQUEST_COLUMNS, "webhook_state")
+
+
+def wants_event(webhook_events: Any, event: str) -> bool:
+    """Whether a request's ``webhook_events`` (None: the terminal statuses) include ``event``."""
+    if webhook_events is None:
+        return event in TERMINAL
+    if isinstance(webhook_events, str | bytes):  # a jsonb column read without a codec
+        webhook_events = orjson.loads(webhook_events)
+    return event in webhook_events
 
 
 def _blank(value: Any) -> Any:
@@ -75,6 +87,7 @@ def row_of(item: Event) -> Row | None:
             "callback_url": item.callback_url,
             "quota_day": item.quota_day,
             "history": [{"status": "queued", "at": item.created_at}],
+            "webhook_events": item.webhook_events,
         }
     rank = STATUS_RANK.get(item.status)
     if rank is None:
@@ -102,6 +115,7 @@ def row_of(item: Event) -> Row | None:
         "quota_day": _blank(item.quota_day),
         "history": _event_history(item),
         "backend": item.backend,
+        "webhook_events": item.webhook_events,
     }
 
 
@@ -150,7 +164,8 @@ def collapse(items: Iterable[Event]) -> list[Row]:
     for request_id in sorted(rows):
         row = rows[request_id]
         terminal = row["status_rank"] >= TERMINAL_RANK
-        row["webhook_state"] = "pending" if terminal and row.get("callback_url") else None
+        due = terminal and row.get("callback_url") and wants_event(row.get("webhook_events"), row["status"])
+        row["webhook_state"] = "pending" if due else None
         out.append({k: v for k, v in row.items() if v is not None})
     return out
 
@@ -198,7 +213,7 @@ def _recordset_types() -> str:
     types = {
         "status_rank": "smallint", "estimated_tokens": "integer", "attempts": "integer",
         "input": "jsonb", "params": "jsonb", "metadata": "jsonb", "result": "jsonb",
-        "error": "jsonb", "usage": "jsonb", "history": "jsonb",
+        "error": "jsonb", "usage": "jsonb", "history": "jsonb", "webhook_events": "jsonb",
     }  # fmt: skip
     cols = [*REQUEST_COLUMNS, "webhook_state"]
     return ", ".join(f"{c} {'float8' if c in TIMESTAMPS else types.get(c, 'text')}" for c in cols)
@@ -241,6 +256,10 @@ def _set_clause() -> str:
         "webhook_state = CASE WHEN requests.webhook_state IS NULL"
         f" AND GREATEST(requests.status_rank, EXCLUDED.status_rank) >= {TERMINAL_RANK}"
         " AND COALESCE(requests.callback_url, EXCLUDED.callback_url) IS NOT NULL"
+        # Terminal statuses only when the request asked for them (NULL: it did, by default).
+        " AND (COALESCE(requests.webhook_events, EXCLUDED.webhook_events) IS NULL"
+        f" OR COALESCE(requests.webhook_events, EXCLUDED.webhook_events) ? (CASE WHEN {_ADV}"
+        " THEN EXCLUDED.status ELSE requests.status END))"
         " THEN 'pending' ELSE requests.webhook_state END",
     ]
     return ",\n        ".join(sets)
