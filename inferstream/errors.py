@@ -11,7 +11,8 @@
     │   │   ├── Conflict               conflict
     │   │   ├── PayloadTooLarge        payload_too_large
     │   │   ├── IdempotencyMismatch    idempotency_key_mismatch
-    │   │   └── QuotaExceeded          request_quota_exceeded | token_quota_exceeded | rate_limited (retry_after)
+    │   │   ├── QuotaExceeded          request_quota_exceeded | token_quota_exceeded | rate_limited (retry_after)
+    │   │   └── DeadlineUnreachable    deadline_unreachable: the queue's ETA exceeds deadline_s (eta_s, retry_after)
     │   └── Unavailable                unavailable: retryable, not the caller's fault (retry_after)
     │       └── StoreUnavailable       PostgreSQL unreachable, restarting or overloaded (broken_connection)
     ├── ConfigurationError             a worker refuses to start: the message names what to change
@@ -82,6 +83,16 @@ class QuotaExceeded(ClientError):
     def __init__(self, type_: str, message: str, *, retry_after: float, **details: Any) -> None:
         super().__init__(message, retry_after=retry_after, **details)
         self.type = type_
+
+
+class DeadlineUnreachable(ClientError):
+    """The route's queue would start the request after its ``deadline_s``: refused before anything is charged."""
+
+    type = "deadline_unreachable"
+
+    def __init__(self, message: str, *, eta_s: float, deadline_s: int, retry_after: float, **details: Any) -> None:
+        super().__init__(message, retry_after=retry_after, eta_s=eta_s, deadline_s=deadline_s, **details)
+        self.eta_s = eta_s
 
 
 class Unavailable(PublicError):

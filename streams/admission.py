@@ -6,8 +6,10 @@ service does the work, in this order:
 1. authenticate the key (``tables/keys.py``), and tell whether this worker owns
    the user's quota partition (else the view forwards the request there);
 2. validate the body (``schemas/api.py``) and the callback host (may resolve it);
-3. with no ``await`` in between: the Idempotency-Key lookup, the quota
-   check-and-reserve, the idempotent answer remembered;
+3. with no ``await`` in between: the Idempotency-Key lookup, the deadline
+   check against the route's queue ETA (:mod:`streams.queue_eta`; refused
+   before anything is charged), the quota check-and-reserve, the idempotent
+   answer remembered;
 4. await the changelog acks of those writes, then write the request to the log
    and await its ack: after a crash every request in the log is charged;
 5. on a timeout or a log error, roll back (reservation released, idempotency
@@ -31,7 +33,13 @@ from yarl import URL
 from bridges.clients.redis import CacheUnavailable, OwnedDoc, RedisClient
 from inferstream import clock, logs, tracing
 from inferstream.coalesce import Coalesced
-from inferstream.errors import InvalidRequest, PublicError, QuotaExceeded, Unavailable
+from inferstream.errors import (
+    DeadlineUnreachable,
+    InvalidRequest,
+    PublicError,
+    QuotaExceeded,
+    Unavailable,
+)
 from inferstream.ids import new_request_id
 from inferstream.route_watch import RouteWatcher
 from inferstream.settings import Priority, Settings
@@ -40,6 +48,7 @@ from schemas.api import Submission, check_callback_url, parse_submission
 from schemas.documents import Accepted, Links, request_doc
 from schemas.plans import Plan
 from schemas.records import InferenceRequest
+from streams import queue_eta
 from streams.gateway import metrics
 from streams.gateway.routing import OwnerRouter
 from streams.topics import Topics
@@ -104,6 +113,8 @@ class AdmissionService:
         # One Redis round trip for all the admissions of a tick.
         self._cache_new: Coalesced[OwnedDoc, None] = Coalesced(redis.cache_docs)
         self._timers: dict[str, Any] = {}
+        self.eta = queue_eta.SHARED
+        self.eta.attach(settings, redis=redis)
 
     async def authenticate(self, key: str | None) -> Principal:
         return await self.keys.authenticate(key)
@@ -156,6 +167,21 @@ class AdmissionService:
         route = self.routes.route(sub.task, sub.model)
         return priority if route is None else cast(Priority, route.cap_priority(priority))
 
+    def _check_deadline(self, sub: Submission, priority: Priority) -> None:
+        """Refuse a strict deadline the queue cannot meet; no estimate yet (route never polled) admits."""
+        assert sub.deadline_s is not None
+        est = self.eta.estimate(sub.task, sub.model, priority)
+        if est is None or est.eta_s is None or est.eta_s <= sub.deadline_s:
+            return
+        metrics.ADMISSIONS.labels(DeadlineUnreachable.type).inc()
+        eta = round(est.eta_s, 3)
+        raise DeadlineUnreachable(
+            f"the queue for {sub.task}/{sub.model} starts new {priority} requests in about {eta} s,"
+            f" after deadline_s={sub.deadline_s}; retry later or submit with deadline_policy 'best_effort'",
+            eta_s=eta, deadline_s=sub.deadline_s, retry_after=queue_eta.retry_after(est.eta_s, sub.deadline_s),
+            queue=est.doc(),
+        )  # fmt: skip
+
     async def _reserve_and_enqueue(
         self, principal: Principal, sub: Submission, estimated: int, idem_key: str | None, body_fp: str
     ) -> Admitted:
@@ -166,6 +192,9 @@ class AdmissionService:
             if prior is not None:
                 metrics.ADMISSIONS.labels("replayed").inc()
                 return Admitted(prior["status"], prior["body"], dict(prior["headers"]), replayed=True)
+        priority = self._priority(plan, sub)
+        if sub.deadline_s is not None and sub.deadline_policy == "strict":
+            self._check_deadline(sub, priority)
         now = self.now()
         request_id = new_request_id(now)
         logs.set_request_id(request_id)
@@ -184,7 +213,7 @@ class AdmissionService:
             estimated_tokens=estimated,
             created_at=now,
             quota_day=admission.window_day,
-            priority=self._priority(plan, sub),
+            priority=priority,
             params=sub.params,
             deadline_at=now + sub.deadline_s if sub.deadline_s else None,
             metadata=sub.metadata,

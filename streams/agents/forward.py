@@ -31,6 +31,7 @@ from inferstream import clock, tracing
 from inferstream.retrying import REQUEST_PUBLISH, failure
 from inferstream.settings import Settings
 from schemas.records import InferenceRequest, ResultEvent
+from streams import queue_eta
 from streams.agents import metrics
 from streams.agents.dispatched import DispatchedEvents
 from streams.agents.guard import until_done
@@ -94,6 +95,8 @@ def register_forward(
     book: QuotaBook,
     dispatched: DispatchedEvents,
 ) -> None:
+    queue_eta.SHARED.attach(settings, rabbit=rabbit)
+
     async def forward(read: Sequence[EventT]) -> None:
         routes = rabbit.route_keys()  # the routes served now: a reload may add some, and retires others
         confirmed = await book.confirm_requests([logged(e) for e in read])
@@ -107,6 +110,7 @@ def register_forward(
         elif routable:
             await publish_confirmed(rabbit, routable)
             metrics.FORWARD_BATCHES.inc(len(routable))
+        queue_eta.SHARED.dispatched(routable)  # memory only; the ETA poller adds it to Redis
         await asyncio.gather(*confirmed)
         # Admitted by a gateway configured with a route this worker has no queue for (another
         # routes file, or a route removed before this worker started): fail it (refunded) rather

@@ -12,6 +12,7 @@ from bridges.clients.store import Requests
 from inferstream.errors import StoreUnavailable, Unavailable
 from inferstream.settings import Settings
 from schemas.documents import request_doc
+from streams import queue_eta
 from streams.admission import AdmissionService
 from streams.gateway.routing import OwnerRouter
 from tables.keys import KeyCache
@@ -32,19 +33,22 @@ class Gateway:
     admission: AdmissionService
 
     async def load_doc(self, user_id: str, request_id: str) -> dict[str, Any] | None:
-        """The caller's document: Redis first, then PostgreSQL; None if absent or someone else's."""
+        """The caller's document: Redis first, then PostgreSQL; None if absent or someone else's.
+
+        A request still waiting (queued or dispatched) carries ``queue: {position, ahead, eta_s}``.
+        """
         try:
             cached = await self.redis.get_doc(request_id)
         except CacheUnavailable:
             cached = None
         if cached is not None:
             owner, doc = cached
-            return doc if owner == user_id else None
+            return queue_eta.annotate(doc) if owner == user_id else None
         try:
             row = await self.store.get_request(user_id, request_id)
         except StoreUnavailable as exc:
             raise Unavailable("the request store is unavailable", retry_after=2) from exc
-        return request_doc(row) if row is not None else None
+        return queue_eta.annotate(request_doc(row)) if row is not None else None
 
     async def list_rows(
         self, user_id: str, status: str | None, limit: int, after: str | None

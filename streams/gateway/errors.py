@@ -5,6 +5,7 @@ from __future__ import annotations
 from inferstream.errors import (
     ClientError,
     Conflict,
+    DeadlineUnreachable,
     IdempotencyMismatch,
     InvalidRequest,
     NotFound,
@@ -25,6 +26,7 @@ STATUS: dict[type[PublicError], int] = {
     PayloadTooLarge: 413,
     IdempotencyMismatch: 422,
     QuotaExceeded: 429,
+    DeadlineUnreachable: 429,
     Unavailable: 503,
 }
 
