@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     p.add_argument("--latency-ms", type=int, default=0, help="sleep per generate call")
     p.add_argument(
+        "--token-latency-ms", type=int, default=0, help="streamed completions: sleep before each chunk after the first"
+    )
+    p.add_argument(
         "--error-rate", type=_rate, default=0.0, help="fraction of generate calls that fail"
     )
     p.add_argument("--error-status", type=int, default=503, help="HTTP status of injected failures")
@@ -52,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         host=args.host,
         port=args.port,
         latency_ms=args.latency_ms,
+        token_latency_ms=args.token_latency_ms,
         error_rate=args.error_rate,
         error_status=args.error_status,
         embed_batch_max=args.embed_batch_max,

@@ -24,6 +24,7 @@ from modelserver.config import (
 )
 from modelserver.embeddings import Embedder
 from modelserver.generator import Completion, complete, complete_chat
+from modelserver.streaming import stream_completions
 from modelserver.validation import (
     ApiError,
     invalid,
@@ -99,6 +100,7 @@ class ModelServer:
         self.config = config
         self.faults = Faults(
             latency_ms=config.latency_ms,
+            token_latency_ms=config.token_latency_ms,
             error_rate=config.error_rate,
             error_status=config.error_status,
         )
@@ -174,11 +176,15 @@ class ModelServer:
         self.stats.generate_inputs += inputs
         self.stats.generate_batch_sizes[inputs] += 1
 
-    async def completions(self, request: web.Request) -> web.Response:
+    async def completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_completion(await read_json(request))
         self._count_generate(len(req.prompts))
         await self._inject("generate")
         results = [complete(p, req.max_tokens) for p in req.prompts]
+        if req.stream:
+            return await stream_completions(
+                request, req, results, self.faults, self.stats, f"cmpl-{uuid.uuid4().hex}"
+            )
         choices = [
             {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
             for i, c in enumerate(results)

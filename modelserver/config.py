@@ -21,6 +21,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     latency_ms: int = 0
+    token_latency_ms: int = 0
     error_rate: float = 0.0
     error_status: int = 503
     embed_batch_max: int = 256
@@ -40,6 +41,7 @@ class Faults:
     """
 
     latency_ms: int = 0
+    token_latency_ms: int = 0  # streamed completions: the pause before each chunk after the first
     error_rate: float = 0.0
     error_status: int = 503
     fail_next: int = 0
@@ -55,6 +57,7 @@ class Faults:
     def as_dict(self) -> dict[str, Any]:
         return {
             "latency_ms": self.latency_ms,
+            "token_latency_ms": self.token_latency_ms,
             "error_rate": self.error_rate,
             "error_status": self.error_status,
             "fail_next": self.fail_next,
@@ -81,6 +84,10 @@ class Stats:
     generate_calls: int = 0
     generate_inputs: int = 0
     generate_failures: int = 0
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_aborted: int = 0  # the client went away mid-stream: generation stopped there
+    stream_chunks: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
     generate_batch_sizes: Counter[int] = field(default_factory=Counter)
 
@@ -92,6 +99,10 @@ class Stats:
             "generate_calls": self.generate_calls,
             "generate_inputs": self.generate_inputs,
             "generate_failures": self.generate_failures,
+            "streams_started": self.streams_started,
+            "streams_completed": self.streams_completed,
+            "streams_aborted": self.streams_aborted,
+            "stream_chunks": self.stream_chunks,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "generate_batch_sizes": {
                 str(k): v for k, v in sorted(self.generate_batch_sizes.items())

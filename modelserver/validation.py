@@ -60,6 +60,8 @@ class CompletionRequest:
     model: str
     prompts: list[str]
     max_tokens: int
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,24 @@ def _max_tokens(body: dict[str, Any]) -> int:
     return value
 
 
-def _common_generation(body: dict[str, Any]) -> None:
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage``, as OpenAI's completions take them."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise invalid("'stream' must be a boolean.", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise invalid("'stream_options.include_usage' must be a boolean.", "stream_options")
+    return stream, bool(options.get("include_usage", False))
+
+
+def _common_generation(body: dict[str, Any], *, streams: bool = False) -> None:
     temperature = body.get("temperature")
     if temperature is not None and (
         isinstance(temperature, bool)
@@ -109,7 +128,7 @@ def _common_generation(body: dict[str, Any]) -> None:
         or not 0 <= temperature <= 2
     ):
         raise invalid("'temperature' must be a number from 0 to 2.", "temperature")
-    if body.get("stream"):
+    if body.get("stream") and not streams:
         raise invalid("Streaming is not supported by this server.", "stream", code="unsupported")
 
 
@@ -140,8 +159,15 @@ def parse_completion(raw: Any) -> CompletionRequest:
     if "prompt" not in body:
         raise invalid("'prompt' is required.", "prompt")
     prompts = _str_or_list(body["prompt"], "prompt")
-    _common_generation(body)
-    return CompletionRequest(model=model, prompts=prompts, max_tokens=_max_tokens(body))
+    _common_generation(body, streams=True)
+    stream, include_usage = _stream(body)
+    return CompletionRequest(
+        model=model,
+        prompts=prompts,
+        max_tokens=_max_tokens(body),
+        stream=stream,
+        include_usage=include_usage,
+    )
 
 
 def _content(value: Any, i: int) -> str:
@@ -176,7 +202,7 @@ def parse_chat(raw: Any) -> ChatRequest:
 
 
 FAULT_FIELDS = frozenset(
-    {"error_rate", "error_status", "latency_ms", "fail_next", "apply_to_embeddings"}
+    {"error_rate", "error_status", "latency_ms", "token_latency_ms", "fail_next", "apply_to_embeddings"}
 )
 
 
@@ -203,6 +229,8 @@ def parse_faults(raw: Any) -> dict[str, Any]:
         changes["error_status"] = _int_field(body, "error_status", 400, 599)
     if "latency_ms" in body:
         changes["latency_ms"] = _int_field(body, "latency_ms", 0, 600_000)
+    if "token_latency_ms" in body:
+        changes["token_latency_ms"] = _int_field(body, "token_latency_ms", 0, 60_000)
     if "fail_next" in body:
         changes["fail_next"] = _int_field(body, "fail_next", 0, 1_000_000)
     if "apply_to_embeddings" in body:

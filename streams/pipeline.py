@@ -65,6 +65,7 @@ from tables.idempotency import IdempotencyBook
 from tables.keys import KeyCache
 from tables.quota_book import QuotaBook
 from tables.reservations import Reservations
+from workers import streaming
 from workers.worker import MLWorker
 
 
@@ -145,6 +146,7 @@ def build_pipeline(settings: Settings) -> InferstreamApp:
     ml_worker: MLWorker | None = None
     if settings.has_ml:
         ml_worker = MLWorker(settings, rabbit, routes, redis.cancelled)
+        streaming.install(redis)  # params.stream: deltas through Redis pub/sub, not the log
         parts.append(ml_worker)
     quirks.run_with_app(app, Lifecycle(parts))
     register_ops(app, _readiness(app, settings, rabbit, routes, role, ml_worker))

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import Histogram
 
+from bridges.clients.model import OnDelta
 from inferstream import clock
 from inferstream.errors import FatalModelError, RetryableModelError
 from inferstream.retrying import model_call
@@ -43,6 +44,8 @@ QUEUE_WAIT = Histogram(
 T = TypeVar("T")
 R = TypeVar("R")
 BATCHED_TASKS = frozenset({"embed"})
+# Ours to decide, never passed through to the model: `stream` picks the call, not the payload.
+_STREAM_PARAMS = ("stream", "stream_options")
 
 
 class DeadlinePassed(Exception):  # control flow, not an error: the request expires
@@ -190,8 +193,12 @@ class Endpoint:
         params: dict[str, Any] | None,
         deadline_at: float | None = None,
         budget: RetryBudget | None = None,
+        on_delta: OnDelta | None = None,
     ) -> tuple[dict[str, Any], Usage, str]:
         """One attempt for one request: its ``result``, ``usage`` and the backend that served it.
+
+        With ``on_delta`` a generation is a streamed call and each piece of text goes to it
+        as it arrives (``workers/streaming.py``); the result is the same either way.
 
         Raises :class:`DeadlinePassed` or :class:`RetryBudgetSpent` when a limit
         passed before the call went out. Generation joins several input strings
@@ -214,9 +221,18 @@ class Endpoint:
             return {"embeddings": vectors}, usage, backend
         prompt = "\n".join(texts)
         merged = {"max_tokens": self.settings.default_max_tokens, **(params or {})}
-        (text, usage), backend = await self.call(
-            lambda u: u.client.generate(u.spec.model, prompt, merged), deadline_at, budget
-        )
+        if "stream" in merged or "stream_options" in merged:
+            for name in _STREAM_PARAMS:
+                merged.pop(name, None)
+        if on_delta is not None:
+            streamed = on_delta
+            (text, usage), backend = await self.call(
+                lambda u: u.client.generate_stream(u.spec.model, prompt, merged, streamed), deadline_at, budget
+            )
+        else:
+            (text, usage), backend = await self.call(
+                lambda u: u.client.generate(u.spec.model, prompt, merged), deadline_at, budget
+            )
         return {"text": text}, usage, backend
 
     async def close(self) -> None:

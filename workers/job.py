@@ -17,6 +17,7 @@ from inferstream.retrying import failure, next_sleep
 from schemas.records import InferenceRequest, ResultEvent
 from workers.endpoint import DeadlinePassed, Endpoint, RetryBudgetSpent
 from workers.retry import GiveUp, RetryBudget, RetryPolicy, attempt_record, error_info, failure_info
+from workers.streaming import OutputStream, sink, wants_stream
 
 __all__ = ["Job"]
 
@@ -43,6 +44,7 @@ class Job:
     history: list[dict[str, Any]] = field(default_factory=list)
     backend: str | None = None  # the backend of the last attempt that reached one
     parent: Context | None = None  # tracing on: the forward span's context, from the work message
+    output: OutputStream | None = None  # params.stream: where the deltas go (workers/streaming.py)
 
     async def run(self, policy: RetryPolicy) -> tuple[ResultEvent, bool]:
         """Attempts until an answer or a final failure: (terminal event, whether to dead-letter).
@@ -53,6 +55,9 @@ class Job:
         budget = policy.budget()
         retry = policy.for_request(budget, req.deadline_at)
         last: dict[str, Any] | None = None
+        out = sink()
+        if out is not None and wants_stream(req.task, req.params):
+            self.output = OutputStream(req.request_id, out)
 
         def retrying_in(state: RetryCallState) -> None:
             nonlocal last
@@ -67,9 +72,16 @@ class Job:
             if req.deadline_at is not None and clock.now() >= req.deadline_at:
                 return self.event("expired"), False
             self.attempts += 1
+            on_delta = None
+            if self.output is not None:
+                await self.output.resume()
+                self.output.new_attempt()
+                on_delta = self.output.on_delta
             if tracing.ENABLED:
                 return await self._traced_call(budget)
-            result, usage, self.backend = await self.endpoint.infer(list(req.input), req.params, req.deadline_at, budget)
+            result, usage, self.backend = await self.endpoint.infer(
+                list(req.input), req.params, req.deadline_at, budget, on_delta
+            )
             return self.event("completed", result=result, usage=usage or None), False
 
         try:
@@ -117,7 +129,10 @@ class Job:
         )  # fmt: skip
         with tracing.use(span):
             try:
-                result, usage, self.backend = await endpoint.infer(list(req.input), req.params, req.deadline_at, budget)
+                on_delta = None if self.output is None else self.output.on_delta
+                result, usage, self.backend = await endpoint.infer(
+                    list(req.input), req.params, req.deadline_at, budget, on_delta
+                )
             except ModelError as exc:
                 span.set_attribute("inferstream.backend", exc.backend or "")
                 raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -26,11 +27,13 @@ from inferstream.errors import FatalModelError, RetryableModelError
 from inferstream.retrying import parse_retry_after
 from inferstream.settings import Settings
 
-__all__ = ["ModelClient", "is_retryable_status"]
+__all__ = ["ModelClient", "OnDelta", "is_retryable_status"]
 
 log = logging.getLogger(__name__)
 
 Usage = dict[str, int]
+OnDelta = Callable[[str], Awaitable[None]]
+"""Called with each piece of streamed text, in order, before the next chunk is read."""
 
 
 # 4xx that say "not now" rather than "not this": timeout, conflict, too early, too many requests.
@@ -156,3 +159,67 @@ class ModelClient(Service):
         if not isinstance(text, str):
             raise FatalModelError("completion text is not a string")
         return text, _usage(data)
+
+    async def generate_stream(
+        self, model: str, prompt: str, params: dict[str, Any] | None, on_delta: OnDelta
+    ) -> tuple[str, Usage]:
+        """One ``/completions`` call with ``stream: true``: each chunk's text to ``on_delta``, then
+        the whole text and the usage of the last chunk (``stream_options.include_usage``).
+
+        A stream that breaks off before ``data: [DONE]`` is retryable, like a dropped call;
+        cancelling the caller closes the connection, which stops the generation upstream.
+        """
+        payload: dict[str, Any] = {
+            **(params or {}),
+            "model": model,
+            "prompt": prompt,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        session = await self._ensure()
+        url = f"{self.base_url}/completions"
+        parts: list[str] = []
+        usage: dict[str, Any] = {}
+        try:
+            async with session.post(url, data=orjson.dumps(payload)) as resp:
+                if resp.status >= 400:
+                    body = await resp.read()
+                    if is_retryable_status(resp.status):
+                        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                        raise RetryableModelError(_error_text(body), status=resp.status, retry_after=retry_after)
+                    raise FatalModelError(_error_text(body), status=resp.status)
+                done = False
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, other SSE fields
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    text, chunk_usage = _chunk(data)
+                    if chunk_usage:
+                        usage = chunk_usage
+                    if text:
+                        parts.append(text)
+                        await on_delta(text)
+                if not done:
+                    raise RetryableModelError("model stream ended before [DONE]")
+        except TimeoutError as exc:
+            raise RetryableModelError(f"model call timed out after {self.timeout_s}s") from exc
+        except aiohttp.ClientError as exc:
+            raise RetryableModelError(f"model stream broke off: {exc!r}") from exc
+        return "".join(parts), _usage({"usage": usage})
+
+
+def _chunk(data: bytes) -> tuple[str, dict[str, Any] | None]:
+    """The first choice's text and the usage (if any) of one streamed chunk."""
+    try:
+        chunk = orjson.loads(data)
+        choices = chunk.get("choices") or []
+        text = next((c.get("text") or "" for c in choices if c.get("index", 0) == 0), "")
+        usage = chunk.get("usage")
+    except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+        raise FatalModelError(f"malformed completions chunk: {exc!r}") from exc
+    if not isinstance(text, str):
+        raise FatalModelError("streamed completion text is not a string")
+    return text, usage if isinstance(usage, dict) else None

@@ -4,7 +4,10 @@ Status documents are published on ``{ns}:events:{request_id}`` by the last stage
 (``streams/delivery.py``, through :meth:`RedisClient.cache_and_publish`); every
 worker's hub subscribes to ``{ns}:events:*`` once and hands each document to the
 in-process :class:`Subscription` of its request, so an SSE client connected to
-any worker hears events produced on any other.
+any worker hears events produced on any other. A streamed generation's deltas travel on the
+same channel (``{"request_id", "output": {...}}``, published by the ML worker through
+:meth:`RedisClient.publish_output`), so a listener needs no second subscription; :meth:`output`
+reads the text so far.
 """
 
 from __future__ import annotations
@@ -127,6 +130,10 @@ class NotificationHub(Service):
     async def history(self, request_id: str) -> list[dict[str, Any]]:
         """See :meth:`RedisClient.history`; raises :class:`CacheUnavailable`."""
         return await self.cache.history(request_id)
+
+    async def output(self, request_id: str) -> str:
+        """See :meth:`RedisClient.output_so_far`; raises :class:`CacheUnavailable`."""
+        return await self.cache.output_so_far(request_id)
 
     async def wait_healthy(self, timeout_s: float) -> bool:
         """Wait until the subscription is live (for startup and tests); False on timeout."""

@@ -8,7 +8,12 @@ Keys and channels all start with ``{namespace}:``:
   earlier rank (queued, dispatched, running): with ``v`` they rebuild the event history an SSE
   resume replays, for a few dozen bytes per state; it goes with the rest of the entry.
 - ``{ns}:cancel:{request_id}`` set for 24 h once a request is cancelled.
-- ``{ns}:events:{request_id}`` pub/sub channel carrying the document JSON on every status change.
+- ``{ns}:events:{request_id}`` pub/sub channel carrying the document JSON on every status change,
+  and a streamed generation's deltas as ``{"request_id", "output": {"delta", "offset"}}``
+  (``workers/streaming.py``; offsets count characters of the text so far).
+- ``{ns}:out:{request_id}``    string, the text a streamed generation produced so far (APPENDed with
+  each delta in the same transaction as its publish), TTL ``result_ttl_s``: what a stream that
+  resumes mid-generation sends first.
 
 Every :class:`RedisClient` method raises :class:`CacheUnavailable` (and nothing else from the
 driver) when Redis cannot be reached; socket timeouts are short so a dead Redis costs about half
@@ -130,6 +135,32 @@ class RedisClient(Service):
 
     def channel(self, request_id: str) -> str:
         return f"{self.prefix}events:{request_id}"
+
+    def output_key(self, request_id: str) -> str:
+        return f"{self.prefix}out:{request_id}"
+
+    # ---- streamed output ---------------------------------------------------
+    async def publish_output(self, request_id: str, delta: str, offset: int) -> None:
+        """Append ``delta`` to the text so far and publish it, atomically (MULTI/EXEC): a reader
+        that subscribed before reading the text sees every delta either in it or after it."""
+        redis = await self._client()
+        message = orjson.dumps({"request_id": request_id, "output": {"delta": delta, "offset": offset}})
+        key = self.output_key(request_id)
+        with _guard("publish_output"):
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.append(key, delta.encode())
+                pipe.expire(key, self.settings.result_ttl_s)
+                pipe.publish(self.channel(request_id), message)
+                await pipe.execute()
+
+    async def output_so_far(self, request_id: str) -> str:
+        """The text a streamed generation has produced so far ("" when none, or no longer kept)."""
+        redis = await self._client()
+        with _guard("output_so_far"):
+            raw = await redis.get(self.output_key(request_id))
+        if raw is None:
+            return ""
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
     # ---- result cache ------------------------------------------------------
     async def cache_docs(self, docs: Sequence[OwnedDoc]) -> None:

@@ -16,6 +16,19 @@ polling) and finds it more than one step ahead. Fast work has no ``running`` eve
 (``ML_RUNNING_AFTER_MS``), so a jump from 2 to 4 alone is no gap. It ends right after a
 terminal state.
 
+**Streamed output** (``params.stream`` on a generation; ``docs/streaming.md``). Each delta the
+ML worker publishes is ``event: output`` with data ``{"delta", "offset"}`` (``offset``: characters
+of text before the delta) and ``id: 3.<end>``, where ``end`` is ``offset + len(delta)``: the
+running rank, a dot, and how much text the client has once it has this event. Ids therefore sort
+(rank first, then end) after ``running`` (``3``) and before the terminal status (``4``); a
+``running`` or ``dispatched`` event that arrives after output has started is not sent (output
+implies running). ``Last-Event-ID: 3.<n>`` resumes after the first ``n`` characters. A stream that
+starts or resumes mid-generation (or reloads its state) first gets the text it lacks in ONE
+output event, read from the text so far kept in Redis, then the live deltas: it subscribes before
+reading, a delta is APPENDed and published atomically, and deltas are trimmed or dropped by
+offset, so there is no gap and no duplicate; a delta whose offset lies beyond what was sent (a
+lost message) makes the stream read the text so far again.
+
 Per client this costs the handler's own task, one in-process :class:`Subscription` and a timer:
 no extra task and no Redis connection; a resume costs one more Redis read.
 """
@@ -43,7 +56,9 @@ LoadHistory = Callable[[], Awaitable[list[dict[str, Any]]]]
 KEEP_ALIVE = b": keep-alive\n\n"
 SNAPSHOT = "snapshot"  # the data's "replayed" value on an event that stands for missed ones
 TERMINAL_RANK = max(STATUS_RANK.values())
+OUTPUT_RANK = STATUS_RANK["running"]  # output events sort after running, before the terminal status
 _TIMED_OUT: Any = object()
+LoadOutput = Callable[[], Awaitable[str]]
 
 
 def parse_last_event_id(value: str | None) -> int | None:
@@ -55,6 +70,38 @@ def parse_last_event_id(value: str | None) -> int | None:
     except ValueError:
         return None
     return rank if 0 <= rank <= TERMINAL_RANK else None
+
+
+def parse_cursor(value: str | None) -> tuple[int, int] | None:
+    """``Last-Event-ID`` as (rank, characters of output seen); None when no event has that id."""
+    if value is not None and "." in value:
+        rank_part, _, end_part = value.strip().partition(".")
+        try:
+            rank, end = int(rank_part), int(end_part)
+        except ValueError:
+            return None
+        return (rank, end) if rank == OUTPUT_RANK and end >= 0 else None
+    plain = parse_last_event_id(value)
+    return None if plain is None else (plain, 0)
+
+
+def streams_output(doc: dict[str, Any]) -> bool:
+    """Whether ``doc`` is a generation that streams its output and is still under way."""
+    params = doc.get("params")
+    return (
+        doc.get("task") == "generate"
+        and isinstance(params, dict)
+        and params.get("stream") is True
+        and doc.get("status") not in TERMINAL
+    )
+
+
+def format_output(delta: str, offset: int) -> bytes:
+    return b"id: %d.%d\nevent: output\ndata: %s\n\n" % (
+        OUTPUT_RANK,
+        offset + len(delta),
+        orjson.dumps({"delta": delta, "offset": offset}),
+    )
 
 
 def format_event(doc: dict[str, Any]) -> bytes:
@@ -76,12 +123,39 @@ def _rank(doc: dict[str, Any]) -> int | None:
 class _Emitter:
     """Writes a state only if it is newer than everything already sent; remembers when it last wrote."""
 
-    __slots__ = ("resp", "last_id", "written_at")
+    __slots__ = ("resp", "last_id", "out_end", "written_at")
 
-    def __init__(self, resp: web.StreamResponse, last_id: int) -> None:
+    def __init__(self, resp: web.StreamResponse, last_id: int, out_end: int = 0) -> None:
         self.resp = resp
         self.last_id = last_id
+        self.out_end = out_end  # characters of streamed output the client has
         self.written_at = asyncio.get_running_loop().time()
+
+    async def send_output(self, delta: str, offset: int) -> bool:
+        """Send the part of a delta the client lacks; False when it starts beyond (a gap)."""
+        if self.last_id >= TERMINAL_RANK:
+            return True
+        end = offset + len(delta)
+        if end <= self.out_end:
+            return True  # already sent (in the text so far, or a repeat)
+        if offset > self.out_end:
+            return False
+        if offset < self.out_end:
+            delta, offset = delta[self.out_end - offset :], self.out_end
+        await self._write(format_output(delta, offset))
+        self.out_end = end
+        self.last_id = max(self.last_id, OUTPUT_RANK)
+        return True
+
+    async def sync_output(self, load_output: LoadOutput, request_id: str) -> None:
+        """Send, in one event, the text so far that the client lacks."""
+        try:
+            text = await load_output()
+        except InferstreamError as exc:
+            log.warning("sse %s: no text so far: %s", request_id, exc)
+            return
+        if len(text) > self.out_end:
+            await self.send_output(text[self.out_end :], self.out_end)
 
     async def send(self, doc: dict[str, Any], *, snapshot: bool = False) -> bool:
         """Send ``doc`` if it is news; True when the stream is over (the state is terminal)."""
@@ -156,10 +230,14 @@ async def stream_events(
     The caller has authenticated the user and checked ownership. Errors of the first
     ``load_doc()`` propagate before any byte is sent, so they still become an HTTP error.
     """
-    last_id = parse_last_event_id(request.headers.get("Last-Event-ID"))
+    cursor = parse_cursor(request.headers.get("Last-Event-ID"))
+    last_id = None if cursor is None else cursor[0]
 
     async def load_history() -> list[dict[str, Any]]:
         return await hub.history(request_id)
+
+    async def load_output() -> str:
+        return await hub.output(request_id)
 
     # Subscribe before reading the state: anything published after the read is then queued.
     sub = hub.subscribe(request_id)
@@ -175,17 +253,29 @@ async def stream_events(
         )
         try:
             await resp.prepare(request)
-            emitter = _Emitter(resp, last_id or 0)
+            emitter = _Emitter(resp, last_id or 0, 0 if cursor is None else cursor[1])
             if doc is None or not await emitter.catch_up(
                 doc, load_history, request_id, force=last_id is None
             ):
-                await _pump(request, emitter, sub, load_doc, load_history, hub, heartbeat_s, poll_s)
+                output = _Output(load_output) if doc is not None and streams_output(doc) else None
+                if output is not None:
+                    await emitter.sync_output(output.load, request_id)
+                await _pump(request, emitter, sub, load_doc, load_history, hub, heartbeat_s, poll_s, output)
         except ConnectionResetError:
             pass  # the client went away: nothing to report, the subscription is dropped below
     finally:
         SSE_CLIENTS.dec()
         hub.unsubscribe(sub)
     return resp
+
+
+class _Output:
+    """A streaming request's text-so-far reader (None in ``_pump`` for every other request)."""
+
+    __slots__ = ("load",)
+
+    def __init__(self, load: LoadOutput) -> None:
+        self.load = load
 
 
 async def _pump(
@@ -197,6 +287,7 @@ async def _pump(
     hub: NotificationHub,
     heartbeat_s: float,
     poll_s: float,
+    output: _Output | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     next_poll = loop.time() + poll_s
@@ -212,8 +303,14 @@ async def _pump(
                 item = await sub.get()
         except TimeoutError:
             pass
-        if item is not _TIMED_OUT and item is not None and await emitter.send(item):
-            return
+        if item is not _TIMED_OUT and item is not None:
+            delta = item.get("output")
+            if delta is not None:
+                if output is not None and not await emitter.send_output(delta["delta"], delta["offset"]):
+                    await emitter.sync_output(output.load, sub.request_id)  # a delta was lost: catch up
+                continue
+            if await emitter.send(item):
+                return
         now = loop.time()
         # None from the hub: it (re)connected or lost Redis, or we fell behind: reload the state
         # and replay what was missed. Live items need no history: every change is published.
@@ -222,5 +319,7 @@ async def _pump(
             doc = await _reload(load_doc, sub.request_id)
             if doc is not None and await emitter.catch_up(doc, load_history, sub.request_id):
                 return
+            if output is not None:
+                await emitter.sync_output(output.load, sub.request_id)
         if now >= emitter.written_at + heartbeat_s:
             await emitter.keep_alive()

@@ -92,7 +92,8 @@ def test_parse_completion_defaults_and_lists() -> None:
         {"model": "m", "prompt": "x", "max_tokens": "5"},
         {"model": "m", "prompt": "x", "max_tokens": True},
         {"model": "m", "prompt": "x", "temperature": "hot"},
-        {"model": "m", "prompt": "x", "stream": True},
+        {"model": "m", "prompt": "x", "stream": "yes"},
+        {"model": "m", "prompt": "x", "stream": False, "stream_options": {"include_usage": True}},
     ],
 )
 def test_parse_completion_rejects(body: object) -> None:

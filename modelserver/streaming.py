@@ -1,0 +1,98 @@
+"""Streamed completions in OpenAI's server-sent-events format: ``data: {chunk}`` lines, then ``data: [DONE]``.
+
+Each chunk carries one word of one choice (the first word bare, later ones with their leading
+space, so the pieces concatenate to the non-streamed text exactly); the last chunk of a choice
+carries its ``finish_reason``. With ``stream_options.include_usage`` a final chunk with empty
+``choices`` carries the usage, as OpenAI and vLLM send it. ``token_latency_ms`` paces the chunks
+after the first. A client that goes away mid-stream stops the generation at the next chunk
+(``streams_aborted``): nothing is generated for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from modelserver.config import Faults, Stats
+from modelserver.generator import Completion
+from modelserver.validation import CompletionRequest
+
+__all__ = ["pieces", "stream_completions"]
+
+DONE = b"data: [DONE]\n\n"
+
+
+def pieces(text: str) -> list[str]:
+    """The chunks ``text`` streams as: words, every one after the first with its leading space."""
+    words = text.split(" ") if text else []
+    return [w if i == 0 else f" {w}" for i, w in enumerate(words)]
+
+
+def _frame(body: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def stream_completions(
+    request: web.Request,
+    req: CompletionRequest,
+    results: list[Completion],
+    faults: Faults,
+    stats: Stats,
+    completion_id: str,
+) -> web.StreamResponse:
+    """Write the completions of ``results`` as a stream of chunks; see the module docstring."""
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    stats.streams_started += 1
+    created = int(time.time())
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        body: dict[str, Any] = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": choices,
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return _frame(body)
+
+    try:
+        first = True
+        for index, result in enumerate(results):
+            parts = pieces(result.text) or [""]
+            for n, part in enumerate(parts):
+                if not first and faults.token_latency_ms:
+                    await asyncio.sleep(faults.token_latency_ms / 1000)
+                first = False
+                finish = result.finish_reason if n == len(parts) - 1 else None
+                choice = {"index": index, "text": part, "logprobs": None, "finish_reason": finish}
+                await resp.write(chunk([choice]))
+                stats.stream_chunks += 1
+        if req.include_usage:
+            prompt = sum(r.prompt_tokens for r in results)
+            completion = sum(r.completion_tokens for r in results)
+            usage = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+            await resp.write(chunk([], usage))
+        await resp.write(DONE)
+        await resp.write_eof()
+    except ConnectionResetError:
+        # The client closed the stream (a cancelled request): stop generating here.
+        stats.streams_aborted += 1
+        return resp
+    except asyncio.CancelledError:
+        stats.streams_aborted += 1
+        raise
+    stats.streams_completed += 1
+    return resp
