@@ -84,7 +84,8 @@ class RouteState:
     ready: int = 0
     consumers: int = 0
     rate: float | None = None
-    history: deque[tuple[float, dict[str, int]]] = field(default_factory=deque)
+    times: list[float] = field(default_factory=list)  # poll times and ``dispatched`` then, oldest first
+    counts: list[dict[str, int]] = field(default_factory=list)
     backlog: deque[tuple[float, int]] = field(default_factory=deque)  # (at, delivered) while backlogged
     started: bool = False
 
@@ -107,9 +108,11 @@ class RouteState:
                 left -= take
         self.ready, self.consumers = ready, consumers
         self._rate(at, ready > 0)
-        self.history.append((at, dict(self.dispatched)))
-        while self.history and self.history[0][0] < at - HISTORY_S:
-            self.history.popleft()
+        self.times.append(at)
+        self.counts.append(dict(self.dispatched))
+        if len(self.times) > 2 * HISTORY_S / POLL_S:  # trimmed in halves: amortised O(1) per poll
+            keep = bisect.bisect_left(self.times, at - HISTORY_S)
+            del self.times[:keep], self.counts[:keep]
 
     def _rate(self, at: float, backlogged: bool) -> None:
         if not backlogged:
@@ -127,14 +130,14 @@ class RouteState:
 
     def ticket(self, priority: str, created_at: float | None) -> int | None:
         """How many of ``priority`` were dispatched up to ``created_at`` (None: not dispatched yet, it goes last)."""
-        if created_at is None or not self.history or created_at + BASE_S >= self.history[-1][0]:
+        at = None if created_at is None else created_at + BASE_S
+        if at is None or not self.times or at >= self.times[-1]:
             return None
-        times = [at for at, _ in self.history]
-        i = bisect.bisect_left(times, created_at + BASE_S)
+        i = bisect.bisect_left(self.times, at)
         if i == 0:
-            return self.history[0][1][priority]
-        (t0, d0), (t1, d1) = self.history[i - 1], self.history[i]
-        share = (created_at + BASE_S - t0) / (t1 - t0) if t1 > t0 else 1.0
+            return self.counts[0][priority]
+        t0, t1, d0, d1 = self.times[i - 1], self.times[i], self.counts[i - 1], self.counts[i]
+        share = (at - t0) / (t1 - t0) if t1 > t0 else 1.0
         return int(d0[priority] + share * (d1[priority] - d0[priority]))
 
     def estimate(self, priority: str, created_at: float | None = None) -> Estimate:
@@ -191,13 +194,14 @@ class QueueEta:
         return state.estimate(priority, created_at) if state.started else None
 
     def annotate(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """``doc`` with ``queue: {position, ahead, eta_s}`` when it is still waiting (the same dict, changed)."""
+        """``doc`` itself, or a copy with ``queue: {position, ahead, eta_s}`` when it is still waiting.
+
+        A copy because a notification's doc may be shared by every stream of the request.
+        """
         if not ENABLED or doc.get("status") not in WAITING:
             return doc
         est = self.estimate(doc.get("task", ""), doc.get("model", ""), doc.get("priority", "normal"), _epoch(doc))
-        if est is not None:
-            doc["queue"] = est.doc()
-        return doc
+        return doc if est is None else {**doc, "queue": est.doc()}
 
     # ---- polling ----------------------------------------------------------------
     def _state(self) -> RouteState:

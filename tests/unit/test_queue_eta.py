@@ -88,9 +88,10 @@ def test_annotate_adds_queue_to_waiting_docs_only() -> None:
     state.observe(clock.now(), {"normal": 4}, ready=4, consumers=0)
     doc: dict[str, Any] = {"status": "queued", "task": "generate", "model": "m", "priority": "normal",
                            "created_at": clock.iso(clock.now() + 1)}  # fmt: skip
-    assert eta.annotate(doc)["queue"] == {"position": 5, "ahead": 4, "eta_s": round(BASE_S + 2.0, 3)}
+    annotated = eta.annotate(doc)
+    assert annotated["queue"] == {"position": 5, "ahead": 4, "eta_s": round(BASE_S + 2.0, 3)}
+    assert "queue" not in doc  # a copy: the doc may be shared by several streams
     running = {**doc, "status": "running"}
-    del running["queue"]
     assert "queue" not in eta.annotate(running)
     unknown = {**running, "status": "dispatched", "model": "other"}
     assert "queue" not in eta.annotate(unknown)  # first sight of the route: polled from now on
