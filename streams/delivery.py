@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -62,10 +62,39 @@ class _Throttle:
     """One streaming request's ``output`` webhooks: the latest text waits for its turn."""
 
     callback_url: str | None
+    missing_at: float = 0.0  # when the row was not there yet (read it again later); 0: it was, or the caller told us
     last_sent: float = 0.0
     heard: float = 0.0
     latest: tuple[str, int] | None = None
     timer: asyncio.TimerHandle | None = None
+    text: str = ""  # what :meth:`Delivery.on_delta` has put together so far
+
+
+class OutputSource(Protocol):
+    """The Redis side of streamed output (``RedisClient``): publishes deltas, knows the text so far."""
+
+    async def publish_output(self, request_id: str, delta: str, offset: int) -> None: ...
+
+    async def output_so_far(self, request_id: str) -> str: ...
+
+
+class OutputWebhooks:
+    """An output sink (``workers.streaming.install``) that publishes to Redis and feeds :meth:`Delivery.on_output`.
+
+    Install it in place of the Redis client: deltas go to Redis as before, and a request that asked
+    for ``output`` webhooks gets them (throttled) from the process that generates it.
+    """
+
+    def __init__(self, inner: OutputSource, delivery: Delivery) -> None:
+        self.inner = inner
+        self.delivery = delivery
+
+    async def publish_output(self, request_id: str, delta: str, offset: int) -> None:
+        await self.inner.publish_output(request_id, delta, offset)
+        await self.delivery.on_delta(request_id, delta, offset, self.inner.output_so_far)
+
+    async def output_so_far(self, request_id: str) -> str:
+        return await self.inner.output_so_far(request_id)
 
 
 class Delivery:
@@ -100,29 +129,58 @@ class Delivery:
         the row. Never raises for the store: the text is dropped with a warning.
         """
         del user_id
-        now = time.monotonic()
-        throttle = self._outputs.get(request_id)
+        throttle = await self._throttle(request_id, callback_url, webhook_events, known)
         if throttle is None:
-            if len(self._outputs) > 1000:
-                self._forget_idle(now)
-            throttle = self._outputs[request_id] = _Throttle(await self._output_target(
-                request_id, callback_url, webhook_events, known))  # fmt: skip
-        throttle.heard = now
-        if throttle.callback_url is None:
             return
         throttle.latest = (text_so_far, offset)
+        throttle.text = text_so_far
         if throttle.timer is not None:
             return
-        wait = throttle.last_sent + OUTPUT_INTERVAL_S - now
+        wait = throttle.last_sent + OUTPUT_INTERVAL_S - throttle.heard
         if wait <= 0:
             self._send_output(request_id)
         else:
             throttle.timer = asyncio.get_running_loop().call_later(wait, self._send_output, request_id)
 
+    async def on_delta(
+        self, request_id: str, delta: str, offset: int, so_far: Callable[[str], Awaitable[str]]
+    ) -> None:
+        """One delta (``offset``: where it begins) instead of the whole text: :meth:`on_output` with the text so far.
+
+        The text is put together here; ``so_far`` (Redis) is read only when a delta does not
+        follow the text known here (a redelivered request resumed by this process).
+        """
+        throttle = await self._throttle(request_id, None, None, False)
+        if throttle is None:
+            return
+        if len(throttle.text) == offset:
+            text = throttle.text + delta
+        else:
+            try:
+                text = await so_far(request_id)
+            except CacheUnavailable as exc:
+                log.warning("output webhook of %s skipped: %r", request_id, exc)
+                return
+        await self.on_output("", request_id, text, offset)
+
+    async def _throttle(
+        self, request_id: str, callback_url: str | None, events: Sequence[str] | None, known: bool
+    ) -> _Throttle | None:
+        """The request's throttle if it wants ``output`` webhooks; a row not written yet is read again later."""
+        now = time.monotonic()
+        throttle = self._outputs.get(request_id)
+        if throttle is None or (throttle.missing_at and now - throttle.missing_at > OUTPUT_INTERVAL_S):
+            if len(self._outputs) > 1000:
+                self._forget_idle(now)
+            url, found = await self._output_target(request_id, callback_url, events, known)
+            throttle = self._outputs[request_id] = _Throttle(url, missing_at=0.0 if found else now)
+        throttle.heard = now
+        return throttle if throttle.callback_url is not None else None
+
     async def _output_target(
         self, request_id: str, callback_url: str | None, events: Sequence[str] | None, known: bool
-    ) -> str | None:
-        """Where ``output`` webhooks of the request go; None if nowhere."""
+    ) -> tuple[str | None, bool]:
+        """Where ``output`` webhooks of the request go (None: nowhere), and whether that is settled."""
         if not known:
             try:
                 row = await self.records.webhook_target(request_id)
@@ -130,9 +188,9 @@ class Delivery:
                 log.warning("output webhook target of %s unknown: %r", request_id, exc)
                 row = None
             if row is None:
-                return None
+                return None, False
             callback_url, events = row.get("callback_url"), row.get("webhook_events")
-        return callback_url if callback_url and wants_event(events, "output") else None
+        return (callback_url if callback_url and wants_event(events, "output") else None), True
 
     def _send_output(self, request_id: str) -> None:
         throttle = self._outputs.get(request_id)

@@ -12,6 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from bridges.clients.webhooks import (
     SIGNATURE_HEADER,
@@ -19,6 +20,7 @@ from bridges.clients.webhooks import (
     Attempt,
     WebhookSender,
     sign,
+    standard_secret,
     verify_signature,
 )
 from devtools.localbroker import free_port as closed_port
@@ -131,6 +133,47 @@ async def test_delivery_is_signed(receiver: Receiver) -> None:
     assert seen[0].headers["Content-Type"] == "application/json"
     assert abs(int(seen[0].headers[TIMESTAMP_HEADER]) - time.time()) < 60
     assert recorded == [("req_w", "delivered", 1, None)]
+
+
+async def test_standard_webhooks_signature_verifies_and_the_id_is_stable_across_retries(
+    receiver: Receiver,
+) -> None:
+    """A receiver using the ``standardwebhooks`` package accepts every attempt; retries keep the id."""
+    url, seen, bodies = await receiver([503, 200])
+    attempts: list[Attempt] = []
+
+    async def record(a: Attempt) -> None:
+        attempts.append(a)
+
+    settings = Settings(webhook_secret=SECRET, webhook_allow=LOOPBACK)
+    hooks = WebhookSender(settings, record=record, base_delay_s=0.01, max_delay_s=0.05, timeout_s=2.0)
+    try:
+        assert await hooks.deliver("req_w", url, DOC) == "delivered"
+    finally:
+        await hooks.close()
+    receiver_side = Webhook(standard_secret(SECRET))
+    for request, body in zip(seen, bodies, strict=True):
+        assert receiver_side.verify(body, dict(request.headers)) == DOC
+        assert verify_signature(SECRET, body, request.headers[SIGNATURE_HEADER])  # the old header stays
+    assert {r.headers["webhook-id"] for r in seen} == {"msg_req_w_completed"}
+    assert [(a.event, a.state, a.attempt, a.http_status) for a in attempts] == [
+        ("completed", "pending", 1, 503), ("completed", "delivered", 2, None),
+    ]  # fmt: skip
+    with pytest.raises(WebhookVerificationError):
+        Webhook(standard_secret("another-secret")).verify(bodies[0], dict(seen[0].headers))
+
+
+async def test_an_output_event_is_tried_once(receiver: Receiver) -> None:
+    url, seen, _ = await receiver([503])
+    recorded: Recorded = []
+    hooks = sender(recorded)
+    try:
+        doc = {"request_id": "req_w", "status": "running", "event": "output", "output": {"text": "a", "offset": 0}}
+        assert await hooks.deliver("req_w", url, doc, event="output", webhook_id="msg_req_w_output_0", retry=False) == "failed"
+    finally:
+        await hooks.close()
+    assert len(seen) == 1 and seen[0].headers["webhook-id"] == "msg_req_w_output_0"
+    assert recorded == [("req_w", "failed", 1, "HTTP 503")]
 
 
 async def test_retried_after_two_503s(receiver: Receiver) -> None:

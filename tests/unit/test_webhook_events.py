@@ -90,6 +90,34 @@ async def test_output_not_asked_for_sends_nothing() -> None:
     assert len(sender.sent) == 1 and records.lookups == 1
 
 
+async def test_on_delta_puts_the_text_together_and_reads_redis_only_after_a_gap() -> None:
+    d, sender, _ = delivery({"callback_url": "https://example.test/h", "webhook_events": ["output"]})
+    reads: list[str] = []
+
+    async def so_far(request_id: str) -> str:
+        reads.append(request_id)
+        return "resumed text"
+
+    await d.on_delta("req_" + "f" * 24, "ab", 0, so_far)
+    assert sender.sent[-1][1]["output"] == {"text": "ab", "offset": 0} and reads == []
+    await d.on_delta("req_" + "9" * 24, "text", 8, so_far)  # began elsewhere: a redelivery
+    assert sender.sent[-1][1]["output"] == {"text": "resumed text", "offset": 8} and len(reads) == 1
+
+
+async def test_a_row_not_written_yet_is_read_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(delivery_mod, "OUTPUT_INTERVAL_S", 0.05)
+    d, sender, records = delivery(None)
+    rid = "req_" + "8" * 24
+    await d.on_output("u", rid, "a", 0)
+    await d.on_output("u", rid, "ab", 1)
+    assert records.lookups == 1 and sender.sent == []
+    records.target = {"callback_url": "https://example.test/h", "webhook_events": ["output"]}
+    t0 = time.monotonic()
+    await wait_for(lambda: time.monotonic() - t0 > 0.06, timeout=1, what="the interval to pass")
+    await d.on_output("u", rid, "abc", 2)
+    assert records.lookups == 2 and len(sender.sent) == 1
+
+
 async def test_a_terminal_row_stops_pending_output(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(delivery_mod, "OUTPUT_INTERVAL_S", 0.2)
     d, sender, _ = delivery({"callback_url": "https://example.test/h", "webhook_events": ["output", "completed"]})
