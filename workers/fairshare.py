@@ -10,35 +10,24 @@ unacked, so it holds no state a crash could lose: see ``docs/fairshare.md``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import deque
 
 from inferstream.routes import Route
-from inferstream.settings import Settings
 
-__all__ = ["FAIR_PREFETCH", "FAIR_SHARE", "FairGate", "GateClosed", "gate_slots", "prefetch"]
+__all__ = ["FAIR_SHARE", "FairGate", "GateClosed", "gate_slots"]
 
-# On by default; False restores FIFO starts and the configured prefetch exactly.
+# On by default; False restores FIFO starts exactly. The gate can only reorder what the worker
+# holds, so INFERSTREAM_ML_PREFETCH is the fairness horizon (docs/fairshare.md: why 64 stays the
+# default for now, and what a deep one costs).
 FAIR_SHARE = True
-# The gate can only reorder what the worker holds: the fairness horizon per route and worker.
-FAIR_PREFETCH = 4096
 # Jobs past the gate per call slot: the endpoint's own semaphore does the exact limiting, and a
 # job asleep in a retry backoff should not leave a call slot idle.
 SLOTS_PER_CALL = 2
 PRIORITIES = ("high", "normal", "low")
 
-_DEFAULT_PREFETCH = next(f.default for f in dataclasses.fields(Settings) if f.name == "ml_prefetch")
-
 
 class GateClosed(Exception):  # control flow: the worker is stopping, the message goes back to RabbitMQ
     """The gate closed (shutdown) before this job got a slot."""
-
-
-def prefetch(settings: Settings) -> int:
-    """The consumer prefetch: deep enough to reorder a burst, unless an operator set one."""
-    if FAIR_SHARE and settings.ml_prefetch == _DEFAULT_PREFETCH:
-        return max(FAIR_PREFETCH, settings.ml_prefetch)
-    return settings.ml_prefetch
 
 
 def gate_slots(route: Route) -> int:

@@ -43,6 +43,7 @@ from schemas.records import InferenceRequest, ResultEvent
 from workers.acks import Acks
 from workers.breaker import BreakerState
 from workers.endpoint import Endpoint
+from workers.fairshare import FAIR_SHARE, FairGate, GateClosed, gate_slots
 from workers.gather import GatheredLookup
 from workers.job import Job
 from workers.results import ResultPublisher
@@ -80,6 +81,7 @@ class MLWorker(Service):
         self.is_cancelled: IsCancelled = GatheredLookup(is_cancelled)
         self.running_after_s = settings.ml_running_after_ms / 1000
         self.endpoints: dict[RouteKey, Endpoint] = {}
+        self.gates: dict[Endpoint, FairGate] = {}  # fair share between users (workers/fairshare.py)
         self._consumers: dict[RouteKey, Consumer] = {}
         self._superseded: set[Endpoint] = set()  # replaced by a reload; closed when their last job ends
         self._routes_lock = asyncio.Lock()
@@ -134,17 +136,22 @@ class MLWorker(Service):
         endpoint = self.endpoints[route.key] = Endpoint(
             self.settings, route, on_breaker_change=self._breaker_changed
         )
+        if FAIR_SHARE:
+            self.gates[endpoint] = FairGate(gate_slots(route))
         return endpoint
 
     def _close_idle_superseded(self) -> None:
         busy = {j.endpoint for j in self._jobs}
         for endpoint in [e for e in self._superseded if e not in busy]:
             self._superseded.discard(endpoint)
+            self.gates.pop(endpoint, None)
             self.add_future(endpoint.close())
 
     async def on_stop(self) -> None:
         """Stop taking messages, let in-flight work finish for the grace period, requeue the rest."""
         self._stopping = True
+        for gate in self.gates.values():
+            gate.close()  # messages not started yet go back to RabbitMQ now, not after the grace
         await self._reconcile()
         grace = self.settings.ml_shutdown_grace_s
         try:
@@ -270,13 +277,22 @@ class MLWorker(Service):
         self._jobs.add(job)
         self._idle.clear()
         endpoint.in_flight.inc()
+        gate = self.gates.get(endpoint)
         try:
-            if tracing.ENABLED:
-                await self._handle_traced(job)
-            else:
-                await self._handle(job)
+            if gate is not None and not gate.try_enter():
+                await gate.enter(req.user_id, str(req.priority))
+            try:
+                if tracing.ENABLED:
+                    await self._handle_traced(job)
+                else:
+                    await self._handle(job)
+            finally:
+                if gate is not None:
+                    gate.leave()
             job.acking = True
             await acks.ack(message)
+        except GateClosed:
+            await acks.settle_now(message, requeue=True)  # shutdown before it started: another worker takes it
         except asyncio.CancelledError:
             # Only shutdown cancels a handler: give the message back so it is redelivered
             # (unless its ack is already on its way: the result is confirmed).

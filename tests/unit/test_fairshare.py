@@ -6,8 +6,6 @@ import asyncio
 
 import pytest
 
-from inferstream.settings import Settings
-from workers import fairshare
 from workers.fairshare import FairGate, GateClosed
 
 
@@ -86,7 +84,3 @@ async def test_close_fails_the_waiters_and_refuses_new_entries() -> None:
         gate.try_enter()
     assert gate.waiting == 0
 
-
-def test_prefetch_is_deep_by_default_and_an_explicit_one_is_kept() -> None:
-    assert fairshare.prefetch(Settings()) == fairshare.FAIR_PREFETCH
-    assert fairshare.prefetch(Settings(ml_prefetch=2)) == 2
