@@ -183,6 +183,42 @@ class StreamToken(Struct):
     events_url: str
 
 
+WebhookEvent = Literal["dispatched", "running", "output", "completed", "failed", "cancelled", "expired"]
+
+
+class WebhookAttemptDoc(Struct):
+    """One delivery attempt of one webhook event."""
+
+    at: Timestamp
+    event: WebhookEvent
+    webhook_id: Annotated[str, Meta(description="The `webhook-id` header: the same on each retry and redelivery of an event.")]
+    attempt: Annotated[int, Meta(description="1 for the first try of this delivery, counting retries.")]
+    state: Annotated[Literal["pending", "delivered", "failed"], Meta(description="pending: a retry is due.")]
+    http_status: int | None
+    error: str | None
+
+
+class WebhookAttempts(Struct):
+    """``GET /v1/requests/{id}/webhooks``: the delivery attempts, oldest first (the newest 100)."""
+
+    data: list[WebhookAttemptDoc]
+
+
+class RedeliveryAccepted(Struct):
+    """202 to ``POST /v1/requests/{id}/webhooks/redeliver``: the event being sent again."""
+
+    request_id: RequestId
+    event: WebhookEvent
+    webhook_id: str
+
+
+def attempt_doc(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``webhook_attempts`` row as :class:`WebhookAttemptDoc` describes it."""
+    return {"at": iso_ts(row["at"]), "event": row["event"], "webhook_id": row["webhook_id"],
+            "attempt": int(row["attempt"]), "state": row["state"], "http_status": row.get("http_status"),
+            "error": row.get("error")}  # fmt: skip
+
+
 # Columns of the requests table, in order; the PostgreSQL store reads and writes these.
 REQUEST_COLUMNS: tuple[str, ...] = (
     "request_id",

@@ -17,9 +17,11 @@ from schemas.documents import (
     ModelList,
     QuotaDoc,
     QuotaErrorBody,
+    RedeliveryAccepted,
     RequestDoc,
     RequestPage,
     StreamToken,
+    WebhookAttempts,
 )
 from schemas.records import Status
 
@@ -190,6 +192,31 @@ ROUTES: tuple[Route, ...] = (
             201: Answer("The token (INFERSTREAM_STREAM_TOKEN_TTL_S) and the stream's URL", StreamToken),
             401: _UNAUTHORIZED,
             404: _NOT_FOUND,
+            503: _UNAVAILABLE,
+        },
+        parameters=(_ID,),
+    ),
+    Route(
+        "/v1/requests/{request_id}/webhooks",
+        "get",
+        "The request's webhook delivery attempts (time, event, state, HTTP status, error), oldest first",
+        {
+            200: Answer("The attempts (the newest 100)", WebhookAttempts),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            503: _UNAVAILABLE,
+        },
+        parameters=(_ID,),
+    ),
+    Route(
+        "/v1/requests/{request_id}/webhooks/redeliver",
+        "post",
+        "Send the request's last webhook event again, with the same webhook-id (output events are not resent)",
+        {
+            202: Answer("The redelivery is under way; its attempts appear in .../webhooks", RedeliveryAccepted),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            409: _error("The request has no callback_url, or is not recorded yet"),
             503: _UNAVAILABLE,
         },
         parameters=(_ID,),

@@ -1,4 +1,4 @@
-"""``/v1/requests``, ``/v1/quota`` and ``/v1/models``: admission, reads, listing, cancellation, the event stream."""
+"""``/v1/requests``, ``/v1/quota`` and ``/v1/models``: admission, reads, listing, cancellation, the event stream, webhooks."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ from typing import Any
 
 from aiohttp import web
 
+from bridges.clients.store.webhooks import Webhooks
+from bridges.clients.webhooks import message_id
 from inferstream import logs
-from inferstream.errors import Conflict, InvalidRequest, NotFound
+from inferstream.errors import Conflict, InvalidRequest, NotFound, StoreUnavailable, Unavailable
 from inferstream.ids import is_request_id
-from schemas.documents import request_doc
+from schemas.documents import attempt_doc, request_doc
 from schemas.records import TERMINAL, Status
 from streams.admission import Refused
+from streams.delivery import Delivery
 from streams.gateway import metrics
 from streams.gateway.context import Gateway
 from streams.gateway.http import api_key, error_response, json_response, query_int, read_body
@@ -139,3 +142,31 @@ async def models(gw: Gateway, request: web.Request) -> web.StreamResponse:
     routes = gw.admission.routes
     created = int(routes.loaded_at or 0)
     return json_response({"object": "list", "data": [{**r.public(), "created": created} for r in routes.table]})
+
+
+async def webhook_attempts(gw: Gateway, request: web.Request, request_id: str, records: Webhooks) -> web.StreamResponse:
+    """``GET /v1/requests/{id}/webhooks``: the delivery attempts of the caller's request."""
+    logs.set_request_id(request_id)
+    principal = await gw.keys.authenticate(api_key(request))
+    await _owned_doc(gw, principal.user_id, request_id)
+    try:
+        rows = await records.list_attempts(request_id)
+    except StoreUnavailable as exc:
+        raise Unavailable("the request store is unavailable", retry_after=2) from exc
+    return json_response({"data": [attempt_doc(r) for r in rows]})
+
+
+async def redeliver(gw: Gateway, request: web.Request, request_id: str, delivery: Delivery) -> web.StreamResponse:
+    """``POST /v1/requests/{id}/webhooks/redeliver``: the last event sent again, in the background (202)."""
+    logs.set_request_id(request_id)
+    principal = await gw.keys.authenticate(api_key(request))
+    await _owned_doc(gw, principal.user_id, request_id)
+    try:
+        row = await gw.store.get_request(principal.user_id, request_id)
+        if row is None or not row.get("callback_url"):
+            raise Conflict("the request has no callback_url" if row is not None else "the request is not recorded yet")
+        event = await delivery.redeliver(row)
+    except StoreUnavailable as exc:
+        raise Unavailable("the request store is unavailable", retry_after=2) from exc
+    body = {"request_id": request_id, "event": event, "webhook_id": message_id(request_id, event)}
+    return json_response(body, status=202)

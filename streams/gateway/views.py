@@ -11,6 +11,9 @@ import faust
 from aiohttp import web
 from faust.web import View
 
+from bridges.clients.store.webhooks import Webhooks
+from bridges.clients.webhooks import WebhookSender
+from streams.delivery import Delivery, attempt_recorder
 from streams.gateway import metrics, requests
 from streams.gateway.context import Gateway
 from streams.gateway.cors import CorsPolicy, parse_origins, preflight
@@ -37,12 +40,29 @@ def _endpoint(gw: Gateway, route: str | None, fun: Endpoint) -> Endpoint:
     return handle
 
 
+def _redelivery(gw: Gateway, web_app: web.Application) -> Delivery:
+    """Redeliveries' own sender (the sink's is not handed to the gateway), closed with the web server.
+
+    It opens nothing until the first redelivery.
+    """
+    records = Webhooks(gw.store.pool)
+    sender = WebhookSender(gw.settings, record=attempt_recorder(records))
+
+    async def close(_: web.Application) -> None:
+        await sender.close()
+
+    web_app.on_cleanup.append(close)
+    return Delivery(gw.redis, sender, records)
+
+
 def register_gateway(app: faust.App, gw: Gateway) -> None:
     """The ``/v1`` views, CORS for the listed origins, and the dashboard (with this worker's quota)."""
     tokens = StreamTokens(gw.settings.key_secret, gw.settings.stream_token_ttl_s)
+    web_app = cast(web.Application, app.web.web_app)  # type: ignore[attr-defined]
     # Faust builds its aiohttp Application when the first page is registered; the signal must be
     # connected before the server starts (aiohttp freezes it then).
-    CorsPolicy(parse_origins(gw.settings.cors_origins)).install(cast(web.Application, app.web.web_app))  # type: ignore[attr-defined]
+    CorsPolicy(parse_origins(gw.settings.cors_origins)).install(web_app)
+    delivery = _redelivery(gw, web_app)
     register_dashboard(
         app, Dashboard(gw.settings, gw.keys, quota=gw.quota, router=gw.router, requests=gw.store)
     )
@@ -53,6 +73,12 @@ def register_gateway(app: faust.App, gw: Gateway) -> None:
     events = _endpoint(gw, None, partial(requests.events, tokens=tokens))
     events_token = _endpoint(
         gw, "/v1/requests/{id}/events/token", partial(requests.events_token, tokens=tokens)
+    )
+    webhook_attempts = _endpoint(
+        gw, "/v1/requests/{id}/webhooks", partial(requests.webhook_attempts, records=delivery.records)
+    )
+    redeliver = _endpoint(
+        gw, "/v1/requests/{id}/webhooks/redeliver", partial(requests.redeliver, delivery=delivery)
     )
     quota = _endpoint(gw, "/v1/quota", requests.quota)
     models = _endpoint(gw, "/v1/models", requests.models)
@@ -94,6 +120,22 @@ def register_gateway(app: faust.App, gw: Gateway) -> None:
 
         async def post(self, request: web.Request, request_id: str) -> web.StreamResponse:
             return await events_token(request, request_id)
+
+    @app.page("/v1/requests/{request_id}/webhooks")
+    class WebhooksView(View):
+        async def options(self, request: web.Request, request_id: str) -> web.StreamResponse:
+            return preflight(request)
+
+        async def get(self, request: web.Request, request_id: str) -> web.StreamResponse:
+            return await webhook_attempts(request, request_id)
+
+    @app.page("/v1/requests/{request_id}/webhooks/redeliver")
+    class RedeliverView(View):
+        async def options(self, request: web.Request, request_id: str) -> web.StreamResponse:
+            return preflight(request)
+
+        async def post(self, request: web.Request, request_id: str) -> web.StreamResponse:
+            return await redeliver(request, request_id)
 
     @app.page("/v1/quota")
     class QuotaView(View):
