@@ -50,7 +50,7 @@ from streams.agents.settle import register_settle
 from streams.agents.sink import register_sinks
 from streams.agents.watchdog import register_watchdog
 from streams.application import InferstreamApp, build_app
-from streams.delivery import PENDING_SWEEP_S, Delivery, attempt_recorder
+from streams.delivery import PENDING_SWEEP_S, Delivery, OutputWebhooks, attempt_recorder
 from streams.gateway.context import Gateway
 from streams.gateway.dashboard import register_worker_dashboard
 from streams.gateway.ops import ReadinessCheck, register_ops
@@ -146,7 +146,8 @@ def build_pipeline(settings: Settings) -> InferstreamApp:
     ml_worker: MLWorker | None = None
     if settings.has_ml:
         ml_worker = MLWorker(settings, rabbit, routes, redis.cancelled)
-        streaming.install(redis)  # params.stream: deltas through Redis pub/sub, not the log
+        # params.stream: deltas through Redis pub/sub, not the log; `output` webhooks from here too.
+        streaming.install(OutputWebhooks(redis, Delivery(redis, webhooks, store.webhooks)))
         parts.append(ml_worker)
     quirks.run_with_app(app, Lifecycle(parts))
     register_ops(app, _readiness(app, settings, rabbit, routes, role, ml_worker))

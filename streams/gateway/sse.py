@@ -86,14 +86,15 @@ def parse_cursor(value: str | None) -> tuple[int, int] | None:
 
 
 def streams_output(doc: dict[str, Any]) -> bool:
-    """Whether ``doc`` is a generation that streams its output and is still under way."""
+    """Whether ``doc`` is a generation under way that may stream its output.
+
+    Status documents published by the sink carry no ``params``: without them any generation
+    may stream, and costs its stream one read of the (usually absent) text so far.
+    """
+    if doc.get("task") != "generate" or doc.get("status") in TERMINAL:
+        return False
     params = doc.get("params")
-    return (
-        doc.get("task") == "generate"
-        and isinstance(params, dict)
-        and params.get("stream") is True
-        and doc.get("status") not in TERMINAL
-    )
+    return not isinstance(params, dict) or params.get("stream") is True
 
 
 def format_output(delta: str, offset: int) -> bytes:

@@ -213,7 +213,9 @@ def test_only_generations_that_ask_stream() -> None:
     running = {"task": "generate", "status": "running", "params": {"stream": True}}
     assert streams_output(running)
     assert not streams_output({**running, "status": "completed"})
-    assert not streams_output({**running, "params": None})
+    assert not streams_output({**running, "params": {"stream": False}})
+    assert streams_output({**running, "params": None})  # a status document: it may stream
+    assert not streams_output({**running, "task": "embed"})
 
 
 @pytest.mark.parametrize(
