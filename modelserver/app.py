@@ -24,7 +24,7 @@ from modelserver.config import (
 )
 from modelserver.embeddings import Embedder
 from modelserver.generator import Completion, complete, complete_chat
-from modelserver.streaming import stream_completions
+from modelserver.streaming import StreamTimes, stream_completions
 from modelserver.validation import (
     ApiError,
     invalid,
@@ -107,6 +107,7 @@ class ModelServer:
         if config.seed is not None:
             self.faults.rng.seed(config.seed)
         self.stats = Stats()
+        self.stream_times = StreamTimes()
         self.embedder = (
             embedder
             if embedder is not None
@@ -183,8 +184,9 @@ class ModelServer:
         results = [complete(p, req.max_tokens) for p in req.prompts]
         if req.stream:
             return await stream_completions(
-                request, req, results, self.faults, self.stats, f"cmpl-{uuid.uuid4().hex}"
-            )
+                request, req, results, self.faults, self.stats, f"cmpl-{uuid.uuid4().hex}",
+                self.stream_times if self.faults.record_stream_times else None,
+            )  # fmt: skip
         choices = [
             {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
             for i, c in enumerate(results)
@@ -246,6 +248,9 @@ class ModelServer:
     async def get_stats(self, request: web.Request) -> web.Response:
         return json_response(self.stats.as_dict())
 
+    async def take_stream_times(self, request: web.Request) -> web.Response:
+        return json_response(self.stream_times.take())
+
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.stats.reset()
         return json_response(self.stats.as_dict())
@@ -276,4 +281,5 @@ def build_app(config: ServerConfig, embedder: Embedder | None = None) -> web.App
     app.router.add_post("/admin/faults", server.set_faults)
     app.router.add_get("/admin/stats", server.get_stats)
     app.router.add_post("/admin/stats/reset", server.reset_stats)
+    app.router.add_get("/admin/stream-times", server.take_stream_times)
     return app

@@ -46,6 +46,7 @@ class Faults:
     error_status: int = 503
     fail_next: int = 0
     apply_to_embeddings: bool = False
+    record_stream_times: bool = False  # bench.streaming: when each chunk was sent (GET /admin/stream-times)
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def should_fail(self) -> bool:
@@ -62,6 +63,7 @@ class Faults:
             "error_status": self.error_status,
             "fail_next": self.fail_next,
             "apply_to_embeddings": self.apply_to_embeddings,
+            "record_stream_times": self.record_stream_times,
         }
 
     def update(self, changes: dict[str, Any]) -> None:

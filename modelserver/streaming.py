@@ -21,9 +21,29 @@ from modelserver.config import Faults, Stats
 from modelserver.generator import Completion
 from modelserver.validation import CompletionRequest
 
-__all__ = ["pieces", "stream_completions"]
+__all__ = ["StreamTimes", "pieces", "stream_completions"]
 
 DONE = b"data: [DONE]\n\n"
+MAX_RECORDED = 10_000
+
+
+class StreamTimes:
+    """With ``record_stream_times`` on: the wall-clock time each chunk of a prompt's stream was
+    written, for ``bench.streaming`` (chunk sent -> SSE event received). Bounded; read and cleared
+    by ``GET /admin/stream-times``."""
+
+    def __init__(self) -> None:
+        self.by_prompt: dict[str, list[float]] = {}
+
+    def start(self, prompt: str) -> list[float]:
+        if len(self.by_prompt) >= MAX_RECORDED:
+            self.by_prompt.pop(next(iter(self.by_prompt)))
+        times = self.by_prompt[prompt] = []
+        return times
+
+    def take(self) -> dict[str, list[float]]:
+        taken, self.by_prompt = self.by_prompt, {}
+        return taken
 
 
 def pieces(text: str) -> list[str]:
@@ -43,6 +63,7 @@ async def stream_completions(
     faults: Faults,
     stats: Stats,
     completion_id: str,
+    times: StreamTimes | None = None,
 ) -> web.StreamResponse:
     """Write the completions of ``results`` as a stream of chunks; see the module docstring."""
     resp = web.StreamResponse(
@@ -67,6 +88,7 @@ async def stream_completions(
     try:
         first = True
         for index, result in enumerate(results):
+            sent = times.start(req.prompts[index]) if times is not None else None
             parts = pieces(result.text) or [""]
             for n, part in enumerate(parts):
                 if not first and faults.token_latency_ms:
@@ -75,6 +97,8 @@ async def stream_completions(
                 finish = result.finish_reason if n == len(parts) - 1 else None
                 choice = {"index": index, "text": part, "logprobs": None, "finish_reason": finish}
                 await resp.write(chunk([choice]))
+                if sent is not None:
+                    sent.append(time.time())
                 stats.stream_chunks += 1
         if req.include_usage:
             prompt = sum(r.prompt_tokens for r in results)

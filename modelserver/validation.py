@@ -202,7 +202,8 @@ def parse_chat(raw: Any) -> ChatRequest:
 
 
 FAULT_FIELDS = frozenset(
-    {"error_rate", "error_status", "latency_ms", "token_latency_ms", "fail_next", "apply_to_embeddings"}
+    {"error_rate", "error_status", "latency_ms", "token_latency_ms", "fail_next", "apply_to_embeddings",
+     "record_stream_times"}
 )
 
 
@@ -237,4 +238,8 @@ def parse_faults(raw: Any) -> dict[str, Any]:
         if not isinstance(body["apply_to_embeddings"], bool):
             raise invalid("'apply_to_embeddings' must be a boolean.", "apply_to_embeddings")
         changes["apply_to_embeddings"] = body["apply_to_embeddings"]
+    if "record_stream_times" in body:
+        if not isinstance(body["record_stream_times"], bool):
+            raise invalid("'record_stream_times' must be a boolean.", "record_stream_times")
+        changes["record_stream_times"] = body["record_stream_times"]
     return changes

@@ -51,6 +51,13 @@ class Job:
 
         The retry budget runs from the first model call; waits for an open breaker count against it.
         """
+        try:
+            return await self._run(policy)
+        finally:
+            if self.output is not None:
+                self.output.close()  # cancelled or failed: no delta of it goes out any more
+
+    async def _run(self, policy: RetryPolicy) -> tuple[ResultEvent, bool]:
         req = self.req
         budget = policy.budget()
         retry = policy.for_request(budget, req.deadline_at)
@@ -82,6 +89,8 @@ class Job:
             result, usage, self.backend = await self.endpoint.infer(
                 list(req.input), req.params, req.deadline_at, budget, on_delta
             )
+            if self.output is not None:
+                await self.output.drain()
             return self.event("completed", result=result, usage=usage or None), False
 
         try:
@@ -133,6 +142,8 @@ class Job:
                 result, usage, self.backend = await endpoint.infer(
                     list(req.input), req.params, req.deadline_at, budget, on_delta
                 )
+                if self.output is not None:
+                    await self.output.drain()
             except ModelError as exc:
                 span.set_attribute("inferstream.backend", exc.backend or "")
                 raise

@@ -14,6 +14,7 @@ authority). A Redis that fails stops the deltas of that request, never the reque
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Protocol
 
@@ -49,17 +50,24 @@ def wants_stream(task: str, params: dict[str, object] | None) -> bool:
 
 
 class OutputStream:
-    """One request's deltas: ``offset`` counts the characters published so far."""
+    """One request's deltas: ``offset`` counts the characters published so far.
 
-    __slots__ = ("request_id", "_sink", "sent", "_seen", "_broken", "_resumed")
+    One publish at a time: pieces that arrive while one is on its way go out together in the
+    next (under load, fewer and larger deltas instead of a queue of round trips), and the model's
+    stream is read meanwhile instead of waiting for Redis.
+    """
+
+    __slots__ = ("request_id", "_sink", "sent", "_seen", "_broken", "_resumed", "_pending", "_flusher")
 
     def __init__(self, request_id: str, out: OutputSink) -> None:
         self.request_id = request_id
         self._sink = out
-        self.sent = 0  # characters published (by this worker or an earlier delivery)
+        self.sent = 0  # characters handed on (by this worker or an earlier delivery)
         self._seen = 0  # characters of the current attempt
         self._broken = False
         self._resumed = False
+        self._pending: list[str] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def resume(self) -> None:
         """Start after what an earlier delivery of this request published (once per job)."""
@@ -69,11 +77,7 @@ class OutputStream:
         try:
             self.sent = len(await self._sink.output_so_far(self.request_id))
         except InferstreamError as exc:
-            log.warning(
-                "streamed output of %s: text so far unknown (%s); not streaming",
-                self.request_id,
-                exc,
-            )
+            log.warning("streamed output of %s: text so far unknown (%s); not streaming", self.request_id, exc)
             self._broken = True
 
     def new_attempt(self) -> None:
@@ -86,10 +90,30 @@ class OutputStream:
             return  # a repeat of text already published (a retry), or Redis gave up on us
         if start < self.sent:
             text, start = text[self.sent - start :], self.sent
-        try:
-            await self._sink.publish_output(self.request_id, text, start)
-        except InferstreamError as exc:
-            log.warning("streamed output of %s stopped: %s", self.request_id, exc)
-            self._broken = True
-            return
         self.sent = self._seen
+        self._pending.append(text)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush(start))
+
+    async def drain(self) -> None:
+        """Wait until every delta handed on is published (before the terminal event goes out)."""
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+
+    def close(self) -> None:
+        """The job ended another way (cancelled): drop what is not sent yet."""
+        self._pending.clear()
+        if self._flusher is not None:
+            self._flusher.cancel()
+
+    async def _flush(self, offset: int) -> None:
+        while self._pending and not self._broken:
+            delta = "".join(self._pending)
+            self._pending.clear()
+            try:
+                await self._sink.publish_output(self.request_id, delta, offset)
+            except InferstreamError as exc:
+                log.warning("streamed output of %s stopped: %s", self.request_id, exc)
+                self._broken = True
+                return
+            offset += len(delta)

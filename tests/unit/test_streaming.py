@@ -177,9 +177,11 @@ async def test_offsets_count_characters_and_a_retry_sends_only_what_is_new() -> 
     out.new_attempt()
     for piece in ("héllo", " wo"):
         await out.on_delta(piece)
+        await out.drain()
     out.new_attempt()  # the call broke off; the retry generates from the start
     for piece in ("hé", "llo wo", "rld"):
         await out.on_delta(piece)
+        await out.drain()
     assert sink.sent == [("héllo", 0), (" wo", 5), ("rld", 8)]
     assert sink.text == "héllo world"
 
@@ -191,7 +193,22 @@ async def test_a_redelivered_request_continues_after_what_was_published() -> Non
     out.new_attempt()
     for piece in ("one", " two", " three"):
         await out.on_delta(piece)
+    await out.drain()
     assert sink.sent == [(" three", 7)]
+
+
+async def test_pieces_that_arrive_during_a_publish_go_out_together() -> None:
+    sink = FakeSink()
+    out = OutputStream("req_1", sink)
+    await out.resume()
+    out.new_attempt()
+    for piece in ("a", " b", " c", " d"):
+        await out.on_delta(piece)  # no await in between: the first publish has not run yet
+    await out.drain()
+    assert sink.sent == [("a b c d", 0)]
+    await out.on_delta(" e")
+    await out.drain()
+    assert sink.sent[-1] == (" e", 7) and sink.text == "a b c d e"
 
 
 async def test_a_redis_failure_stops_the_deltas_not_the_call() -> None:
@@ -200,8 +217,10 @@ async def test_a_redis_failure_stops_the_deltas_not_the_call() -> None:
     await out.resume()
     out.new_attempt()
     await out.on_delta("a")
+    await out.drain()
     sink.fail = False
     await out.on_delta(" b")
+    await out.drain()
     assert sink.sent == []
 
 
@@ -280,3 +299,15 @@ async def test_a_resume_gets_what_it_lacks_in_one_event() -> None:
         ("3.13", {"delta": "two three", "offset": 4}),
         ("3.18", {"delta": " four", "offset": 13}),
     ]
+
+
+async def test_the_server_records_when_each_chunk_went_out_when_asked(server: TestServer) -> None:
+    server.app[SERVER_KEY].faults.update({"record_stream_times": True})
+    await _raw_stream(server, {"model": "sim-gpt", "prompt": PROMPT, "max_tokens": 5, "stream": True})
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{server.port}/admin/stream-times") as resp:
+            times = await resp.json()
+        async with session.get(f"http://127.0.0.1:{server.port}/admin/stream-times") as resp:
+            assert await resp.json() == {}  # read once
+    assert list(times) == [PROMPT] and len(times[PROMPT]) == 5
+    assert times[PROMPT] == sorted(times[PROMPT])
