@@ -155,7 +155,8 @@ async def test_sampled_depth_and_lag_report_what_is_there(
         nonlocal rabbit_count
         rabbit_count = await pipeline_queue_count(pipeline)
         depth = series(await scrape(http, pipe), "inferstream_queue_depth").get(route)
-        return rabbit_count == waiting and depth == waiting
+        # At least ours: the earlier test's work the stopped ML worker handed back may wait there too.
+        return rabbit_count >= waiting and depth == rabbit_count
 
     try:
         await wait_for(depth_counted, timeout=30, interval=0.25, what="the depth gauge to count the waiting work")
