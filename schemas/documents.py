@@ -56,6 +56,14 @@ class Usage(Struct):
     total_tokens: int
 
 
+class QueuePlace(Struct):
+    """Where a waiting request stands in its route's queue (streams/queue_eta.py)."""
+
+    position: int
+    ahead: int
+    eta_s: float | None
+
+
 class RequestDoc(Struct):
     """``GET /v1/requests/{id}``, the items of a list page and the data of each SSE event."""
 
@@ -75,6 +83,8 @@ class RequestDoc(Struct):
     metadata: dict[str, Any] | UnsetType = UNSET
     # Which backend of the route served it (on a failure, the last one tried); the routes file names them.
     backend: str | UnsetType = UNSET
+    # While `queued` or `dispatched`: its place in the route's queue and the seconds until it starts.
+    queue: QueuePlace | UnsetType = UNSET
 
 
 class CancelAccepted(RequestDoc):
@@ -146,10 +156,14 @@ class TokensCharged(Struct):
 class QuotaErrorDetail(ErrorDetail):
     requests: RequestsCharged | UnsetType = UNSET
     tokens: TokensCharged | UnsetType = UNSET
+    # deadline_unreachable: the route's ETA now, the deadline asked for, and the queue it measured
+    eta_s: float | UnsetType = UNSET
+    deadline_s: int | UnsetType = UNSET
+    queue: QueuePlace | UnsetType = UNSET
 
 
 class QuotaErrorBody(Struct):
-    """429: ``request_quota_exceeded``, ``token_quota_exceeded`` or ``rate_limited``."""
+    """429: ``request_quota_exceeded``, ``token_quota_exceeded``, ``rate_limited`` or ``deadline_unreachable``."""
 
     error: QuotaErrorDetail
 

@@ -90,6 +90,14 @@ class Usage(_Answer):
     total_tokens: int
 
 
+class QueuePlace(_Answer):
+    """Where a waiting request stands in its route's queue, and the seconds until it starts (None: not measured yet)."""
+
+    position: int
+    ahead: int
+    eta_s: float | None = None
+
+
 class RequestDoc(_Answer):
     """One request: ``GET /v1/requests/{id}``, list items, and the data of each event."""
 
@@ -108,6 +116,7 @@ class RequestDoc(_Answer):
     usage: Usage | None = None
     metadata: dict[str, Any] | None = None
     backend: str | None = None
+    queue: QueuePlace | None = None  # while queued or dispatched
 
     @property
     def terminal(self) -> bool:

@@ -89,7 +89,8 @@ ROUTES: tuple[Route, ...] = (
             413: _error("Body larger than INFERSTREAM_MAX_BODY_BYTES"),
             422: _error("Idempotency-Key reused with another body"),
             429: Answer(
-                "Quota exceeded or rate limited", QuotaErrorBody, headers={**_RETRY, **_RATE_LIMIT}
+                "Quota exceeded, rate limited, or the deadline is shorter than the queue's ETA",
+                QuotaErrorBody, headers={**_RETRY, **_RATE_LIMIT},
             ),
             503: _UNAVAILABLE,
         },

@@ -47,6 +47,7 @@ from bridges.clients.notifications import NotificationHub, Subscription
 from inferstream.errors import InferstreamError
 from schemas.documents import event_id
 from schemas.records import STATUS_RANK, TERMINAL
+from streams import queue_eta
 from streams.gateway.metrics import SSE_CLIENTS
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,8 @@ class _Emitter:
         if rank is None:
             return False
         if rank > self.last_id:
-            await self._write(format_event({**doc, "replayed": SNAPSHOT} if snapshot else doc))
+            # A waiting request's event says where it is in its queue (streams/queue_eta.py).
+            await self._write(format_event(queue_eta.annotate({**doc, "replayed": SNAPSHOT} if snapshot else doc)))
             self.last_id = rank
         return doc["status"] in TERMINAL
 
