@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from modelserver.generator import complete
 from tests.support.modelserver import running_modelserver
 from tests.support.pipeline import Api, Pipeline, WorkerProcess
+from tests.support.sse import frames
 from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -76,20 +77,8 @@ async def follow(
     url = f"{api.base_url}/v1/requests/{rid}/events"
     async with api.http.get(url, headers=api.headers(headers), timeout=aiohttp.ClientTimeout(total=60)) as r:
         assert r.status == 200
-        current: dict[str, Any] = {}
-        async for raw in r.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith(":"):
-                continue
-            if line:
-                name, _, value = line.partition(": ")
-                current[name] = value
-                continue
-            if not current:
-                continue
-            current["data"] = orjson.loads(current["data"])
-            out.events.append(current)
-            current = {}
+        async for event in frames(r.content):  # ids stay strings: output ids are `3.<end>`
+            out.events.append(event)
             if outputs is not None and len(out.outputs()) >= outputs:
                 break
             if out.events[-1]["event"] in TERMINAL:

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
+
+
+async def frames(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
+    """The events of a ``text/event-stream`` body: their fields as sent (``id`` a string), ``data`` decoded."""
+    current: dict[str, Any] = {}
+    async for raw in content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith(":"):
+            continue
+        if line:
+            name, _, value = line.partition(": ")
+            current[name] = value
+            continue
+        if current:
+            current["data"] = orjson.loads(current["data"])
+            yield current
+            current = {}
 
 
 @dataclass
@@ -39,22 +57,11 @@ async def read_sse(
         if r.status != 200:
             return out
         assert r.headers["Content-Type"].startswith("text/event-stream")
-        current: dict[str, Any] = {}
-        async for raw in r.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith(":"):
-                continue
-            if line:
-                name, _, value = line.partition(": ")
-                current[name] = value
-                continue
-            if current:
-                current["id"] = int(current["id"])
-                current["data"] = orjson.loads(current["data"])
-                out.events.append(current)
-                current = {}
-                if opened is not None:
-                    opened.set()
-                if stop_after is not None and len(out.events) >= stop_after:
-                    break
+        async for event in frames(r.content):
+            event["id"] = int(event["id"])
+            out.events.append(event)
+            if opened is not None:
+                opened.set()
+            if stop_after is not None and len(out.events) >= stop_after:
+                break
         return out
