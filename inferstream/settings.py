@@ -185,6 +185,15 @@ class Settings:
         "Comma-separated origins (`https://app.example.com`) whose pages may call the API from a browser "
         "(CORS); empty: none.",
     )
+    # Batch API (OpenAI-compatible files and batches)
+    file_max_bytes: int = _setting(104_857_600, "Largest file `POST /v1/files` accepts, in bytes (413 above).")
+    batch_max_lines: int = _setting(50_000, "Most lines (requests) one batch input file may hold (400 above).")
+    batch_chunk_lines: int = _setting(
+        500, "Lines of a batch written to the requests topic per step (each step's acks are awaited before the next)."
+    )
+    batch_poll_s: float = _setting(
+        0.5, "How often the owner of a user's batches looks for lines to write and batches to finalize."
+    )
     # Operations
     log_format: str = _setting(
         "text", "`text` (for a terminal) or `json` (one object per line, with request and trace ids where known)."

@@ -82,6 +82,10 @@ class InferenceRequest(
     dispatched_at: float | None = None
     # What its webhook announces (schemas.api.WEBHOOK_EVENTS); None: the terminal statuses.
     webhook_events: list[str] | None = None
+    # A line of an OpenAI-style batch (streams/batches.py): the batch's id and the line's 0-based index
+    # in its input file. Charged with the batch (tables.quota.decide_batch), never one by one.
+    batch_id: str | None = None
+    batch_line: int | None = None
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.asdict())
@@ -127,6 +131,7 @@ class ResultEvent(
     # The backend of its route that served it (routes file `backends[].name`); on a failure, the last one tried.
     backend: str | None = None
     webhook_events: list[str] | None = None  # the request's, repeated like callback_url
+    batch_id: str | None = None  # the request's, repeated: settlement counts the batch's progress by it
 
     @property
     def is_terminal(self) -> bool:
@@ -155,5 +160,6 @@ class ResultEvent(
             callback_url=req.callback_url,
             webhook_events=req.webhook_events,
             dispatched_at=req.dispatched_at,
+            batch_id=req.batch_id,
             **extra,
         )

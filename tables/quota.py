@@ -24,6 +24,12 @@ Rules, per UTC day (``window``):
   acknowledged first), then the request leaves its pending bucket and the
   request's log offset becomes ``confirmed_offset``: a batch replayed after a
   crash is recognised and confirms nothing twice (:meth:`tables.quota_book.QuotaBook.confirm_requests`);
+* a batch (:func:`decide_batch`) is charged whole at its creation: its lines count as requests
+  and its estimate is reserved at once, with no per-minute limit, and the batch is remembered in
+  ``batches`` with the next line to confirm. The forward agent confirms its lines in line order
+  (each gets its reservation entry, as a request does); a line at or below one already confirmed
+  is a second copy written after a crash: not confirmed again, and not run
+  (:func:`confirm` reports it);
 * a terminal result turns the reservation into the actual
   ``usage.total_tokens`` (``completed``) or releases it (``failed``,
   ``cancelled``, ``expired``; tokens the model did report are still charged).
@@ -75,6 +81,9 @@ class QuotaState(TypedDict):
     released: dict[str, float]  # given up by the gateway this day: request id -> when
     orphaned: dict[str, int]  # released as orphans this day: epoch second -> admissions not in the log yet
     settled_upto: int  # the results-topic offset of the latest settlement applied (-1: none yet)
+    # Batches charged whose lines are not all confirmed yet: batch id -> [next line to confirm, lines].
+    # Absent in states written before the Batch API (read with .get).
+    batches: dict[str, list[int]]
 
 
 class Logged(NamedTuple):
@@ -87,6 +96,8 @@ class Logged(NamedTuple):
     quota_day: str
     offset: int | None  # its requests-topic offset; None: not known (no replay check)
     admitted: bool = True  # False for a request written by an operator (redrive): never charged
+    batch_id: str | None = None  # a batch line: charged with its batch (decide_batch), confirmed by line
+    batch_line: int = -1
 
 
 StoredState: TypeAlias = Mapping[str, Any]  # what a table value decodes to: any QuotaState ever written
@@ -109,6 +120,7 @@ def empty_state(day: str, settled_upto: int = -1, confirmed_offset: int = -1) ->
         "released": {},
         "orphaned": {},
         "settled_upto": settled_upto,
+        "batches": {},
     }
 
 
@@ -236,6 +248,62 @@ def admission_of(state: QuotaState, plan: Plan, now: float) -> Admission:
     )
 
 
+def decide_batch(
+    state: StoredState | None, plan: Plan, batch_id: str, lines: int, estimated: int, now: float
+) -> tuple[QuotaState, Admission]:
+    """Admit a whole batch (``lines`` requests, ``estimated`` tokens in all) or raise :class:`QuotaExceeded`
+    saying how much is missing; pure. The per-minute rate does not apply to a batch's lines."""
+    st = current(state, now)
+    missing_requests = st["requests_used"] + lines - plan.requests_per_day
+    missing_tokens = st["tokens_used"] + st["tokens_reserved"] + estimated - plan.tokens_per_day
+    details = _details(st, plan, estimated)
+    details["requests"]["needed"] = lines
+    details["requests"]["missing"] = max(0, missing_requests)
+    details["tokens"]["missing"] = max(0, missing_tokens)
+    if missing_requests > 0:
+        raise QuotaExceeded(
+            "request_quota_exceeded",
+            f"daily request quota of {plan.requests_per_day} cannot cover a batch of {lines} requests:"
+            f" {missing_requests} missing",
+            retry_after=seconds_to_reset(now),
+            **details,
+        )
+    if missing_tokens > 0:
+        raise QuotaExceeded(
+            "token_quota_exceeded",
+            f"daily token quota of {plan.tokens_per_day} cannot cover the batch's {estimated} estimated tokens:"
+            f" {missing_tokens} missing",
+            retry_after=seconds_to_reset(now),
+            **details,
+        )
+    new: QuotaState = {
+        **st,
+        "requests_used": st["requests_used"] + lines,
+        "tokens_reserved": st["tokens_reserved"] + estimated,
+        "batches": {**st.get("batches", {}), batch_id: [0, lines]},
+    }
+    return new, admission_of(new, plan, now)
+
+
+def release_batch(
+    state: StoredState | None, batch_id: str, lines: int, estimated: int, now: float
+) -> QuotaState | None:
+    """Undo a batch's charge before any of its lines was written (its creation failed); ``None`` when
+    there is nothing to undo (another day, or lines confirmed already)."""
+    if state is None:
+        return None
+    st = current(state, now)
+    entry = st.get("batches", {}).get(batch_id)
+    if entry is None or entry[0] != 0:
+        return None
+    return {
+        **st,
+        "requests_used": max(0, st["requests_used"] - lines),
+        "tokens_reserved": max(0, st["tokens_reserved"] - estimated),
+        "batches": _without(st["batches"], batch_id),
+    }
+
+
 def charge(status: str, used_tokens: int, reserved: int) -> int:
     """Tokens a terminal result costs: what ``completed`` used; otherwise what the model reported, at most the reservation."""
     return max(0, used_tokens) if status == "completed" else max(0, min(used_tokens, reserved))
@@ -317,17 +385,30 @@ def release(state: StoredState | None, request_id: str, created_at: float, estim
     }
 
 
-def confirm(state: StoredState | None, requests: Iterable[Logged], now: float) -> tuple[QuotaState, list[Logged]] | None:
-    """Requests read from the log, in log order: the new state, and those that now hold a reservation
-    (to be entered in the reservations table); ``None`` when nothing changes (a replay, or redrives).
+class Confirmed(NamedTuple):
+    """What confirming requests read from the log found: the new state, the requests that now hold a
+    reservation, and the batch lines that are second copies of lines confirmed already (not to be run)."""
+
+    state: QuotaState
+    held: list[Logged]
+    copies: list[Logged]
+
+
+def confirm(state: StoredState | None, requests: Iterable[Logged], now: float) -> Confirmed | None:
+    """Requests read from the log, in log order: the new state, those that now hold a reservation
+    (to be entered in the reservations table) and the batch lines that are copies; ``None`` when
+    nothing changes (a replay, or redrives).
 
     A request leaves its pending bucket; one released by the gateway, or whose bucket was released as
     an orphan (its write came later than the sweep allowed for), is charged again; one no bucket ever
-    counted (written around the gateway) is not charged."""
+    counted (written around the gateway) is not charged. A batch line is confirmed by its batch's
+    entry (:func:`_confirm_line`)."""
     st = current(state, now)
     pending, released, orphaned = st["pending"], st["released"], st["orphaned"]
+    batches = st.get("batches", {})
     used, reserved, upto, last = st["requests_used"], st["tokens_reserved"], st["confirmed_upto"], st["confirmed_offset"]
     held: list[Logged] = []
+    copies: list[Logged] = []
     for r in requests:
         if r.offset is not None and r.offset <= last:
             continue  # confirmed before a crash: the replay of its batch
@@ -335,6 +416,14 @@ def confirm(state: StoredState | None, requests: Iterable[Logged], now: float) -
             last = r.offset
         if r.quota_day != st["day"] or not r.admitted:
             continue  # admitted on an earlier day (that window is gone), or never admitted
+        if r.batch_id is not None:
+            entry = _confirm_line(batches.get(r.batch_id), r.batch_line)
+            if entry is None:
+                copies.append(r)  # its batch confirmed this line already: a copy written after a crash
+                continue
+            batches = {**batches, r.batch_id: entry} if entry != DONE else _without(batches, r.batch_id)
+            held.append(r)
+            continue
         second = second_of(r.created_at)
         if r.request_id in released:
             released = _without(released, r.request_id)
@@ -349,7 +438,7 @@ def confirm(state: StoredState | None, requests: Iterable[Logged], now: float) -
         upto = max(upto, r.created_at)
         held.append(r)
     if last == st["confirmed_offset"] and not held:
-        return None
+        return Confirmed(st, held, copies) if copies else None
     new: QuotaState = {
         **st,
         "requests_used": used,
@@ -359,8 +448,42 @@ def confirm(state: StoredState | None, requests: Iterable[Logged], now: float) -
         "orphaned": orphaned,
         "confirmed_upto": upto,
         "confirmed_offset": last,
+        "batches": batches,
     }
-    return new, held
+    return Confirmed(new, held, copies)
+
+
+DONE: list[Any] = []  # what _confirm_line answers once every line of a batch is confirmed
+
+
+def _confirm_line(entry: list[Any] | None, line: int) -> list[Any] | None:
+    """A batch's entry ``[next line, lines, gaps]`` after confirming ``line``; ``None`` when the line was
+    confirmed before (a copy), :data:`DONE` when it was the last one.
+
+    The batch's writer sends lines in order and awaits each step's acks, so lines normally arrive in
+    order; a step that failed in its middle (a produce error after later records of it were acked) is
+    written again, so a line may arrive after later ones: the lines skipped over are kept as gaps
+    (``[first, end)`` ranges, normally none), and a line in a gap is confirmed, not taken for a copy."""
+    if entry is None:
+        return None  # every line confirmed (or the batch's charge undone): nothing is left to confirm
+    nxt, lines = int(entry[0]), int(entry[1])
+    gaps = [list(g) for g in entry[2]] if len(entry) > 2 else []
+    if not 0 <= line < lines:
+        return None  # not a line of this batch
+    if line >= nxt:
+        if line > nxt:
+            gaps.append([nxt, line])
+        nxt = line + 1
+    else:
+        for i, (first, end) in enumerate(gaps):
+            if first <= line < end:
+                gaps[i : i + 1] = [g for g in ([first, line], [line + 1, end]) if g[0] < g[1]]
+                break
+        else:
+            return None
+    if nxt >= lines and not gaps:
+        return DONE
+    return [nxt, lines, gaps] if gaps else [nxt, lines]
 
 
 def orphans(state: StoredState | None, now: float, admission_timeout_s: float, orphan_after_s: float) -> list[str]:

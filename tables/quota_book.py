@@ -23,9 +23,11 @@ from tables.quota import (
     confirm,
     current,
     decide,
+    decide_batch,
     orphans,
     quota_doc,
     release,
+    release_batch,
     release_buckets,
     settle,
 )
@@ -65,6 +67,21 @@ class QuotaBook:
             self._unlogged = {rid: when for rid, when in self._unlogged.items() if when >= horizon}
         return admission
 
+    def admit_batch(self, user_id: str, plan: Plan, batch_id: str, lines: int, estimated: int) -> Admission:
+        """Charge a whole batch at once (or raise ``QuotaExceeded`` saying what is missing); await
+        :meth:`written` before any of its lines is written."""
+        new, admission = decide_batch(self.table.get(user_id), plan, batch_id, lines, estimated, self.now())
+        self.table[user_id] = new
+        return admission
+
+    def release_batch(self, user_id: str, batch_id: str, lines: int, estimated: int) -> bool:
+        """Undo a batch's charge when its creation failed before any line was written."""
+        new = release_batch(self.table.get(user_id), batch_id, lines, estimated, self.now())
+        if new is None:
+            return False
+        self.table[user_id] = new
+        return True
+
     def logged(self, request_id: str) -> None:
         """The admission's request is in the log (the broker acknowledged it): it can no longer be released."""
         self._unlogged.pop(request_id, None)
@@ -79,10 +96,13 @@ class QuotaBook:
         self.table[user_id] = new
         return True
 
-    async def confirm_requests(self, requests: Sequence[Logged]) -> list[asyncio.Future[Any]]:
+    async def confirm_requests(
+        self, requests: Sequence[Logged], copies: set[str] | None = None
+    ) -> list[asyncio.Future[Any]]:
         """Confirm requests read from the log, in log order; the acks of the users' latest writes
         (every user's: a retried batch confirms nothing new, and must still wait for the write its first
-        attempt made).
+        attempt made). The request ids of batch lines that are copies of lines confirmed before (written
+        again after a crash: not to be run) are added to ``copies``.
 
         Each confirmed request's reservation entry is written and acknowledged before the user's state
         records it as confirmed: a crash in between leaves it unconfirmed, and the replay confirms it again."""
@@ -94,17 +114,18 @@ class QuotaBook:
         for user, reqs in per_user.items():
             found = confirm(self.table.get(user), reqs, now)
             if found is not None:
-                state, held = found
-                for r in held:
-                    self.reservations.hold(user, r.request_id, r.estimated, state["day"])
+                for r in found.held:
+                    self.reservations.hold(user, r.request_id, r.estimated, found.state["day"])
+                if copies is not None:
+                    copies.update(r.request_id for r in found.copies)
         await asyncio.gather(*(self.reservations.written(r.user_id, r.request_id) for r in requests))
         now = self.now()
         for user, reqs in per_user.items():
             # On the state as it is now: admissions, settlements or a sweep may have written it meanwhile
             # (which requests hold a reservation does not depend on them, only the counters do).
             found = confirm(self.table.get(user), reqs, now)
-            if found is not None:
-                self.table[user] = found[0]
+            if found is not None and (found.held or found.state is not self.table.get(user)):
+                self.table[user] = found.state
         return [asyncio.ensure_future(self.written(user)) for user in per_user]
 
     async def settle_results(self, results: Iterable[Settlement]) -> list[Settlement]:

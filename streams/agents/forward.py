@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import faust
@@ -61,7 +61,8 @@ def logged(event: EventT) -> Logged:
     r = cast(InferenceRequest, event.value)
     return Logged(
         r.user_id, r.request_id, r.created_at, r.estimated_tokens, r.quota_day, event.message.offset,
-        admitted=r.redrive_of is None,
+        admitted=r.redrive_of is None, batch_id=r.batch_id,
+        batch_line=-1 if r.batch_line is None else r.batch_line,
     )  # fmt: skip
 
 
@@ -94,14 +95,21 @@ def register_forward(
     rabbit: RabbitClient,
     book: QuotaBook,
     dispatched: DispatchedEvents,
+    batch_cancelled: Callable[[str, str], bool] = lambda user_id, batch_id: False,
 ) -> None:
+    """``batch_cancelled(user_id, batch_id)``: whether that batch was cancelled (its lines still in the
+    log are answered ``cancelled``, refunded, instead of being published)."""
     queue_eta.SHARED.attach(settings, rabbit=rabbit)
 
     async def forward(read: Sequence[EventT]) -> None:
         routes = rabbit.route_keys()  # the routes served now: a reload may add some, and retires others
-        confirmed = await book.confirm_requests([logged(e) for e in read])
-        batch = [cast(InferenceRequest, e.value) for e in read]
+        copies: set[str] = set()  # batch lines written twice (after a crash of their writer): run once
+        confirmed = await book.confirm_requests([logged(e) for e in read], copies)
+        batch = [r for e in read if (r := cast(InferenceRequest, e.value)).request_id not in copies]
         at = clock.now()
+        stopped = [r for r in batch if r.batch_id is not None and batch_cancelled(r.user_id, r.batch_id)]
+        if stopped:
+            batch = [r for r in batch if r.batch_id is None or not batch_cancelled(r.user_id, r.batch_id)]
         # The work message says when it was handed off; every later event of the request repeats it.
         routable = [r.derive(dispatched_at=at) for r in batch if (r.task, r.model) in routes]
         if routable and tracing.ENABLED:
@@ -122,6 +130,12 @@ def register_forward(
             )
             for r in batch
             if (r.task, r.model) not in routes
+        ]
+        unroutable += [
+            ResultEvent.for_request(
+                r, "cancelled", at=at, error={"type": "cancelled", "message": f"batch {r.batch_id} was cancelled"}
+            )
+            for r in stopped
         ]
         if unroutable:
             await send_events(topics, unroutable)

@@ -8,7 +8,7 @@ is recognised and not applied twice (:meth:`tables.quota_book.QuotaBook.settle_r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
 import faust
@@ -55,11 +55,28 @@ def settle_spans(events: Sequence[EventT]) -> list[tracing.Span]:
     ]
 
 
+OnTerminal = Callable[[Sequence[EventT]], Awaitable[None]]
+
+
 def register_settle(
-    app: faust.App, settings: Settings, topics: Topics, book: QuotaBook, dispatched: DispatchedEvents
+    app: faust.App,
+    settings: Settings,
+    topics: Topics,
+    book: QuotaBook,
+    dispatched: DispatchedEvents,
+    on_terminal: OnTerminal | None = None,
 ) -> None:
+    """``on_terminal(events)``: called with each batch of events read (in log order, with offsets) after
+    the quota settled them and before their offsets are acked (batch progress, :mod:`tables.batches`);
+    it must be idempotent under a replay of the same offsets."""
+
     async def settle(events: Sequence[EventT]) -> None:
         dispatched.moved_on(cast(ResultEvent, e.value) for e in events)
+        await settle_quota_of(events)
+        if on_terminal is not None:
+            await on_terminal(events)
+
+    async def settle_quota_of(events: Sequence[EventT]) -> None:
         results = settlements(events)
         if results:
             spans = settle_spans(events) if tracing.ENABLED else []
