@@ -1,4 +1,5 @@
-"""``/openapi.json``: generated from the contract's models (``schemas.api``, ``schemas.documents``) and a table of routes."""
+"""``/openapi.json``: generated from the contract's models (``schemas.api``, ``schemas.documents``,
+``schemas.batch_api``) and a table of routes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ from typing import Any
 import msgspec
 
 from schemas.api import SubmissionBody
+from schemas.batch_api import (
+    BATCH_ID_PATTERN,
+    FILE_ID_PATTERN,
+    BatchCreateBody,
+    BatchList,
+    BatchObject,
+    BatchQuotaErrorBody,
+    FileDeleted,
+    FileObject,
+    LineErrorBody,
+)
 from schemas.dashboard import DashboardQuota, DashboardStats
 from schemas.documents import (
     REQUEST_ID_PATTERN,
@@ -55,6 +67,7 @@ class Route:
     parameters: tuple[dict[str, Any], ...] = ()
     body: type[msgspec.Struct] | None = None
     public: bool = False  # no API key needed
+    form: dict[str, Any] | None = None  # a multipart/form-data body's schema (an upload)
 
 
 def _error(description: str, **headers: str) -> Answer:
@@ -72,6 +85,31 @@ _ID = {
     "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
 }
 
+_FILE_ID = {
+    "name": "file_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": FILE_ID_PATTERN},
+}
+_BATCH_ID = {
+    "name": "batch_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": BATCH_ID_PATTERN},
+}
+_UPLOAD = {
+    "type": "object",
+    "required": ["file", "purpose"],
+    "properties": {
+        "file": {
+            "type": "string",
+            "format": "binary",
+            "description": "JSONL: one `{custom_id, method: POST, url, body}` object per line.",
+        },
+        "purpose": {"type": "string", "enum": ["batch"]},
+    },
+}
+FILE_CONTENT_MEDIA = "application/octet-stream"
 
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -90,7 +128,8 @@ ROUTES: tuple[Route, ...] = (
             422: _error("Idempotency-Key reused with another body"),
             429: Answer(
                 "Quota exceeded, rate limited, or the deadline is shorter than the queue's ETA",
-                QuotaErrorBody, headers={**_RETRY, **_RATE_LIMIT},
+                QuotaErrorBody,
+                headers={**_RETRY, **_RATE_LIMIT},
             ),
             503: _UNAVAILABLE,
         },
@@ -163,8 +202,10 @@ ROUTES: tuple[Route, ...] = (
                 "The event stream; each event's data is the request's document",
                 media="text/event-stream",
             ),
-            401: _error("Missing, unknown or revoked API key; or a stream token that is malformed, "
-                        "tampered with, expired or for another request"),
+            401: _error(
+                "Missing, unknown or revoked API key; or a stream token that is malformed, "
+                "tampered with, expired or for another request"
+            ),
             404: _NOT_FOUND,
             503: _UNAVAILABLE,
         },
@@ -190,7 +231,9 @@ ROUTES: tuple[Route, ...] = (
         "post",
         "Mint a short-lived token that opens this request's event stream without an API key",
         {
-            201: Answer("The token (INFERSTREAM_STREAM_TOKEN_TTL_S) and the stream's URL", StreamToken),
+            201: Answer(
+                "The token (INFERSTREAM_STREAM_TOKEN_TTL_S) and the stream's URL", StreamToken
+            ),
             401: _UNAUTHORIZED,
             404: _NOT_FOUND,
             503: _UNAVAILABLE,
@@ -214,7 +257,10 @@ ROUTES: tuple[Route, ...] = (
         "post",
         "Send the request's last webhook event again, with the same webhook-id (output events are not resent)",
         {
-            202: Answer("The redelivery is under way; its attempts appear in .../webhooks", RedeliveryAccepted),
+            202: Answer(
+                "The redelivery is under way; its attempts appear in .../webhooks",
+                RedeliveryAccepted,
+            ),
             401: _UNAUTHORIZED,
             404: _NOT_FOUND,
             409: _error("The request has no callback_url, or is not recorded yet"),
@@ -233,6 +279,136 @@ ROUTES: tuple[Route, ...] = (
         "get",
         "The public routes (task and model) that accept submissions now",
         {200: Answer("The routes", ModelList), 401: _UNAUTHORIZED, 503: _UNAVAILABLE},
+    ),
+    Route(
+        "/v1/files",
+        "post",
+        "Upload a JSONL file of batch lines (multipart, `purpose` batch); each line is checked before it is stored",
+        {
+            200: Answer("Stored", FileObject),
+            400: Answer(
+                "Not a multipart upload, no `file` part, `purpose` not batch, too many lines, or lines at fault "
+                "(`errors`: 1-based line and problem; nothing stored)",
+                LineErrorBody,
+            ),
+            401: _UNAUTHORIZED,
+            413: _error("File larger than INFERSTREAM_FILE_MAX_BYTES (nothing stored)"),
+            503: _UNAVAILABLE,
+        },
+        form=_UPLOAD,
+    ),
+    Route(
+        "/v1/files/{file_id}",
+        "get",
+        "One of the caller's files",
+        {
+            200: Answer("The file", FileObject),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            503: _UNAVAILABLE,
+        },
+        parameters=(_FILE_ID,),
+    ),
+    Route(
+        "/v1/files/{file_id}/content",
+        "get",
+        "The file's bytes (a batch's output and error files: one JSON line per batch line, in line order)",
+        {
+            200: Answer("The content", media=FILE_CONTENT_MEDIA),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            503: _UNAVAILABLE,
+        },
+        parameters=(_FILE_ID,),
+    ),
+    Route(
+        "/v1/files/{file_id}",
+        "delete",
+        "Delete a file (the input of a batch still running stays readable to that batch until it ends)",
+        {
+            200: Answer("Deleted", FileDeleted),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            503: _UNAVAILABLE,
+        },
+        parameters=(_FILE_ID,),
+    ),
+    Route(
+        "/v1/batches",
+        "post",
+        "Run every line of an uploaded file as a request at the plan's batch priority; "
+        "the whole batch is charged at once, or nothing",
+        {
+            200: Answer("Created; its lines are being written to the pipeline", BatchObject),
+            400: Answer(
+                "Invalid body, or lines that do not fit the endpoint (`errors`: 1-based line and problem; "
+                "nothing charged)",
+                LineErrorBody,
+            ),
+            401: _UNAUTHORIZED,
+            404: _error(
+                "The input file is unknown, deleted, another user's, or not of purpose batch"
+            ),
+            413: _error("Body larger than INFERSTREAM_MAX_BODY_BYTES"),
+            429: Answer(
+                "The batch's lines or estimated tokens exceed what is left of the day's quota "
+                "(`missing` says by how much)",
+                BatchQuotaErrorBody,
+                headers=_RETRY,
+            ),
+            503: _UNAVAILABLE,
+        },
+        body=BatchCreateBody,
+    ),
+    Route(
+        "/v1/batches",
+        "get",
+        "List the caller's batches, newest first",
+        {
+            200: Answer("A page", BatchList),
+            400: _error("Invalid query"),
+            401: _UNAUTHORIZED,
+            503: _UNAVAILABLE,
+        },
+        parameters=(
+            {
+                "name": "after",
+                "in": "query",
+                "description": "The previous page's `last_id`: batches older than this one.",
+                "schema": {"type": "string", "pattern": BATCH_ID_PATTERN},
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+            },
+        ),
+    ),
+    Route(
+        "/v1/batches/{batch_id}",
+        "get",
+        "One batch: status, request_counts (exact, live), output and error files once final",
+        {
+            200: Answer("The batch", BatchObject),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            503: _UNAVAILABLE,
+        },
+        parameters=(_BATCH_ID,),
+    ),
+    Route(
+        "/v1/batches/{batch_id}/cancel",
+        "post",
+        "Cancel a batch: lines not started are answered cancelled and refunded; it ends `cancelled` "
+        "with the output of the lines that completed",
+        {
+            200: Answer("Cancelling", BatchObject),
+            401: _UNAUTHORIZED,
+            404: _NOT_FOUND,
+            409: _error("Already final"),
+            503: _UNAVAILABLE,
+        },
+        parameters=(_BATCH_ID,),
     ),
     Route(
         "/dashboard/api/stats",
@@ -318,6 +494,11 @@ def _operation(route: Route) -> dict[str, Any]:
             "content": {
                 "application/json": {"schema": {"$ref": _REF.format(name=route.body.__name__)}}
             },
+        }
+    if route.form is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": route.form}},
         }
     if route.public:
         op["security"] = []
