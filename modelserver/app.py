@@ -23,8 +23,8 @@ from modelserver.config import (
     Stats,
 )
 from modelserver.embeddings import Embedder
-from modelserver.generator import Completion, complete, complete_chat
-from modelserver.streaming import StreamTimes, stream_completions
+from modelserver.generator import Completion, complete, complete_chat, render_chat
+from modelserver.streaming import StreamTimes, stream_chat, stream_completions
 from modelserver.validation import (
     ApiError,
     invalid,
@@ -193,11 +193,16 @@ class ModelServer:
         ]
         return json_response(self._envelope("cmpl", "text_completion", req.model, choices, results))
 
-    async def chat_completions(self, request: web.Request) -> web.Response:
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_chat(await read_json(request))
         self._count_generate(1)
         await self._inject("generate")
         result = complete_chat(req.messages, req.max_tokens)
+        if req.stream:
+            return await stream_chat(
+                request, req, render_chat(req.messages), result, self.faults, self.stats,
+                f"chatcmpl-{uuid.uuid4().hex}", self.stream_times if self.faults.record_stream_times else None,
+            )  # fmt: skip
         choices = [
             {
                 "index": 0,

@@ -1,8 +1,11 @@
-"""Streamed completions in OpenAI's server-sent-events format: ``data: {chunk}`` lines, then ``data: [DONE]``.
+"""Streamed completions and chat completions in OpenAI's server-sent-events format: ``data: {chunk}``
+lines, then ``data: [DONE]``.
 
 Each chunk carries one word of one choice (the first word bare, later ones with their leading
 space, so the pieces concatenate to the non-streamed text exactly); the last chunk of a choice
-carries its ``finish_reason``. With ``stream_options.include_usage`` a final chunk with empty
+carries its ``finish_reason``. A completion chunk (``text_completion``) has the word in
+``choices[i].text``; a chat chunk (``chat.completion.chunk``) in ``choices[i].delta.content``,
+the first one with ``delta.role: "assistant"`` too. With ``stream_options.include_usage`` a final chunk with empty
 ``choices`` carries the usage, as OpenAI and vLLM send it. ``token_latency_ms`` paces the chunks
 after the first. A client that goes away mid-stream stops the generation at the next chunk
 (``streams_aborted``): nothing is generated for nobody.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -19,9 +23,9 @@ from aiohttp import web
 
 from modelserver.config import Faults, Stats
 from modelserver.generator import Completion
-from modelserver.validation import CompletionRequest
+from modelserver.validation import ChatRequest, CompletionRequest
 
-__all__ = ["StreamTimes", "pieces", "stream_completions"]
+__all__ = ["StreamTimes", "pieces", "stream_chat", "stream_completions"]
 
 DONE = b"data: [DONE]\n\n"
 MAX_RECORDED = 10_000
@@ -66,6 +70,52 @@ async def stream_completions(
     times: StreamTimes | None = None,
 ) -> web.StreamResponse:
     """Write the completions of ``results`` as a stream of chunks; see the module docstring."""
+
+    def choice(index: int, part: str, first: bool, finish: str | None) -> dict[str, Any]:
+        return {"index": index, "text": part, "logprobs": None, "finish_reason": finish}
+
+    return await _stream(
+        request, "text_completion", req.model, req.prompts, results, choice, req.include_usage,
+        faults, stats, completion_id, times,
+    )  # fmt: skip
+
+
+async def stream_chat(
+    request: web.Request,
+    req: ChatRequest,
+    prompt: str,
+    result: Completion,
+    faults: Faults,
+    stats: Stats,
+    completion_id: str,
+    times: StreamTimes | None = None,
+) -> web.StreamResponse:
+    """Write a chat reply as a stream of ``chat.completion.chunk`` chunks (``prompt``: the chat rendered,
+    the key of its recorded times); see the module docstring."""
+
+    def choice(index: int, part: str, first: bool, finish: str | None) -> dict[str, Any]:
+        delta = {"role": "assistant", "content": part} if first else {"content": part}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    return await _stream(
+        request, "chat.completion.chunk", req.model, [prompt], [result], choice, req.include_usage,
+        faults, stats, completion_id, times,
+    )  # fmt: skip
+
+
+async def _stream(
+    request: web.Request,
+    obj: str,
+    model: str,
+    prompts: list[str],
+    results: list[Completion],
+    choice: Callable[[int, str, bool, str | None], dict[str, Any]],
+    include_usage: bool,
+    faults: Faults,
+    stats: Stats,
+    completion_id: str,
+    times: StreamTimes | None,
+) -> web.StreamResponse:
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
@@ -76,9 +126,9 @@ async def stream_completions(
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
         body: dict[str, Any] = {
             "id": completion_id,
-            "object": "text_completion",
+            "object": obj,
             "created": created,
-            "model": req.model,
+            "model": model,
             "choices": choices,
         }
         if usage is not None:
@@ -88,19 +138,18 @@ async def stream_completions(
     try:
         first = True
         for index, result in enumerate(results):
-            sent = times.start(req.prompts[index]) if times is not None else None
+            sent = times.start(prompts[index]) if times is not None else None
             parts = pieces(result.text) or [""]
             for n, part in enumerate(parts):
                 if not first and faults.token_latency_ms:
                     await asyncio.sleep(faults.token_latency_ms / 1000)
                 first = False
                 finish = result.finish_reason if n == len(parts) - 1 else None
-                choice = {"index": index, "text": part, "logprobs": None, "finish_reason": finish}
-                await resp.write(chunk([choice]))
+                await resp.write(chunk([choice(index, part, n == 0, finish)]))
                 if sent is not None:
                     sent.append(time.time())
                 stats.stream_chunks += 1
-        if req.include_usage:
+        if include_usage:
             prompt = sum(r.prompt_tokens for r in results)
             completion = sum(r.completion_tokens for r in results)
             usage = {

@@ -69,6 +69,8 @@ class ChatRequest:
     model: str
     messages: list[tuple[str, str]]
     max_tokens: int
+    stream: bool = False
+    include_usage: bool = False
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -197,8 +199,15 @@ def parse_chat(raw: Any) -> ChatRequest:
         if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
             raise invalid(f"messages[{i}] must be an object with a valid 'role'.", f"messages[{i}]")
         parsed.append((message["role"], _content(message.get("content"), i)))
-    _common_generation(body)
-    return ChatRequest(model=model, messages=parsed, max_tokens=_max_tokens(body))
+    _common_generation(body, streams=True)
+    stream, include_usage = _stream(body)
+    return ChatRequest(
+        model=model,
+        messages=parsed,
+        max_tokens=_max_tokens(body),
+        stream=stream,
+        include_usage=include_usage,
+    )
 
 
 FAULT_FIELDS = frozenset(

@@ -202,7 +202,9 @@ class Endpoint:
 
         Raises :class:`DeadlinePassed` or :class:`RetryBudgetSpent` when a limit
         passed before the call went out. Generation joins several input strings
-        with a newline into one prompt. ``max_tokens`` defaults to
+        with a newline into one prompt; a chat (``params["messages"]``, the Batch
+        API's chat lines) is a ``/chat/completions`` call with the messages
+        instead (:func:`bridges.clients.model.generation_call`), streamed or not. ``max_tokens`` defaults to
         ``settings.default_max_tokens``, the figure admission reserved, so usage
         never exceeds the estimate by default. An embedding shares its call with
         its batch: its budget starts when it joins one (a batch goes out within

@@ -11,6 +11,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry.context import Context
 from tenacity import RetryCallState, RetryError
 
+from bridges.clients.model import is_chat
 from inferstream import clock, tracing
 from inferstream.errors import ModelError, RetryableModelError
 from inferstream.retrying import failure, next_sleep
@@ -28,6 +29,13 @@ _USAGE_ATTRIBUTES = (
     ("completion_tokens", "gen_ai.usage.output_tokens"),
     ("total_tokens", "inferstream.usage.total_tokens"),
 )
+
+
+def _operation(batched: bool, params: dict[str, Any] | None) -> str:
+    """The ``gen_ai.operation.name`` of a model call (OpenTelemetry's GenAI names)."""
+    if batched:
+        return "embeddings"
+    return "chat" if is_chat(params) else "text_completion"
 
 
 @dataclass(eq=False)
@@ -130,7 +138,7 @@ class Job:
             "model call", kind=tracing.SpanKind.CLIENT,
             attributes={
                 "inferstream.request_id": req.request_id, "inferstream.route": endpoint.name,
-                "gen_ai.operation.name": "embeddings" if endpoint.batched else "text_completion",
+                "gen_ai.operation.name": _operation(endpoint.batched, req.params),
                 "gen_ai.request.model": req.model, "inferstream.attempt": self.attempts,
                 # Texts this request sends; an embedding shares its model call with its batch's others.
                 "inferstream.batch_size": len(req.input),

@@ -1,7 +1,9 @@
 """The ML worker: consumes the work queues, runs each request against the model, publishes its result.
 
 Per message: decode (undecodable -> rejected to the dead-letter exchange);
-expired or already cancelled -> that terminal status, no model call; else a
+expired or already cancelled (the request, or the batch of a Batch API line:
+``is_cancelled`` is asked about both ids at once) -> that terminal status, no
+model call; else a
 best-effort ``running`` event (only when the work outlasts
 ``ml_running_after_ms``), then attempts with backoff until an answer, a
 fatal error, or the end of the retry budget (``workers/retry.py``); a failed
@@ -53,6 +55,8 @@ __all__ = ["IsCancelled", "MLWorker", "no_cancellations"]
 log = logging.getLogger(__name__)
 
 IsCancelled = Callable[[Sequence[str]], Awaitable[set[str]]]
+"""Those of the given ids that were cancelled: request ids and batch ids (``batch_...``) together,
+in one round trip (``RedisClient.cancelled``)."""
 CANCEL_POLL_S = 0.5
 SUPERVISE_S = 0.2
 
@@ -60,6 +64,11 @@ SUPERVISE_S = 0.2
 async def no_cancellations(request_ids: Sequence[str]) -> set[str]:
     """The default ``is_cancelled``: nothing is ever cancelled."""
     return set()
+
+
+def _cancel_ids(req: InferenceRequest) -> list[str]:
+    """The ids whose cancel mark stops ``req``: its own, and its batch's for a Batch API line."""
+    return [req.request_id, req.batch_id] if req.batch_id else [req.request_id]
 
 
 class MLWorker(Service):
@@ -245,9 +254,9 @@ class MLWorker(Service):
             running = [j for j in self._jobs if j.work is not None and not j.work.done() and not j.cancel_requested]
             if not running:
                 continue
-            cancelled = await self._cancelled_ids([j.req.request_id for j in running])
+            cancelled = await self._cancelled_ids([i for j in running for i in _cancel_ids(j.req)])
             for job in running:
-                if job.req.request_id in cancelled and job.work is not None:
+                if not cancelled.isdisjoint(_cancel_ids(job.req)) and job.work is not None:
                     job.cancel_requested = True
                     job.work.cancel()
 
@@ -329,7 +338,7 @@ class MLWorker(Service):
         dead = False
         if req.deadline_at is not None and now >= req.deadline_at:
             event = ResultEvent.for_request(req, "expired", at=now)
-        elif req.request_id in await self._cancelled_ids([req.request_id]):
+        elif await self._cancelled_ids(_cancel_ids(req)):
             event = ResultEvent.for_request(req, "cancelled", at=now)
         else:
             job.started_at = clock.now()
@@ -359,7 +368,8 @@ class MLWorker(Service):
                     for task in running:
                         task.cancel()
                     raise
-                log.info("request %s cancelled while running", req.request_id)
+                batch = f" (batch {req.batch_id})" if req.batch_id else ""
+                log.info("request %s cancelled while running%s", req.request_id, batch)
                 event = job.event("cancelled")
             finally:
                 if timer is not None:

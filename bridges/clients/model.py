@@ -1,7 +1,9 @@
-"""Client of an OpenAI-compatible model service (ours, vLLM, Ollama, TGI, OpenAI): embeddings and completions.
+"""Client of an OpenAI-compatible model service (ours, vLLM, Ollama, TGI, OpenAI): embeddings, completions, chat.
 
-Only the documented OpenAI wire format is used (``POST {base}/embeddings`` and
-``POST {base}/completions``), so swapping the service is a change of a
+Only the documented OpenAI wire format is used (``POST {base}/embeddings``,
+``POST {base}/completions``, and ``POST {base}/chat/completions`` for a
+generation whose params carry ``messages``: :func:`generation_call`), so
+swapping the service is a change of a
 backend's ``url`` and key in the routes file (or of ``INFERSTREAM_MODEL_URL``
 and ``INFERSTREAM_MODEL_API_KEY``, the one-backend shorthand). One client per
 backend (``workers/backends.py``).
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -27,7 +29,7 @@ from inferstream.errors import FatalModelError, RetryableModelError
 from inferstream.retrying import parse_retry_after
 from inferstream.settings import Settings
 
-__all__ = ["ModelClient", "OnDelta", "is_retryable_status"]
+__all__ = ["ModelClient", "OnDelta", "generation_call", "is_chat", "is_retryable_status"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,23 @@ RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 def is_retryable_status(status: int) -> bool:
     """Whether an HTTP error status from the model is worth another attempt."""
     return status >= 500 or status in RETRYABLE_4XX
+
+
+CHAT_PATH = "/chat/completions"
+
+
+def is_chat(params: Mapping[str, Any] | None) -> bool:
+    """Whether a generation is a chat: its params carry the ``messages`` (the Batch API's chat lines)."""
+    return params is not None and "messages" in params
+
+
+def generation_call(model: str, prompt: str, params: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The path and payload of one generation: ``/chat/completions`` with the messages (the prompt,
+    their rendering, is not sent) when ``params`` carry them, else ``/completions`` with the prompt.
+    The other params (max_tokens, temperature, ...) are passed through either way."""
+    if is_chat(params):
+        return CHAT_PATH, {**(params or {}), "model": model}
+    return "/completions", {**(params or {}), "model": model, "prompt": prompt}
 
 
 def _usage(body: dict[str, Any]) -> Usage:
@@ -149,35 +168,35 @@ class ModelClient(Service):
         return vectors, _usage(data)
 
     async def generate(self, model: str, prompt: str, params: dict[str, Any] | None = None) -> tuple[str, Usage]:
-        """One ``/completions`` call; ``params`` (max_tokens, temperature, ...) are passed through."""
-        payload: dict[str, Any] = {**(params or {}), "model": model, "prompt": prompt}
-        data = await self._post("/completions", payload)
+        """One ``/completions`` call, or ``/chat/completions`` when ``params`` carry ``messages``;
+        ``params`` (max_tokens, temperature, ...) are passed through. The text and the usage."""
+        path, payload = generation_call(model, prompt, params)
+        data = await self._post(path, payload)
+        chat = path == CHAT_PATH
         try:
-            text = data["choices"][0]["text"]
+            choice = data["choices"][0]
+            text = (choice["message"]["content"] or "") if chat else choice["text"]
         except (KeyError, IndexError, TypeError) as exc:
-            raise FatalModelError(f"malformed completions answer: {exc!r}") from exc
+            raise FatalModelError(f"malformed {'chat ' if chat else ''}completions answer: {exc!r}") from exc
         if not isinstance(text, str):
-            raise FatalModelError("completion text is not a string")
+            raise FatalModelError(f"{'chat reply' if chat else 'completion text'} is not a string")
         return text, _usage(data)
 
     async def generate_stream(
         self, model: str, prompt: str, params: dict[str, Any] | None, on_delta: OnDelta
     ) -> tuple[str, Usage]:
-        """One ``/completions`` call with ``stream: true``: each chunk's text to ``on_delta``, then
-        the whole text and the usage of the last chunk (``stream_options.include_usage``).
+        """One ``/completions`` (with ``messages``: ``/chat/completions``) call with ``stream: true``:
+        each chunk's text (``choices[0].text``; a chat's ``choices[0].delta.content``) to ``on_delta``,
+        then the whole text and the usage of the last chunk (``stream_options.include_usage``).
 
         A stream that breaks off before ``data: [DONE]`` is retryable, like a dropped call;
         cancelling the caller closes the connection, which stops the generation upstream.
         """
-        payload: dict[str, Any] = {
-            **(params or {}),
-            "model": model,
-            "prompt": prompt,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        path, payload = generation_call(model, prompt, params)
+        payload.update(stream=True, stream_options={"include_usage": True})
+        chat = path == CHAT_PATH
         session = await self._ensure()
-        url = f"{self.base_url}/completions"
+        url = f"{self.base_url}{path}"
         parts: list[str] = []
         usage: dict[str, Any] = {}
         try:
@@ -196,7 +215,7 @@ class ModelClient(Service):
                     if data == b"[DONE]":
                         done = True
                         break
-                    text, chunk_usage = _chunk(data)
+                    text, chunk_usage = _chunk(data, chat)
                     if chunk_usage:
                         usage = chunk_usage
                     if text:
@@ -211,15 +230,21 @@ class ModelClient(Service):
         return "".join(parts), _usage({"usage": usage})
 
 
-def _chunk(data: bytes) -> tuple[str, dict[str, Any] | None]:
-    """The first choice's text and the usage (if any) of one streamed chunk."""
+def _chunk(data: bytes, chat: bool = False) -> tuple[str, dict[str, Any] | None]:
+    """The first choice's text (a chat's ``delta.content``) and the usage (if any) of one streamed chunk."""
     try:
         chunk = orjson.loads(data)
         choices = chunk.get("choices") or []
-        text = next((c.get("text") or "" for c in choices if c.get("index", 0) == 0), "")
+        first = next((c for c in choices if c.get("index", 0) == 0), None)
+        if first is None:
+            text = ""
+        elif chat:
+            text = (first.get("delta") or {}).get("content") or ""  # the role-only and last chunks have none
+        else:
+            text = first.get("text") or ""
         usage = chunk.get("usage")
     except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
-        raise FatalModelError(f"malformed completions chunk: {exc!r}") from exc
+        raise FatalModelError(f"malformed {'chat ' if chat else ''}completions chunk: {exc!r}") from exc
     if not isinstance(text, str):
         raise FatalModelError("streamed completion text is not a string")
     return text, usage if isinstance(usage, dict) else None

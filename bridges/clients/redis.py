@@ -8,6 +8,8 @@ Keys and channels all start with ``{namespace}:``:
   earlier rank (queued, dispatched, running): with ``v`` they rebuild the event history an SSE
   resume replays, for a few dozen bytes per state; it goes with the rest of the entry.
 - ``{ns}:cancel:{request_id}`` set for 24 h once a request is cancelled.
+- ``{ns}:cancel-batch:{batch_id}`` set for 24 h (a batch's completion window) once a Batch API
+  batch is cancelled: the ML workers start none of its lines any more and stop those running.
 - ``{ns}:events:{request_id}`` pub/sub channel carrying the document JSON on every status change,
   and a streamed generation's deltas as ``{"request_id", "output": {"delta", "offset"}}``
   (``workers/streaming.py``; offsets count characters of the text so far).
@@ -37,6 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inferstream.errors import InferstreamError
+from inferstream.ids import is_batch_id
 from inferstream.settings import Settings
 from schemas.documents import doc_at, step_of
 from schemas.records import STATUS_RANK
@@ -132,6 +135,9 @@ class RedisClient(Service):
 
     def cancel_key(self, request_id: str) -> str:
         return f"{self.prefix}cancel:{request_id}"
+
+    def batch_cancel_key(self, batch_id: str) -> str:
+        return f"{self.prefix}cancel-batch:{batch_id}"
 
     def channel(self, request_id: str) -> str:
         return f"{self.prefix}events:{request_id}"
@@ -229,11 +235,31 @@ class RedisClient(Service):
         with _guard("mark_cancelled"):
             await redis.set(self.cancel_key(request_id), b"1", ex=CANCEL_TTL_S)
 
+    async def mark_batch_cancelled(self, batch_id: str) -> None:
+        """Mark a batch cancelled: ML workers answer its lines ``cancelled`` instead of starting them."""
+        redis = await self._client()
+        with _guard("mark_batch_cancelled"):
+            await redis.set(self.batch_cancel_key(batch_id), b"1", ex=CANCEL_TTL_S)
+
     async def cancelled(self, ids: Sequence[str]) -> set[str]:
-        """The subset of ``ids`` that were cancelled, in one round trip."""
+        """The subset of ``ids`` that were cancelled, in one round trip (one ``MGET``).
+
+        ``ids`` may mix request ids and batch ids (``batch_...``, :func:`inferstream.ids.is_batch_id`):
+        the ML worker asks about a Batch API line and its batch together.
+        """
         if not ids:
             return set()
+        keys = [self.batch_cancel_key(i) if is_batch_id(i) else self.cancel_key(i) for i in ids]
         redis = await self._client()
         with _guard("cancelled"):
-            flags = await redis.mget([self.cancel_key(i) for i in ids])
+            flags = await redis.mget(keys)
         return {i for i, flag in zip(ids, flags, strict=True) if flag is not None}
+
+    async def batch_cancelled(self, batch_ids: Sequence[str]) -> set[str]:
+        """The subset of ``batch_ids`` marked cancelled, in one round trip."""
+        if not batch_ids:
+            return set()
+        redis = await self._client()
+        with _guard("batch_cancelled"):
+            flags = await redis.mget([self.batch_cancel_key(i) for i in batch_ids])
+        return {i for i, flag in zip(batch_ids, flags, strict=True) if flag is not None}
