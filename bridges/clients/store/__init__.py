@@ -1,4 +1,4 @@
-"""PostgreSQL, the system of record: keys and plans, requests, dead letters and webhooks over one pool."""
+"""PostgreSQL, the system of record: keys and plans, requests, dead letters, webhooks, files and batches over one pool."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ from typing import Any
 import asyncpg
 from mode import Service
 
+from bridges.clients.store.batches import Batches
 from bridges.clients.store.dead_letters import DeadLetters
+from bridges.clients.store.files import Files
 from bridges.clients.store.keys import Keys
 from bridges.clients.store.pool import Pool
 from bridges.clients.store.requests import Requests
 from bridges.clients.store.webhooks import Webhooks
 from inferstream.settings import Settings
 
-__all__ = ["DeadLetters", "Keys", "Pool", "Requests", "Store", "Webhooks"]
+__all__ = ["Batches", "DeadLetters", "Files", "Keys", "Pool", "Requests", "Store", "Webhooks"]
 
 
 class Store(Service):
@@ -35,6 +37,8 @@ class Store(Service):
         self.requests = Requests(self.pool)
         self.dead_letters = DeadLetters(self.pool)
         self.webhooks = Webhooks(self.pool)
+        self.files = Files(self.pool)
+        self.batches = Batches(self.pool)
 
     async def connect(self) -> asyncpg.Pool:
         return await self.pool.connect()

@@ -33,7 +33,7 @@ _DISPATCHED = STATUS_RANK["dispatched"]
 FILL_FIELDS: tuple[str, ...] = (
     "task", "model", "priority", "estimated_tokens", "created_at", "quota_day",
     "input", "params", "metadata", "deadline_at", "callback_url", "dispatched_at", "started_at",
-    "webhook_events",
+    "webhook_events", "batch_id", "batch_line",
 )  # fmt: skip
 # Only the event that moves the status forward may set these.
 ADVANCE_FIELDS: tuple[str, ...] = (
@@ -49,6 +49,8 @@ TIMESTAMPS: frozenset[str] = frozenset(
     {"created_at", "updated_at", "dispatched_at", "started_at", "completed_at", "deadline_at"}
 )
 RETURNED_COLUMNS: tuple[str, ...] = (*REQUEST_COLUMNS, "webhook_state")
+# Written, not returned: a batch line's batch and 0-based line (InferenceRequest; ResultEvent has batch_id).
+UPSERT_COLUMNS: tuple[str, ...] = (*RETURNED_COLUMNS, "batch_id", "batch_line")
 
 
 def wants_event(webhook_events: Any, event: str) -> bool:
@@ -88,6 +90,8 @@ def row_of(item: Event) -> Row | None:
             "quota_day": item.quota_day,
             "history": [{"status": "queued", "at": item.created_at}],
             "webhook_events": item.webhook_events,
+            "batch_id": item.batch_id,
+            "batch_line": item.batch_line,  # 0 is a line, not "unknown": never _blank
         }
     rank = STATUS_RANK.get(item.status)
     if rank is None:
@@ -116,6 +120,7 @@ def row_of(item: Event) -> Row | None:
         "history": _event_history(item),
         "backend": item.backend,
         "webhook_events": item.webhook_events,
+        "batch_id": item.batch_id,
     }
 
 
@@ -214,9 +219,11 @@ def _recordset_types() -> str:
         "status_rank": "smallint", "estimated_tokens": "integer", "attempts": "integer",
         "input": "jsonb", "params": "jsonb", "metadata": "jsonb", "result": "jsonb",
         "error": "jsonb", "usage": "jsonb", "history": "jsonb", "webhook_events": "jsonb",
+        "batch_line": "integer",
     }  # fmt: skip
-    cols = [*REQUEST_COLUMNS, "webhook_state"]
-    return ", ".join(f"{c} {'float8' if c in TIMESTAMPS else types.get(c, 'text')}" for c in cols)
+    return ", ".join(
+        f"{c} {'float8' if c in TIMESTAMPS else types.get(c, 'text')}" for c in UPSERT_COLUMNS
+    )
 
 
 _DEFAULTS = {"attempts": "0", "history": "'[]'::jsonb"}
@@ -271,7 +278,7 @@ def _where_clause() -> str:
 
 
 def _build_upsert_sql(report_current: bool) -> str:
-    cols = [*REQUEST_COLUMNS, "webhook_state"]
+    cols = UPSERT_COLUMNS
     # prev_rank: the row's rank before this statement (NULL for a new row), for passed_through.
     returned = ", ".join([*(f"up.{c}" for c in RETURNED_COLUMNS), "old.status_rank AS prev_rank"])
     # After a write whose outcome is unknown (the connection died around the commit), rows
