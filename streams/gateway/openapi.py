@@ -341,8 +341,8 @@ ROUTES: tuple[Route, ...] = (
         {
             200: Answer("Created; its lines are being written to the pipeline", BatchObject),
             400: Answer(
-                "Invalid body, or lines that do not fit the endpoint (`errors`: 1-based line and problem; "
-                "nothing charged)",
+                "Invalid body, an input file not of purpose batch or empty, or lines that do not fit the endpoint "
+                "(`errors`: 1-based line and problem; nothing charged)",
                 LineErrorBody,
             ),
             401: _UNAUTHORIZED,
