@@ -50,7 +50,9 @@ from streams.agents.settle import register_settle
 from streams.agents.sink import register_sinks
 from streams.agents.watchdog import register_watchdog
 from streams.application import InferstreamApp, build_app
+from streams.batches import BatchRunner, BatchService
 from streams.delivery import PENDING_SWEEP_S, Delivery, OutputWebhooks, attempt_recorder
+from streams.gateway.batches import register_batches
 from streams.gateway.context import Gateway
 from streams.gateway.dashboard import register_worker_dashboard
 from streams.gateway.ops import ReadinessCheck, register_ops
@@ -60,6 +62,7 @@ from streams.keysync import KeySync
 from streams.observe import Observer
 from streams.topics import Topics, define_topics, send_and_wait
 from streams.topology import install_topology
+from tables.batches import BatchBook
 from tables.definitions import define_tables
 from tables.idempotency import IdempotencyBook
 from tables.keys import KeyCache
@@ -142,7 +145,9 @@ def build_pipeline(settings: Settings) -> InferstreamApp:
         # stops, and could become the group's leader. Without Kafka it starts only
         # the web server (ops routes) and the services, and never waits for tables.
         app.boot_strategy = app.BootStrategy(app, enable_kafka=False)
-        parts += register_worker_dashboard(app, settings, store)  # /dashboard here too, with keys of its own
+        parts += register_worker_dashboard(
+            app, settings, store
+        )  # /dashboard here too, with keys of its own
     ml_worker: MLWorker | None = None
     if settings.has_ml:
         ml_worker = MLWorker(settings, rabbit, routes, redis.cancelled)
@@ -186,16 +191,35 @@ def _pipeline_role(
         redis=redis,
         hub=hub,
         admission=AdmissionService(
-            settings, keys=keys, router=router, quota=quota, idempotency=idempotency, topics=topics, redis=redis,
+            settings,
+            keys=keys,
+            router=router,
+            quota=quota,
+            idempotency=idempotency,
+            topics=topics,
+            redis=redis,
             routes=routes,
         ),
     )
     register_gateway(app, gateway)
+    # The Batch API: files on any worker; batches charged, written and finalized on the user's owner.
+    book = BatchBook(tables.batches)
+    runner = BatchRunner(
+        settings, app=app, book=book, quota=quota, quota_table=tables.quota, router=router, files=store.files,
+        batches=store.batches, topics=topics, redis=redis, routes=routes,
+    )  # fmt: skip
+    batches = BatchService(
+        settings, router=router, quota=quota, book=book, files=store.files, batches=store.batches, redis=redis,
+        routes=routes, runner=runner,
+    )  # fmt: skip
+    register_batches(app, gateway, batches)
     quirks.install(app, [settings.requests_topic, settings.results_topic])
     delivery = Delivery(redis, webhooks, store.webhooks)
     dispatched = DispatchedEvents(topics, settings.dispatched_after_ms)
-    register_forward(app, settings, topics, rabbit, quota, dispatched)
-    register_settle(app, settings, topics, quota, dispatched)
+    register_forward(
+        app, settings, topics, rabbit, quota, dispatched, batch_cancelled=book.is_cancelled
+    )
+    register_settle(app, settings, topics, quota, dispatched, on_terminal=book.on_terminal)
     register_sinks(app, settings, topics, ResultSink(settings, store.requests, delivery.on_applied))
     register_watchdog(app, settings, store.requests, rabbit, topics)
     register_orphan_sweep(app, settings, tables.quota, quota)
@@ -203,12 +227,15 @@ def _pipeline_role(
 
     async def produce_results(pairs: list[tuple[bytes, bytes]]) -> None:
         # Bodies pass through as they are: the ML worker already wrote ResultEvent JSON.
-        await send_and_wait(topics.results, ((k.decode(), v) for k, v in pairs), value_serializer="raw")
+        await send_and_wait(
+            topics.results, ((k.decode(), v) for k, v in pairs), value_serializer="raw"
+        )
 
     services: list[ServiceT] = [
         key_sync,
         hub,
         router,
+        runner,
         ResultsBridge(settings, rabbit, produce_results),
         DeadLetterRecorder(settings, rabbit, store.dead_letters),
         Observer(app, settings, rabbit),

@@ -18,9 +18,12 @@ class StateTables:
     quota: AckedTable
     reservations: AckedTable
     idempotency: AckedTable
+    batches: AckedTable
 
 
-def _acked_table(app: faust.App, name: str, cls: type[AckedTable] = AckedTable, **kwargs: Any) -> AckedTable:
+def _acked_table(
+    app: faust.App, name: str, cls: type[AckedTable] = AckedTable, **kwargs: Any
+) -> AckedTable:
     # What ``app.Table`` does, with our class.
     table = cls(app, name=name, beacon=app.tables.beacon, **kwargs)
     app.tables.add(table)
@@ -61,4 +64,16 @@ def define_tables(app: faust.App, settings: Settings) -> StateTables:
         use_partitioner=True,
         help="user_id -> {Idempotency-Key: first answer} (tables.idempotency)",
     )
-    return StateTables(quota=quota, reservations=reservations, idempotency=idempotency)
+    batches = _acked_table(
+        app,
+        "batches",
+        ReservationTable,
+        default=None,
+        key_type=str,
+        partitions=settings.partitions,
+        use_partitioner=True,  # ReservationTable picks the partition of the key's user
+        help="batch_id/user_id -> live state and progress of an OpenAI-style batch (tables.batches)",
+    )
+    return StateTables(
+        quota=quota, reservations=reservations, idempotency=idempotency, batches=batches
+    )
