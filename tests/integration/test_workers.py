@@ -621,3 +621,112 @@ async def test_a_routes_reload_serves_new_work_on_the_new_backends_while_work_in
             channel = await h.rabbit.connect()
             for name in extra_queues:
                 await channel.queue_delete(name)
+
+
+# ---- The Batch API's part in the ML worker: chat lines and batch cancellation ----------------------
+
+CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a queue?"}]
+
+
+async def test_a_generation_with_messages_is_a_chat_completion(admin: Admin, harness_factory: Any) -> None:
+    from modelserver.generator import complete_chat
+
+    h = await harness_factory(f"{admin.url}/v1")
+    await h.worker()
+    await admin.faults(fail_next=1, error_status=503)  # retried as a completion is
+    rendered = [f"{m['role']}: {m['content']}" for m in CHAT]
+    chat = make_req(input=rendered, params={"messages": CHAT, "max_tokens": 7})
+    plain = make_req(input=rendered, params={"max_tokens": 7})
+    await h.rabbit.publish_requests([chat, plain])
+    done = await h.results.wait_terminal([chat.request_id, plain.request_id])
+    expected = complete_chat([(m["role"], m["content"]) for m in CHAT], 7)
+    event = done[chat.request_id]
+    assert event.status == "completed" and event.result == {"text": expected.text}, event
+    assert event.usage == {
+        "prompt_tokens": expected.prompt_tokens,
+        "completion_tokens": expected.completion_tokens,
+        "total_tokens": expected.total_tokens,
+    }
+    assert done[plain.request_id].status == "completed"
+    # The reference server renders a chat as the input's lines, so only the usage tells the calls apart:
+    # a completion counts the roles in its prompt, a chat only the contents.
+    assert (done[plain.request_id].usage or {})["prompt_tokens"] > expected.prompt_tokens
+    stats = await admin.stats()
+    assert stats["generate_calls"] == 3 and stats["generate_failures"] == 1
+    assert sum(e.attempts for e in done.values()) == 3
+
+
+@pytest.fixture
+async def redis_of() -> AsyncIterator[Callable[[Settings], Any]]:
+    """A RedisClient on a harness's namespace; its keys are deleted afterwards."""
+    import redis.asyncio as aioredis
+
+    from bridges.clients.redis import RedisClient
+
+    made: list[RedisClient] = []
+
+    def make(settings: Settings) -> RedisClient:
+        client = RedisClient(settings)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()
+        raw = aioredis.Redis.from_url(client.settings.redis_url)
+        try:
+            keys = [k async for k in raw.scan_iter(match=f"{client.prefix}*")]
+            if keys:
+                await raw.delete(*keys)
+        finally:
+            await raw.aclose()
+
+
+async def test_the_lines_of_a_cancelled_batch_are_not_started_and_running_ones_stop(
+    admin: Admin, harness_factory: Any, redis_of: Callable[[Settings], Any]
+) -> None:
+    import redis.asyncio as aioredis
+
+    from inferstream.ids import new_batch_id
+
+    h = await harness_factory(f"{admin.url}/v1")
+    redis = redis_of(h.settings)
+    cancelled_batch, live_batch, later_batch = new_batch_id(), new_batch_id(), new_batch_id()
+    await redis.mark_batch_cancelled(cancelled_batch)
+    raw = aioredis.Redis.from_url(h.settings.redis_url)
+    try:
+        ttl = await raw.ttl(redis.batch_cancel_key(cancelled_batch))
+    finally:
+        await raw.aclose()
+    assert 86_000 < ttl <= 86_400
+    assert await redis.batch_cancelled([cancelled_batch, live_batch]) == {cancelled_batch}
+    alone = make_req()
+    await redis.mark_cancelled(alone.request_id)
+    # One MGET answers request ids and batch ids together.
+    assert await redis.cancelled([alone.request_id, cancelled_batch, live_batch, "req_other"]) == {
+        alone.request_id, cancelled_batch,
+    }  # fmt: skip
+
+    lines = [make_req(batch_id=cancelled_batch, batch_line=i, params={"max_tokens": 4}) for i in range(3)]
+    live = make_req(batch_id=live_batch, batch_line=0, params={"max_tokens": 4})
+    await h.rabbit.publish_requests([*lines, live, alone])
+    worker = await h.worker(redis.cancelled)
+    done = await h.results.wait_terminal([r.request_id for r in [*lines, live, alone]])
+    assert [done[r.request_id].status for r in lines] == ["cancelled"] * 3
+    assert all(done[r.request_id].attempts == 0 and done[r.request_id].batch_id == cancelled_batch for r in lines)
+    assert done[alone.request_id].status == "cancelled"
+    assert done[live.request_id].status == "completed" and done[live.request_id].batch_id == live_batch
+    assert (await admin.stats())["generate_calls"] == 1
+    assert not [e for e in h.results.events if e.status == "running" and e.request_id != live.request_id]
+
+    # A line already running when its batch is cancelled is stopped like a cancelled request.
+    await admin.faults(latency_ms=10_000)
+    running = make_req(batch_id=later_batch, batch_line=0)
+    await h.rabbit.publish_requests([running])
+    await wait_for(lambda: _stats_at_least(admin, 2), timeout=20, what="the line's model call")
+    started = time.monotonic()
+    await redis.mark_batch_cancelled(later_batch)
+    event = (await h.results.wait_terminal([running.request_id]))[running.request_id]
+    assert event.status == "cancelled" and event.attempts == 1 and event.batch_id == later_batch
+    assert time.monotonic() - started < 3  # aborted, not waited out
+    assert worker.health()["in_flight"] == 0
