@@ -362,11 +362,8 @@ class BatchRunner(Service):
 
     async def mark_cancelled(self, batch_id: str) -> None:
         """The Redis mark ML workers check before starting a line (tried again by each tick until set)."""
-        mark = getattr(self.redis, "mark_batch_cancelled", None)
-        if mark is None:
-            return
         try:
-            await mark(batch_id)
+            await self.redis.mark_batch_cancelled(batch_id)
         except CacheUnavailable as exc:
             log.warning("cancel mark of batch %s not set yet: %r", batch_id, exc)
             return
