@@ -7,15 +7,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from unittest.mock import patch
 
+import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from bridges.clients.store import Store
+from inferstream.errors import Unauthorized
 from inferstream.ids import batch_line_id, new_batch_id, new_file_id
 from inferstream.settings import Settings
 from schemas.migrate import migrate
+from schemas.plans import DEFAULT_PLAN
 from schemas.records import InferenceRequest, ResultEvent
+from streams.gateway.files import FileViews
+from streams.gateway.http import guarded
+from tables.keys import Principal
 
 pytestmark = pytest.mark.integration
 DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -307,3 +316,328 @@ async def test_one_statement_collapses_a_lines_request_and_result(store: Store) 
         json.loads(json.dumps(await store.batches.line_rows(batch_id), default=str))[0]["status"]
         == "completed"
     )
+
+
+# ---- the /v1/files views over a real aiohttp server -----------------------------------------
+
+KEYS = {"key-alice": "alice-v", "key-bob": "bob-v"}
+MAX_BYTES = 64 * 1024
+MAX_LINES = 50
+
+
+async def authenticate(key: str | None) -> Principal:
+    """The views' authentication seam (KeyCache.authenticate in the pipeline; tested with it there)."""
+    if not key:
+        raise Unauthorized("missing API key")
+    if key not in KEYS:
+        raise Unauthorized("invalid or revoked API key")
+    return Principal(user_id=KEYS[key], plan=DEFAULT_PLAN)
+
+
+def jsonl(n: int, start: int = 0, url: str = "/v1/embeddings") -> bytes:
+    return b"".join(
+        json.dumps(
+            {"custom_id": f"line-{i}", "method": "POST", "url": url, "body": {"input": f"text {i}"}}
+        ).encode()
+        + b"\n"
+        for i in range(start, start + n)
+    )
+
+
+class Api:
+    def __init__(self, session: aiohttp.ClientSession, base: str, views: FileViews) -> None:
+        self.session, self.base, self.views = session, base, views
+
+    async def upload(
+        self,
+        content: bytes,
+        *,
+        key: str | None = "key-alice",
+        purpose: str | None = "batch",
+        filename: str = "in.jsonl",
+        purpose_last: bool = False,
+    ) -> tuple[int, Any]:
+        form = aiohttp.FormData()
+        if purpose is not None and not purpose_last:
+            form.add_field("purpose", purpose)
+        form.add_field("file", content, filename=filename, content_type="application/jsonl")
+        if purpose is not None and purpose_last:
+            form.add_field("purpose", purpose)
+        async with self.session.post(
+            f"{self.base}/v1/files", data=form, headers=self.auth(key)
+        ) as r:
+            body = await r.json()
+        await self.views.settle()
+        return r.status, body
+
+    async def call(self, method: str, path: str, key: str | None = "key-alice") -> tuple[int, Any]:
+        async with self.session.request(method, f"{self.base}{path}", headers=self.auth(key)) as r:
+            return r.status, await r.json()
+
+    async def content(self, file_id: str, key: str = "key-alice") -> tuple[int, bytes, str]:
+        async with self.session.get(
+            f"{self.base}/v1/files/{file_id}/content", headers=self.auth(key)
+        ) as r:
+            return r.status, await r.read(), r.content_type
+
+    @staticmethod
+    def auth(key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def serve(store: Store, max_bytes: int, max_lines: int) -> AsyncIterator[Api]:
+    views = FileViews(store.files, authenticate, max_bytes=max_bytes, max_lines=max_lines)
+    web_app = web.Application()  # aiohttp's default client_max_size (1 MiB), as Faust's web server
+    views.add_routes(web_app, guarded)
+    async with TestServer(web_app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+        yield Api(session, str(server.make_url("")).rstrip("/"), views)
+
+
+@pytest.fixture
+async def api(store: Store) -> AsyncIterator[Api]:
+    async for a in serve(store, MAX_BYTES, MAX_LINES):
+        yield a
+
+
+async def stored_files(store: Store) -> int:
+    row = await store.pool.read_one("SELECT count(*) AS n FROM files")
+    assert row is not None
+    return int(row["n"])
+
+
+async def test_upload_get_content_list_and_delete(api: Api, store: Store) -> None:
+    content = jsonl(3)
+    status, obj = await api.upload(content)
+    assert status == 200, obj
+    assert set(obj) == {
+        "id",
+        "object",
+        "bytes",
+        "created_at",
+        "filename",
+        "purpose",
+        "status",
+        "status_details",
+    }
+    assert (obj["object"], obj["bytes"], obj["filename"], obj["purpose"], obj["status"]) == (
+        "file",
+        len(content),
+        "in.jsonl",
+        "batch",
+        "processed",
+    )
+    assert abs(obj["created_at"] - time.time()) < 60
+    assert await api.call("GET", f"/v1/files/{obj['id']}") == (200, obj)
+    assert await api.content(obj["id"]) == (200, content, "application/jsonl")
+    status, listed = await api.call("GET", "/v1/files")
+    assert status == 200 and listed["object"] == "list" and obj in listed["data"]
+    assert await api.call("DELETE", f"/v1/files/{obj['id']}") == (
+        200,
+        {"id": obj["id"], "object": "file", "deleted": True},
+    )
+    assert (await api.call("GET", f"/v1/files/{obj['id']}"))[0] == 404
+    assert (await api.call("DELETE", f"/v1/files/{obj['id']}"))[0] == 404
+
+
+async def test_a_file_several_parts_long_round_trips_byte_identical(store: Store) -> None:
+    content = jsonl(40_000)  # ~3.6 MB over reads of 256 KiB: lines span reads
+    async for api in serve(store, 8 * 1024 * 1024, 50_000):
+        with patch("streams.gateway.files.PART_BYTES", 1024 * 1024):
+            status, obj = await api.upload(content, filename="big.jsonl")
+        assert status == 200, obj
+        parts = await store.pool.read(
+            "SELECT count(*) AS n FROM file_parts WHERE file_id = $1", obj["id"]
+        )
+        assert parts[0]["n"] == -(-len(content) // (1024 * 1024))
+        status, back, _ = await api.content(obj["id"])
+        assert status == 200 and back == content
+
+
+async def test_crlf_lines_and_no_final_newline_are_accepted(api: Api) -> None:
+    content = jsonl(2).replace(b"\n", b"\r\n").rstrip(b"\r\n")
+    status, obj = await api.upload(content, filename="data.txt")
+    assert status == 200, obj
+    assert await api.content(obj["id"]) == (200, content, "application/octet-stream")
+
+
+async def test_owner_isolation(api: Api) -> None:
+    _, obj = await api.upload(jsonl(1))
+    for method, path in (("GET", ""), ("GET", "/content"), ("DELETE", "")):
+        status, body = (
+            await api.call(method, f"/v1/files/{obj['id']}{path}", key="key-bob")
+            if path != "/content"
+            else (await api.content(obj["id"], key="key-bob"))[:2]
+        )
+        assert status == 404, (method, path, body)
+    status, listed = await api.call("GET", "/v1/files", key="key-bob")
+    assert status == 200 and obj["id"] not in [f["id"] for f in listed["data"]]
+    assert (await api.call("GET", f"/v1/files/{obj['id']}"))[0] == 200
+
+
+async def test_list_pages_and_filters(store: Store) -> None:
+    KEYS["key-carol"] = f"carol-{uuid.uuid4().hex[:6]}"
+    async for api in serve(store, MAX_BYTES, MAX_LINES):
+        ids = [(await api.upload(jsonl(1), key="key-carol"))[1]["id"] for _ in range(3)]
+        status, page = await api.call("GET", "/v1/files?limit=2", key="key-carol")
+        assert status == 200
+        assert [f["id"] for f in page["data"]] == ids[:0:-1] and page["has_more"] is True
+        assert (page["first_id"], page["last_id"]) == (ids[2], ids[1])
+        _, rest = await api.call(
+            "GET", f"/v1/files?limit=2&after={page['last_id']}", key="key-carol"
+        )
+        assert [f["id"] for f in rest["data"]] == [ids[0]] and rest["has_more"] is False
+        _, outputs = await api.call("GET", "/v1/files?purpose=batch_output", key="key-carol")
+        assert outputs["data"] == []
+        assert (await api.call("GET", "/v1/files?purpose=fine-tune", key="key-carol"))[0] == 400
+        assert (await api.call("GET", "/v1/files?after=nope", key="key-carol"))[0] == 400
+
+
+async def test_too_large_is_413_json_and_keeps_nothing(api: Api, store: Store) -> None:
+    before = await stored_files(store)
+    status, body = await api.upload(jsonl(1000))  # ~90 KB > 64 KiB
+    assert status == 413 and body["error"]["type"] == "payload_too_large", body
+    status, body = await api.upload(jsonl(3000))  # refused on its Content-Length alone
+    assert status == 413 and body["error"]["limit"] == MAX_BYTES, body
+    assert await stored_files(store) == before
+
+
+async def test_too_large_while_streaming_without_a_content_length(api: Api, store: Store) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(10):
+            yield jsonl(100, start=i * 100)
+
+    before = await stored_files(store)
+    with aiohttp.MultipartWriter("form-data") as writer:
+        writer.append("batch").set_content_disposition("form-data", name="purpose")
+        part = writer.append(chunks(), {"Content-Type": "application/jsonl"})
+        part.set_content_disposition("form-data", name="file", filename="in.jsonl")
+        async with api.session.post(
+            f"{api.base}/v1/files", data=writer, headers=api.auth("key-alice")
+        ) as r:
+            assert r.status == 413 and (await r.json())["error"]["type"] == "payload_too_large"
+    await api.views.settle()
+    assert await stored_files(store) == before
+
+
+async def test_bad_lines_are_400_with_their_numbers_and_nothing_is_kept(
+    api: Api, store: Store
+) -> None:
+    lines = jsonl(4).splitlines()
+    lines[1] = b"not json"
+    lines[3] = json.dumps(
+        {"custom_id": "line-0", "method": "POST", "url": "/v1/embeddings", "body": {}}
+    ).encode()
+    lines.append(
+        json.dumps(
+            {"custom_id": "x", "method": "GET", "url": "/v1/embeddings", "body": {}}
+        ).encode()
+    )
+    before = await stored_files(store)
+    status, body = await api.upload(b"\n".join(lines) + b"\n")
+    assert status == 400 and body["error"]["type"] == "invalid_request"
+    assert [e["line"] for e in body["error"]["errors"]] == [2, 4, 5]
+    assert "3 invalid lines" in body["error"]["message"]
+    assert "not unique" in body["error"]["errors"][1]["message"]
+    assert await stored_files(store) == before
+
+
+async def test_too_many_lines_is_400(api: Api, store: Store) -> None:
+    before = await stored_files(store)
+    status, body = await api.upload(jsonl(MAX_LINES + 1))
+    assert status == 400 and str(MAX_LINES) in body["error"]["message"], body
+    assert await stored_files(store) == before
+
+
+@pytest.mark.parametrize(
+    ("purpose", "last"),
+    [("fine-tune", False), ("fine-tune", True), ("batch_output", False), (None, False)],
+)
+async def test_wrong_or_missing_purpose_is_400_and_keeps_nothing(
+    api: Api, store: Store, purpose: str | None, last: bool
+) -> None:
+    before = await stored_files(store)
+    status, body = await api.upload(jsonl(2), purpose=purpose, purpose_last=last)
+    assert status == 400 and body["error"]["field"] == "purpose", body
+    assert await stored_files(store) == before
+
+
+async def test_purpose_after_the_file_is_accepted(api: Api) -> None:
+    status, obj = await api.upload(jsonl(2), purpose_last=True)
+    assert status == 200 and obj["purpose"] == "batch"
+
+
+async def test_empty_file_missing_file_and_long_filename_are_400(api: Api) -> None:
+    assert (await api.upload(b""))[0] == 400
+    assert (await api.upload(jsonl(1), filename="x" * 256 + ".jsonl"))[0] == 400
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("purpose", "batch")
+    form.add_field("other", "x")
+    async with api.session.post(
+        f"{api.base}/v1/files", data=form, headers=api.auth("key-alice")
+    ) as r:
+        assert r.status == 400 and (await r.json())["error"]["field"] == "file"
+    async with api.session.post(
+        f"{api.base}/v1/files", json={"purpose": "batch"}, headers=api.auth("key-alice")
+    ) as r:
+        assert r.status == 400 and "multipart" in (await r.json())["error"]["message"]
+
+
+async def test_missing_or_bad_key_is_401(api: Api) -> None:
+    assert (await api.upload(jsonl(1), key=None))[0] == 401
+    assert (await api.call("GET", "/v1/files", key=None))[0] == 401
+    assert (await api.call("GET", "/v1/files", key="key-mallory"))[0] == 401
+    assert (await api.call("GET", f"/v1/files/{new_file_id()}", key=None))[0] == 401
+
+
+async def test_an_unknown_or_malformed_id_is_404(api: Api) -> None:
+    assert (await api.call("GET", f"/v1/files/{new_file_id()}"))[0] == 404
+    assert (await api.call("GET", "/v1/files/not-an-id"))[0] == 404
+    assert (await api.content(new_file_id()))[0] == 404
+
+
+async def test_deleting_the_input_of_a_running_batch_hides_it_and_keeps_its_bytes(
+    api: Api, store: Store
+) -> None:
+    _, obj = await api.upload(jsonl(2))
+    await store.batches.insert(batch_doc("alice-v", obj["id"]))
+    assert (await api.call("DELETE", f"/v1/files/{obj['id']}"))[0] == 200
+    assert (await api.call("GET", f"/v1/files/{obj['id']}"))[0] == 404
+    assert await store.files.read_all(obj["id"]) == jsonl(2)
+
+
+async def test_the_default_limit_takes_100_mb_and_refuses_one_byte_more(store: Store) -> None:
+    """Faust's web server is aiohttp with its default client_max_size (1 MiB): the streamed reader is not
+    bound by it, so the 100 MB limit is ours, answered as JSON."""
+    limit = Settings().file_max_bytes
+    lines, width = 40_960, 2560  # 100 MiB exactly, within batch_max_lines
+
+    def line(i: int) -> bytes:
+        empty = json.dumps(
+            {
+                "custom_id": f"c-{i:05d}",
+                "method": "POST",
+                "url": "/v1/embeddings",
+                "body": {"input": ""},
+            }
+        )
+        return (
+            json.dumps(
+                {
+                    "custom_id": f"c-{i:05d}",
+                    "method": "POST",
+                    "url": "/v1/embeddings",
+                    "body": {"input": "x" * (width - 1 - len(empty))},
+                }
+            ).encode()
+            + b"\n"
+        )
+
+    body = b"".join(line(i) for i in range(lines))
+    assert len(body) == limit
+    async for api in serve(store, limit, Settings().batch_max_lines):
+        status, obj = await api.upload(body)
+        assert status == 200 and obj["bytes"] == limit, obj
+        status, back, _ = await api.content(obj["id"])
+        assert status == 200 and back == body
+        status, err = await api.upload(body + b" ")
+        assert status == 413 and err["error"]["type"] == "payload_too_large"
