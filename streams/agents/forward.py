@@ -14,14 +14,22 @@ is published, so a result can only settle a reservation the broker holds), and
 an admission still pending when its request is in the log is no orphan
 (:mod:`streams.agents.orphans`). The offsets wait for those writes' acks too, so
 a crash replays a confirmation (idempotent) but never loses one.
+
+The agent reads ahead (:class:`ReadAhead`): while one batch waits for those acks and
+confirms, the next one gathers, and starts as soon as the first is done. Faust's
+``take_events`` stops reading while its batch is processed, so under load each
+batch held only what arrived in the ``within`` window after the previous one (a
+few requests, each batch paying the same confirm round trips): the agent fell
+behind admission by seconds, and every user's request waited in the log behind
+a burst (docs/fairshare.md, "Why the forward agent fell behind").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from typing import cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar, cast
 
 import faust
 from faust.types import EventT
@@ -40,6 +48,79 @@ from tables.quota import Logged
 from tables.quota_book import QuotaBook
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ReadAhead(Generic[T]):
+    """Batches of at most ``max_size`` items, processed one at a time, in order; the next batch
+    gathers while one is processed.
+
+    After an idle spell the first batch waits up to ``within_s`` for more (or until full), as
+    ``take_events`` does; a batch that gathered while another was processed starts as soon as that
+    one is done. ``add`` waits while a full batch waits (back-pressure to the caller). If
+    ``process`` raises, the error is raised by the next ``add`` (and nothing is processed after it).
+    """
+
+    def __init__(
+        self, process: Callable[[list[T]], Awaitable[None]], max_size: int, within_s: float
+    ) -> None:
+        self._process = process
+        self.max_size = max(1, max_size)
+        self.within_s = max(0.0, within_s)
+        self._pending: list[T] = []
+        self._task: asyncio.Task[None] | None = None  # processes batches while any are pending
+        self._full = asyncio.Event()  # a whole batch is pending
+        self._room = asyncio.Event()  # pending is below max_size again (or processing failed)
+        self._room.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def add(self, item: T) -> None:
+        self._raise_failed()
+        while len(self._pending) >= self.max_size:
+            self._room.clear()
+            await self._room.wait()
+            self._raise_failed()
+        self._pending.append(item)
+        if len(self._pending) >= self.max_size:
+            self._full.set()
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+            self._task.add_done_callback(lambda _: self._room.set())
+
+    async def _run(self) -> None:
+        if len(self._pending) < self.max_size and self.within_s > 0:
+            try:
+                await asyncio.wait_for(self._full.wait(), self.within_s)
+            except TimeoutError:
+                pass
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_size], self._pending[self.max_size :]
+            self._full.clear()
+            self._room.set()
+            await self._process(batch)
+        self._task = None  # no await since the check above: an add now starts a new run
+
+    def _raise_failed(self) -> None:
+        task = self._task
+        if task is not None and task.done() and not task.cancelled():
+            failed = task.exception()
+            if failed is not None:
+                raise failed
+
+    async def stop(self) -> None:
+        """Cancel the batch in flight (its items are not processed: a stopping agent's offsets stay unacked)."""
+        task, self._task = self._task, None
+        self._pending = []
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
 
 
 async def publish_confirmed(
@@ -143,7 +224,20 @@ def register_forward(
 
     @app.agent(topics.requests, name="forward-requests", concurrency=1)
     async def forward_requests(stream: faust.StreamT[InferenceRequest]) -> None:
-        # take_events (values with their offsets) is on the Stream class, not on StreamT.
-        batches = cast(faust.Stream, stream).take_events(settings.sink_batch_size, within=settings.sink_batch_wait_ms / 1000)
-        async for events in batches:
-            await until_done("forward-requests", lambda: forward(events))  # noqa: B023 - awaited at once
+        # ack and enable_acks are on the Stream class, not on StreamT.
+        events_of = cast(faust.Stream, stream)
+        # Acked here, once the batch is published and confirmed, in log order: Faust commits an
+        # offset only when every event before it is acked, so what is read ahead stays uncommitted.
+        events_of.enable_acks = False
+
+        async def forwarded(events: list[EventT]) -> None:
+            await until_done("forward-requests", lambda: forward(events))
+            for event in events:
+                await events_of.ack(event)
+
+        batches = ReadAhead(forwarded, settings.sink_batch_size, settings.sink_batch_wait_ms / 1000)
+        try:
+            async for event in events_of.events():
+                await batches.add(event)
+        finally:
+            await batches.stop()
