@@ -16,6 +16,8 @@ class Plan:
     tokens_per_day: int
     requests_per_minute: int
     max_priority: Priority = "high"
+    # The priority a Batch API batch's lines run at (migration 0006): below interactive work by default.
+    batch_priority: Priority = "low"
     # Admins see every user's quota use and every dead letter on /dashboard (migration 0004).
     admin: bool = False
     updated_at: float | None = field(default=None, compare=False)
@@ -26,6 +28,11 @@ class Plan:
             PRIORITIES.index(priority) if priority in PRIORITIES else PRIORITIES.index("normal")
         )
         return PRIORITIES[min(wanted, PRIORITIES.index(self.max_priority))]
+
+    def cap_batch_priority(self) -> Priority:
+        """The priority of the plan's batches: ``batch_priority``, capped by ``max_priority`` (the route's
+        own cap still applies on top, as for single requests)."""
+        return self.cap_priority(self.batch_priority)
 
 
 @dataclass(frozen=True)

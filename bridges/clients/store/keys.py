@@ -86,20 +86,22 @@ class Keys(Aggregate):
         requests_per_minute: int,
         max_priority: str = "high",
         admin: bool | None = None,
+        batch_priority: str | None = None,
     ) -> Plan:
-        """Create or change a plan; ``admin`` None keeps the flag a plan has (a new plan: not admin)."""
-        if max_priority not in PRIORITIES:
-            raise InvalidRequest(
-                f"max_priority must be one of {', '.join(PRIORITIES)}, not {max_priority!r}"
-            )
+        """Create or change a plan; ``admin`` and ``batch_priority`` None keep what a plan has (a new
+        plan: not admin, batches at ``low``)."""
+        for label, value in (("max_priority", max_priority), ("batch_priority", batch_priority)):
+            if value is not None and value not in PRIORITIES:
+                raise InvalidRequest(f"{label} must be one of {', '.join(PRIORITIES)}, not {value!r}")
         if min(requests_per_day, tokens_per_day, requests_per_minute) < 0:
             raise InvalidRequest("plan limits must not be negative")
         (row,) = await self.pool.write(
             "WITH p AS (INSERT INTO plans (name, requests_per_day, tokens_per_day, requests_per_minute, max_priority,"
-            " admin) VALUES ($1, $2, $3, $4, $5, coalesce($7, false)) ON CONFLICT (name) DO UPDATE SET"
+            " admin, batch_priority) VALUES ($1, $2, $3, $4, $5, coalesce($7, false), coalesce($8, 'low'))"
+            " ON CONFLICT (name) DO UPDATE SET"
             " requests_per_day = EXCLUDED.requests_per_day, tokens_per_day = EXCLUDED.tokens_per_day,"
             " requests_per_minute = EXCLUDED.requests_per_minute, max_priority = EXCLUDED.max_priority,"
-            " admin = coalesce($7, plans.admin),"
+            " admin = coalesce($7, plans.admin), batch_priority = coalesce($8, plans.batch_priority),"
             " updated_at = now() RETURNING *) SELECT p.*, pg_notify($6, 'plan:' || p.name) FROM p",
             name,
             requests_per_day,
@@ -108,6 +110,7 @@ class Keys(Aggregate):
             max_priority,
             self.channel,
             admin,
+            batch_priority,
         )
         return _plan(row)
 
@@ -123,5 +126,6 @@ def _plan(row: Mapping[str, Any]) -> Plan:
         requests_per_minute=row["requests_per_minute"],
         max_priority=row["max_priority"],
         admin=bool(row.get("admin", False)),
+        batch_priority=row.get("batch_priority") or "low",
         updated_at=row["updated_at"].timestamp(),
     )
