@@ -55,6 +55,7 @@ from streams.delivery import PENDING_SWEEP_S, Delivery, OutputWebhooks, attempt_
 from streams.gateway.batches import register_batches
 from streams.gateway.context import Gateway
 from streams.gateway.dashboard import register_worker_dashboard
+from streams.gateway.files import register_files
 from streams.gateway.ops import ReadinessCheck, register_ops
 from streams.gateway.routing import OwnerRouter
 from streams.gateway.views import register_gateway
@@ -212,6 +213,7 @@ def _pipeline_role(
         settings, router=router, quota=quota, book=book, files=store.files, batches=store.batches, redis=redis,
         routes=routes, runner=runner,
     )  # fmt: skip
+    register_files(app, gateway, store.files)
     register_batches(app, gateway, batches)
     quirks.install(app, [settings.requests_topic, settings.results_topic])
     delivery = Delivery(redis, webhooks, store.webhooks)
