@@ -147,7 +147,7 @@ def _decode_line(raw: bytes) -> _Line | str:
     try:
         line = _line_decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        if str(exc).startswith("Expected `object`"):
+        if _AT.search(str(exc)) is None and str(exc).startswith("Expected `object`"):
             return "not a JSON object"
         return _reason(exc, _LINE_RULES)
     except msgspec.DecodeError as exc:
