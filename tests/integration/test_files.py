@@ -641,3 +641,27 @@ async def test_the_default_limit_takes_100_mb_and_refuses_one_byte_more(store: S
         assert status == 200 and back == body
         status, err = await api.upload(body + b" ")
         assert status == 413 and err["error"]["type"] == "payload_too_large"
+
+
+async def test_the_official_openai_client_uploads_lists_reads_and_deletes(api: Api) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.AsyncOpenAI(api_key="key-alice", base_url=f"{api.base}/v1", max_retries=0)
+    content = jsonl(3)
+    try:
+        created = await client.files.create(file=("in.jsonl", content), purpose="batch")
+        assert (created.object, created.bytes, created.filename, created.purpose) == (
+            "file", len(content), "in.jsonl", "batch"
+        )  # fmt: skip
+        assert (await client.files.retrieve(created.id)).id == created.id
+        assert created.id in [f.id async for f in client.files.list(purpose="batch")]
+        assert (await client.files.content(created.id)).content == content
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.files.create(file=("in.jsonl", b"nope\n"), purpose="batch")
+        assert bad.value.body["errors"] == [
+            {"line": 1, "message": bad.value.body["errors"][0]["message"]}
+        ]
+        assert (await client.files.delete(created.id)).deleted is True
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(created.id)
+    finally:
+        await client.close()
