@@ -38,6 +38,7 @@ PURPOSES = ("batch", "batch_output")
 UPLOAD_PURPOSE = "batch"
 MAX_FILENAME = 255
 READ_CHUNK = 256 * 1024
+FIELD_BYTES = 16 * 1024
 # Multipart framing around the file (boundaries, part headers, the purpose field): a body whose
 # Content-Length passes the limit by more than this cannot hold a file within it.
 FRAMING_SLACK = 64 * 1024
@@ -75,6 +76,7 @@ class _Upload:
         self.max_bytes = max_bytes
         self.max_lines = max_lines
         self.purpose: str | None = None
+        self.field_bytes = 0  # of the fields other than `file`, all together
         self.created = False  # the files row exists: remove it if the upload fails
         self.size = 0
         self.lines = 0
@@ -89,16 +91,27 @@ class _Upload:
             while (part := await reader.next()) is not None:
                 if not isinstance(part, BodyPartReader):
                     raise InvalidRequest("nested multipart bodies are not accepted")
-                if part.name == "purpose":
-                    value = await part.read(decode=True)
-                    self.purpose = value[:64].decode("utf-8", "replace").strip()
-                elif part.name == "file":
+                if part.name == "file":
                     await self._start(user_id, part.filename)
                     await self.read(part)
-                else:
-                    await part.release()
+                    continue
+                value = await self._small_field(part)  # unknown fields are read and ignored
+                if part.name == "purpose":
+                    self.purpose = value.decode("utf-8", "replace").strip()
         except ValueError as exc:  # aiohttp's multipart parser: a broken boundary or part header
             raise InvalidRequest(f"malformed multipart body: {exc}") from None
+
+    async def _small_field(self, part: BodyPartReader) -> bytes:
+        """A field other than ``file``, bounded: they are names, not data."""
+        value = bytearray()
+        while chunk := await part.read_chunk(FIELD_BYTES):
+            value += chunk
+            self.field_bytes += len(chunk)
+            if self.field_bytes > FIELD_BYTES:
+                raise InvalidRequest(
+                    f"the fields beside 'file' hold more than {FIELD_BYTES} bytes", field=part.name
+                )
+        return bytes(value)
 
     async def _start(self, user_id: str, filename: str | None) -> None:
         if self.created:

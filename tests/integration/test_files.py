@@ -582,6 +582,21 @@ async def test_empty_file_missing_file_and_long_filename_are_400(api: Api) -> No
         assert r.status == 400 and "multipart" in (await r.json())["error"]["message"]
 
 
+async def test_fields_beside_the_file_are_bounded(api: Api, store: Store) -> None:
+    before = await stored_files(store)
+    form = aiohttp.FormData()
+    form.add_field("purpose", "batch")
+    form.add_field("file", jsonl(2), filename="in.jsonl")
+    form.add_field("note", "x" * 20_000)
+    async with api.session.post(
+        f"{api.base}/v1/files", data=form, headers=api.auth("key-alice")
+    ) as r:
+        body = await r.json()
+        assert r.status == 400 and body["error"]["field"] == "note", body
+    await api.views.settle()
+    assert await stored_files(store) == before
+
+
 async def test_missing_or_bad_key_is_401(api: Api) -> None:
     assert (await api.upload(jsonl(1), key=None))[0] == 401
     assert (await api.call("GET", "/v1/files", key=None))[0] == 401
