@@ -52,6 +52,16 @@ class FileObject(Struct):
     status_details: str | None = None
 
 
+class FileList(Struct):
+    """``GET /v1/files``: newest first; pass ``last_id`` as ``after`` for the next page."""
+
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: FileId | None
+    last_id: FileId | None
+    has_more: bool
+
+
 class FileDeleted(Struct):
     """``DELETE /v1/files/{id}``."""
 

@@ -17,6 +17,7 @@ from schemas.batch_api import (
     BatchObject,
     BatchQuotaErrorBody,
     FileDeleted,
+    FileList,
     FileObject,
     LineErrorBody,
 )
@@ -56,6 +57,7 @@ class Answer:
     model: type[msgspec.Struct] | None = None
     media: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    also: tuple[str, ...] = ()  # other media types the same answer may come as (same schema)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ _UPLOAD = {
         "purpose": {"type": "string", "enum": ["batch"]},
     },
 }
-FILE_CONTENT_MEDIA = "application/octet-stream"
+
 
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -298,6 +300,35 @@ ROUTES: tuple[Route, ...] = (
         form=_UPLOAD,
     ),
     Route(
+        "/v1/files",
+        "get",
+        "List the caller's files, newest first",
+        {
+            200: Answer("A page", FileList),
+            400: _error("Invalid query"),
+            401: _UNAUTHORIZED,
+            503: _UNAVAILABLE,
+        },
+        parameters=(
+            {
+                "name": "purpose",
+                "in": "query",
+                "schema": {"type": "string", "enum": ["batch", "batch_output"]},
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            },
+            {
+                "name": "after",
+                "in": "query",
+                "description": "The previous page's `last_id`: files older than this one.",
+                "schema": {"type": "string", "pattern": FILE_ID_PATTERN},
+            },
+        ),
+    ),
+    Route(
         "/v1/files/{file_id}",
         "get",
         "One of the caller's files",
@@ -314,7 +345,11 @@ ROUTES: tuple[Route, ...] = (
         "get",
         "The file's bytes (a batch's output and error files: one JSON line per batch line, in line order)",
         {
-            200: Answer("The content", media=FILE_CONTENT_MEDIA),
+            200: Answer(
+                "The content: `application/jsonl` for a file named `*.jsonl` (batch results are)",
+                media="application/jsonl",
+                also=("application/octet-stream",),
+            ),
             401: _UNAUTHORIZED,
             404: _NOT_FOUND,
             503: _UNAVAILABLE,
@@ -464,7 +499,7 @@ def _response(answer: Answer) -> dict[str, Any]:
     schema = {"$ref": _REF.format(name=answer.model.__name__)} if answer.model else {}
     out: dict[str, Any] = {
         "description": answer.description,
-        "content": {answer.media: {"schema": schema}},
+        "content": {media: {"schema": schema} for media in (answer.media, *answer.also)},
     }
     if answer.headers:
         out["headers"] = {

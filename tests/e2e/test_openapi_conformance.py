@@ -127,6 +127,8 @@ def _real_ids(spec_url: str, base_url: str, key: str, ids: dict[str, str]) -> Co
     cases = [
         ("/v1/files/{file_id}", "GET", {"path_parameters": {"file_id": file_id}}),
         ("/v1/files/{file_id}/content", "GET", {"path_parameters": {"file_id": output_id}}),
+        ("/v1/files", "GET", {"query": {"purpose": "batch_output", "limit": 1}}),
+        ("/v1/files", "GET", {"query": {"after": output_id}}),
         ("/v1/batches/{batch_id}", "GET", {"path_parameters": {"batch_id": batch_id}}),
         ("/v1/batches", "GET", {"query": {"limit": 1}}),
         ("/v1/batches", "GET", {"query": {"after": batch_id}}),
@@ -184,6 +186,7 @@ async def test_batch_routes_answer_as_documented_about_real_files_and_batches(
     assert seen == {
         "GET /v1/files/{file_id} 200": 1,
         "GET /v1/files/{file_id}/content 200": 1,
+        "GET /v1/files 200": 2,
         "GET /v1/batches/{batch_id} 200": 1,
         "GET /v1/batches 200": 2,
         "POST /v1/batches/{batch_id}/cancel 409": 1,
