@@ -183,7 +183,7 @@ class BatchService:
 
     def _priority(self, plan: Plan, lines: list[BatchLine]) -> Priority:
         """The plan's batch priority (default low), capped by the plan and by every route the lines use."""
-        priority: str = plan.cap_priority(getattr(plan, "batch_priority", "low"))
+        priority: str = plan.cap_batch_priority()
         for task, model in {(line.task, line.model) for line in lines}:
             route = self.routes.route(task, model)
             if route is not None:

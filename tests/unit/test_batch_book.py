@@ -310,3 +310,45 @@ def test_create_body_metadata_limits() -> None:
         )
     )
     assert req.metadata == ok
+
+
+def test_line_request_is_deterministic_and_carries_the_batch() -> None:
+    from schemas.batch_lines import BatchLine
+    from streams.batches import line_request
+
+    e = {**entry(3), "status": IN_PROGRESS}
+    line = BatchLine(
+        line=2, custom_id="c", task="embed", model="m", input=["t"], input_is_list=False, params=None,
+        estimated_tokens=4,
+    )  # fmt: skip
+    req = line_request(e, line)
+    assert req.request_id == batch_line_id(e["batch_id"], 2) == line_request(e, line).request_id
+    assert (req.batch_id, req.batch_line, req.user_id) == (e["batch_id"], 2, "u/1")
+    assert (
+        req.created_at == NOW and req.deadline_at == NOW + 86_400 and req.quota_day == "2025-06-15"
+    )
+    assert req.priority == "low" and req.estimated_tokens == 4
+
+
+def test_batch_priority_is_capped_by_plan_and_routes() -> None:
+    from schemas.batch_lines import BatchLine
+    from schemas.plans import Plan
+    from streams.batches import BatchService
+
+    class Route:
+        def __init__(self, cap: str) -> None:
+            self.cap = cap
+
+        def cap_priority(self, priority: str) -> str:
+            order = ["low", "normal", "high"]
+            return order[min(order.index(priority), order.index(self.cap))]
+
+    routes = SimpleNamespace(route=lambda task, model: Route("normal") if model == "m" else None)
+    service = BatchService.__new__(BatchService)
+    service.routes = routes  # type: ignore[assignment]
+    line = BatchLine(0, "c", "embed", "m", ["t"], False, None, 1)
+    high = Plan("p", 10, 10, 10, max_priority="high", batch_priority="high")
+    assert service._priority(high, [line]) == "normal"
+    capped = Plan("p", 10, 10, 10, max_priority="low", batch_priority="high")
+    assert service._priority(capped, [line]) == "low"
+    assert service._priority(Plan("p", 10, 10, 10), [line]) == "low"
