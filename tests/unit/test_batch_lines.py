@@ -17,6 +17,7 @@ from schemas.batch_lines import (
     check_upload_line,
     custom_ids,
     parse_batch_lines,
+    parse_line,
     render_messages,
     split_lines,
 )
@@ -313,3 +314,46 @@ def test_the_parse_is_deterministic() -> None:
     assert parse_batch_lines(content, CMPL, ROUTES, 64) == parse_batch_lines(
         content, CMPL, ROUTES, 64
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "bodies"),
+    [
+        (
+            EMB,
+            [
+                {"input": "short"},
+                {"input": ["Several texts,", "each counted", "ünïcödé too"]},
+                {"input": "x " * 300},
+            ],
+        ),
+        (
+            CMPL,
+            [{"prompt": "A prompt"}, {"prompt": "Another, longer prompt here.", "max_tokens": 3}],
+        ),
+        (
+            CHAT,
+            [
+                {"messages": [{"role": "user", "content": "hi"}]},
+                {
+                    "messages": [
+                        {"role": "system", "content": "s"},
+                        {"role": "user", "content": "u"},
+                    ],
+                    "max_completion_tokens": 9,
+                },
+            ],
+        ),
+    ],
+)
+def test_each_line_is_estimated_as_estimate_tokens_and_parses_as_alone(
+    url: str, bodies: list[dict[str, Any]]
+) -> None:
+    """Each line of a file gets what estimate_tokens says, and what the line parsed alone gets."""
+    raws = [line(b, url, custom_id=f"c{i}") for i, b in enumerate(bodies)]
+    parsed = parse_batch_lines(b"\n".join(raws), url, ROUTES, 100)
+    assert [p.estimated_tokens for p in parsed] == [
+        estimate_tokens(p.task, p.input, (p.params or {}).get("max_tokens"), 100) for p in parsed
+    ]
+    single = [parse_line(raw, i, url, ROUTES, 100) for i, raw in enumerate(raws)]
+    assert single == parsed
