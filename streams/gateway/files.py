@@ -29,7 +29,7 @@ from schemas.batch_lines import LineSplitter, Problems, check_upload_line
 from streams.gateway.context import Gateway
 from streams.gateway.cors import preflight
 from streams.gateway.http import api_key, json_response, query_int
-from streams.gateway.views import _endpoint
+from streams.gateway.views import endpoint
 from tables.keys import Principal
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ def register_files(app: faust.App, gw: Gateway, files: Files) -> FileViews:
         async def call(_: Gateway, request: web.Request, *args: str) -> web.StreamResponse:
             return await fun(request, *args)
 
-        return _endpoint(gw, route, call)
+        return endpoint(gw, route, call)
 
     upload = bound("/v1/files", views.upload)
     list_mine = bound("/v1/files", views.list_mine)

@@ -24,7 +24,7 @@ from streams.gateway.stream_tokens import StreamTokens
 Endpoint = Callable[..., Awaitable[web.StreamResponse]]
 
 
-def _endpoint(gw: Gateway, route: str | None, fun: Endpoint) -> Endpoint:
+def endpoint(gw: Gateway, route: str | None, fun: Endpoint) -> Endpoint:
     """``fun`` bound to ``gw``, its errors answered as JSON, timed per route (event streams are not)."""
     safe = guarded(fun)
 
@@ -66,22 +66,22 @@ def register_gateway(app: faust.App, gw: Gateway) -> None:
     register_dashboard(
         app, Dashboard(gw.settings, gw.keys, quota=gw.quota, router=gw.router, requests=gw.store)
     )
-    submit = _endpoint(gw, "/v1/requests", requests.submit)
-    list_mine = _endpoint(gw, "/v1/requests", requests.list_mine)
-    get_one = _endpoint(gw, "/v1/requests/{id}", requests.get_one)
-    cancel = _endpoint(gw, "/v1/requests/{id}", requests.cancel)
-    events = _endpoint(gw, None, partial(requests.events, tokens=tokens))
-    events_token = _endpoint(
+    submit = endpoint(gw, "/v1/requests", requests.submit)
+    list_mine = endpoint(gw, "/v1/requests", requests.list_mine)
+    get_one = endpoint(gw, "/v1/requests/{id}", requests.get_one)
+    cancel = endpoint(gw, "/v1/requests/{id}", requests.cancel)
+    events = endpoint(gw, None, partial(requests.events, tokens=tokens))
+    events_token = endpoint(
         gw, "/v1/requests/{id}/events/token", partial(requests.events_token, tokens=tokens)
     )
-    webhook_attempts = _endpoint(
+    webhook_attempts = endpoint(
         gw, "/v1/requests/{id}/webhooks", partial(requests.webhook_attempts, records=delivery.records)
     )
-    redeliver = _endpoint(
+    redeliver = endpoint(
         gw, "/v1/requests/{id}/webhooks/redeliver", partial(requests.redeliver, delivery=delivery)
     )
-    quota = _endpoint(gw, "/v1/quota", requests.quota)
-    models = _endpoint(gw, "/v1/models", requests.models)
+    quota = endpoint(gw, "/v1/quota", requests.quota)
+    models = endpoint(gw, "/v1/models", requests.models)
 
     @app.page("/v1/requests")
     class RequestsView(View):
