@@ -85,6 +85,7 @@ VALIDATING_GRACE_S = 30.0
 ORPHAN_BATCH_GRACE_S = 60.0
 ORPHAN_SWEEP_S = 15.0
 FINALIZE_PAGE_ROWS = 2_000
+SINK_RECHECK_S = 0.1
 RUNNER_ERRORS = (
     StoreUnavailable,
     KafkaError,
@@ -351,6 +352,7 @@ class BatchRunner(Service):
         self._marked: set[str] = set()  # batches whose Redis cancel mark this process set
         self._wake = asyncio.Event()
         self._swept_at = 0.0
+        self._sink_behind = False
 
     # ---- hooks for the service ------------------------------------------------------------------
 
@@ -375,7 +377,13 @@ class BatchRunner(Service):
     async def _run(self) -> None:
         while not self.should_stop:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.batch_poll_s)
+                # A batch waiting only for the sink's rows is looked at again soon, not a whole poll later.
+                wait = (
+                    min(self.settings.batch_poll_s, SINK_RECHECK_S)
+                    if self._sink_behind
+                    else self.settings.batch_poll_s
+                )
+                await asyncio.wait_for(self._wake.wait(), wait)
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -396,6 +404,7 @@ class BatchRunner(Service):
         return bool(self.app.assignor.is_active(changelog_partition(self.quota_table, user_id)))
 
     async def tick(self) -> None:
+        self._sink_behind = False
         if not self._ready():
             return
         for entry in self.book.owned_open(self.owns, include_final=True):
@@ -481,7 +490,8 @@ class BatchRunner(Service):
         """Output and error files once PostgreSQL holds every line's row; then the final status."""
         user, batch_id, total = entry["user_id"], entry["batch_id"], int(entry["lines"])
         if await self.batches.terminal_rows(batch_id) < total:
-            return  # the sink is behind the settle agent: the next tick looks again
+            self._sink_behind = True  # the sink is behind the settle agent: looked at again shortly
+            return
         ids = custom_ids(await self.files.read_all(entry["input_file_id"]))
         outs: list[bytes] = []
         errs: list[bytes] = []

@@ -209,6 +209,7 @@ def _pipeline_role(
         settings, app=app, book=book, quota=quota, quota_table=tables.quota, router=router, files=store.files,
         batches=store.batches, topics=topics, redis=redis, routes=routes,
     )  # fmt: skip
+    book.on_all_terminal = runner.wake
     batches = BatchService(
         settings, router=router, quota=quota, book=book, files=store.files, batches=store.batches, redis=redis,
         routes=routes, runner=runner,

@@ -227,6 +227,8 @@ class BatchBook:
         # Batches whose creation is between its first write and its answer: the runner leaves them alone
         # (a creation that fails gives the charge back, which only holds while no line was written).
         self.creating: set[str] = set()
+        # Called when a batch's last line is answered (the runner finalizes it without waiting for its tick).
+        self.on_all_terminal: Callable[[], None] | None = None
 
     def _put(self, key: str, entry: Entry) -> Entry:
         self.table[key] = entry
@@ -345,6 +347,8 @@ class BatchBook:
             if new is not None:
                 self._put(key, new)
                 changed.append(key)
+                if all_terminal(new) and self.on_all_terminal is not None:
+                    self.on_all_terminal()
         return changed
 
     async def on_terminal(self, events: Sequence[EventT]) -> None:

@@ -352,3 +352,14 @@ def test_batch_priority_is_capped_by_plan_and_routes() -> None:
     capped = Plan("p", 10, 10, 10, max_priority="low", batch_priority="high")
     assert service._priority(capped, [line]) == "low"
     assert service._priority(Plan("p", 10, 10, 10), [line]) == "low"
+
+
+def test_last_line_answered_wakes_the_runner() -> None:
+    e = entry(2)
+    book = book_with(e)
+    woken: list[int] = []
+    book.on_all_terminal = lambda: woken.append(1)
+    asyncio.run(book.on_terminal([event(e, 0, "completed", 1)]))
+    assert woken == []
+    asyncio.run(book.on_terminal([event(e, 1, "completed", 2)]))
+    assert woken == [1]
