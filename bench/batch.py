@@ -29,13 +29,12 @@ import argparse
 import asyncio
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import aiohttp
 import orjson
 
-from bench.batching import Stack, progress, through_pipeline
+from bench.batching import Stack, model_counters, progress, through_pipeline
 from bench.direct_model import MODEL, sentences
 from bench.measure import calibrate, calibration_line, worker_settings
 from devtools.localbroker import LocalBroker, free_port
@@ -57,7 +56,10 @@ class BatchRun:
     to_last_result_s: float  # from the upload's start to the last line's result
     total_s: float  # from the upload's start to the poll that saw `completed`
     finalize_s: float  # last line's result -> `completed` seen
+    first_result_s: float  # from the upload's start to the first line's result
     counts: dict[str, int]
+    model_calls: float
+    texts: float
 
     @property
     def rate(self) -> float:
@@ -88,6 +90,7 @@ async def run_batch(
     form = aiohttp.FormData()
     form.add_field("purpose", "batch")
     form.add_field("file", content, filename="bench.jsonl", content_type="application/jsonl")
+    before = await model_counters(http, stack.ml)
     started = time.time()
     async with http.post(stack.gateway.url + "/v1/files", data=form, headers=api.headers()) as r:
         uploaded = await r.json()
@@ -116,9 +119,10 @@ async def run_batch(
         completed, timeout=timeout, interval=POLL_S, what=f"batch of {len(texts)} lines completed"
     )
     seen_at = time.time()
+    after = await model_counters(http, stack.ml)
     pool = await stack.pipeline.store.connect()
-    last: datetime = await pool.fetchval(
-        "SELECT max(completed_at) FROM requests WHERE batch_id = $1", batch["id"]
+    first, last = await pool.fetchrow(
+        "SELECT min(completed_at), max(completed_at) FROM requests WHERE batch_id = $1", batch["id"]
     )
     last_at = last.timestamp()
     return BatchRun(
@@ -128,7 +132,10 @@ async def run_batch(
         to_last_result_s=last_at - started,
         total_s=seen_at - started,
         finalize_s=seen_at - last_at,
+        first_result_s=first.timestamp() - started,
         counts=dict(done["request_counts"]),
+        model_calls=after["calls"] - before["calls"],
+        texts=after["texts"] - before["texts"],
     )
 
 
@@ -197,7 +204,7 @@ async def measure_all(args: argparse.Namespace, stack: Stack) -> None:
         f"batch   : {batch.rate:8.1f} lines/s  ({batch.total_s:.1f} s: upload {batch.upload_s:.2f} s, "
         f"create {batch.create_s:.2f} s; request_counts {batch.counts})"
     )
-    print(f"batch, to the last line's result: {batch.lines / batch.to_last_result_s:8.1f} lines/s  ({batch.to_last_result_s:.1f} s)")  # fmt: skip
+    print(f"batch, to the last line's result: {batch.lines / batch.to_last_result_s:8.1f} lines/s  ({batch.to_last_result_s:.1f} s; first line's result after {batch.first_result_s:.2f} s; {batch.model_calls:.0f} model calls, {batch.texts / max(batch.model_calls, 1):.1f} texts/call)")  # fmt: skip
     print(f"singles : {singles.rate:8.1f} lines/s  ({singles.seconds:.1f} s, {singles.model_calls:.0f} model calls, {singles.texts / max(singles.model_calls, 1):.1f} texts/call)")  # fmt: skip
     verdict = "met" if batch.rate / singles.rate >= TARGET_RATIO else "NOT met"
     print(
