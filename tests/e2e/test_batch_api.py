@@ -39,6 +39,7 @@ BATCH_TIMEOUT = 120.0
 # enough to cancel it or kill a worker under it; embeddings are batched and stay fast.
 ML_CONCURRENCY = 4
 CHUNK_LINES = 40  # several write steps per batch: a kill can land between two of them
+FILE_MAX_BYTES = 64 * 1024  # the largest test file is ~20 KB
 
 
 @dataclass
@@ -55,7 +56,11 @@ class Stack:
 @pytest.fixture(scope="module")
 async def stack(broker_url: str, model_base_url: str) -> AsyncIterator[Stack]:
     async with Pipeline.session(
-        broker_url, model_base_url + "/v1", batch_chunk_lines=str(CHUNK_LINES), batch_poll_s="0.2"
+        broker_url,
+        model_base_url + "/v1",
+        batch_chunk_lines=str(CHUNK_LINES),
+        batch_poll_s="0.2",
+        file_max_bytes=str(FILE_MAX_BYTES),
     ) as pipeline:
         await pipeline.set_plan("batch", requests_per_day=100_000, tokens_per_day=10**8)
         await pipeline.set_plan("tiny", requests_per_day=5, tokens_per_day=10**8)
@@ -345,6 +350,16 @@ async def test_bad_lines_are_a_400_listing_them_and_charge_nothing(
     assert isinstance(error, dict) and error["type"] == "invalid_request", error
     assert [e["line"] for e in error["errors"]] == [2, 3, 4, 5], error
     assert all(e["message"] for e in error["errors"])
+    too_big = jsonl(embedding_lines(FILE_MAX_BYTES // 100, "big"))
+    assert len(too_big) > FILE_MAX_BYTES
+    with pytest.raises(openai.APIStatusError) as refused_size:
+        user.client.files.create(file=("big.jsonl", too_big), purpose="batch")
+    assert refused_size.value.status_code == 413, refused_size.value
+    assert (
+        isinstance(refused_size.value.body, dict)
+        and refused_size.value.body["type"] == "payload_too_large"
+    )
+    assert user.client.files.list().data == []  # neither upload left anything behind
 
     # Structurally fine, but the bodies do not fit the batch's endpoint (or its model is unknown).
     mismatched = [
