@@ -50,7 +50,8 @@ from streams.agents.settle import register_settle
 from streams.agents.sink import register_sinks
 from streams.agents.watchdog import register_watchdog
 from streams.application import InferstreamApp, build_app
-from streams.batches import BatchRunner, BatchService
+from streams.batch_runner import BatchRunner
+from streams.batches import BatchService
 from streams.delivery import PENDING_SWEEP_S, Delivery, OutputWebhooks, attempt_recorder
 from streams.gateway.batches import register_batches
 from streams.gateway.context import Gateway

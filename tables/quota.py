@@ -81,9 +81,10 @@ class QuotaState(TypedDict):
     released: dict[str, float]  # given up by the gateway this day: request id -> when
     orphaned: dict[str, int]  # released as orphans this day: epoch second -> admissions not in the log yet
     settled_upto: int  # the results-topic offset of the latest settlement applied (-1: none yet)
-    # Batches charged whose lines are not all confirmed yet: batch id -> [next line to confirm, lines].
+    # Batches charged whose lines are not all confirmed yet: batch id -> [next line to confirm, lines,
+    # gaps (line ranges skipped over, normally none), the batch's estimate (what a sweep gives back)].
     # Absent in states written before the Batch API (read with .get).
-    batches: dict[str, list[int]]
+    batches: dict[str, list[Any]]
 
 
 class Logged(NamedTuple):
@@ -280,7 +281,7 @@ def decide_batch(
         **st,
         "requests_used": st["requests_used"] + lines,
         "tokens_reserved": st["tokens_reserved"] + estimated,
-        "batches": {**st.get("batches", {}), batch_id: [0, lines]},
+        "batches": {**st.get("batches", {}), batch_id: [0, lines, [], estimated]},
     }
     return new, admission_of(new, plan, now)
 
@@ -457,7 +458,7 @@ DONE: list[Any] = []  # what _confirm_line answers once every line of a batch is
 
 
 def _confirm_line(entry: list[Any] | None, line: int) -> list[Any] | None:
-    """A batch's entry ``[next line, lines, gaps]`` after confirming ``line``; ``None`` when the line was
+    """A batch's entry ``[next line, lines, gaps, estimate]`` after confirming ``line``; ``None`` when the line was
     confirmed before (a copy), :data:`DONE` when it was the last one.
 
     The batch's writer sends lines in order and awaits each step's acks, so lines normally arrive in
@@ -483,7 +484,7 @@ def _confirm_line(entry: list[Any] | None, line: int) -> list[Any] | None:
             return None
     if nxt >= lines and not gaps:
         return DONE
-    return [nxt, lines, gaps] if gaps else [nxt, lines]
+    return [nxt, lines, gaps, *entry[3:]]
 
 
 def orphans(state: StoredState | None, now: float, admission_timeout_s: float, orphan_after_s: float) -> list[str]:

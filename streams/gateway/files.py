@@ -20,6 +20,7 @@ from typing import Any
 
 import faust
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from faust.web import View
 
 from bridges.clients.store.files import PART_BYTES, Files
@@ -98,7 +99,8 @@ class _Upload:
                 value = await self._small_field(part)  # unknown fields are read and ignored
                 if part.name == "purpose":
                     self.purpose = value.decode("utf-8", "replace").strip()
-        except ValueError as exc:  # aiohttp's multipart parser: a broken boundary or part header
+        except (ValueError, HttpProcessingError) as exc:
+            # aiohttp's multipart parser: a broken boundary (ValueError) or part header (InvalidHeader)
             raise InvalidRequest(f"malformed multipart body: {exc}") from None
 
     async def _small_field(self, part: BodyPartReader) -> bytes:

@@ -582,6 +582,18 @@ async def test_empty_file_missing_file_and_long_filename_are_400(api: Api) -> No
         assert r.status == 400 and "multipart" in (await r.json())["error"]["message"]
 
 
+async def test_a_malformed_part_header_is_400_json(api: Api, store: Store) -> None:
+    """aiohttp's parser raises InvalidHeader (no ValueError) for it: found by the OpenAPI conformance run."""
+    before = await stored_files(store)
+    body = b'--b\r\nContent-Disposition form-data; name="file"\r\n\x00bad\r\n\r\n{}\r\n--b--\r\n'
+    headers = {**api.auth("key-alice"), "Content-Type": "multipart/form-data; boundary=b"}
+    async with api.session.post(f"{api.base}/v1/files", data=body, headers=headers) as r:
+        answer = await r.json()
+        assert r.status == 400 and "malformed multipart" in answer["error"]["message"], answer
+    await api.views.settle()
+    assert await stored_files(store) == before
+
+
 async def test_fields_beside_the_file_are_bounded(api: Api, store: Store) -> None:
     before = await stored_files(store)
     form = aiohttp.FormData()

@@ -314,7 +314,7 @@ def test_create_body_metadata_limits() -> None:
 
 def test_line_request_is_deterministic_and_carries_the_batch() -> None:
     from schemas.batch_lines import BatchLine
-    from streams.batches import line_request
+    from streams.batch_runner import line_request
 
     e = {**entry(3), "status": IN_PROGRESS}
     line = BatchLine(

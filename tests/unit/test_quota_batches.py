@@ -11,7 +11,16 @@ from inferstream.clock import utc_day
 from inferstream.errors import QuotaExceeded
 from inferstream.ids import batch_line_id, new_batch_id
 from schemas.plans import Plan
-from tables.quota import Logged, QuotaState, _confirm_line, confirm, current, decide, decide_batch, release_batch
+from tables.quota import (
+    Logged,
+    QuotaState,
+    _confirm_line,
+    confirm,
+    current,
+    decide,
+    decide_batch,
+    release_batch,
+)
 from tables.quota_book import QuotaBook
 
 NOON = datetime(2025, 3, 14, 12, 0, 30, tzinfo=UTC).timestamp()
@@ -43,7 +52,7 @@ def confirm_lines(qb: QuotaBook, lines: list[Logged]) -> set[str]:
 def test_a_batch_is_charged_whole_with_no_per_minute_limit() -> None:
     state, admission = decide_batch(None, PLAN, BATCH, 50, 5_000, NOON)
     assert (state["requests_used"], state["tokens_reserved"]) == (50, 5_000)
-    assert state["batches"] == {BATCH: [0, 50]}
+    assert state["batches"] == {BATCH: [0, 50, [], 5_000]}
     assert admission.requests_remaining == 50 and admission.tokens_remaining == 5_000
     # the per-minute rate (2 here) did not apply to the batch, and still applies to single requests
     state, _ = decide(state, PLAN, "r1", 1, NOON)
@@ -105,7 +114,7 @@ def test_a_line_after_later_ones_fills_its_gap() -> None:
     qb, table = quota_book()
     qb.admit_batch("u", PLAN, BATCH, 5, 50)
     assert confirm_lines(qb, [line(0, 0), line(3, 1)]) == set()
-    assert current(table["u"], NOON)["batches"][BATCH] == [4, 5, [[1, 3]]]
+    assert current(table["u"], NOON)["batches"][BATCH] == [4, 5, [[1, 3]], 50]
     assert confirm_lines(qb, [line(0, 2), line(1, 3), line(2, 4), line(3, 5), line(4, 6)]) == {
         batch_line_id(BATCH, 0),
         batch_line_id(BATCH, 3),
@@ -117,9 +126,10 @@ def test_a_line_after_later_ones_fills_its_gap() -> None:
 
 def test_confirm_line_edges() -> None:
     assert _confirm_line(None, 0) is None
-    assert _confirm_line([0, 2], 5) is None  # not a line of the batch
-    assert _confirm_line([0, 1], 0) == []  # the last line: done
-    assert _confirm_line([2, 6, [[0, 1]]], 0) == [2, 6]  # the gap closed
+    assert _confirm_line([0, 2, [], 20], 5) is None  # not a line of the batch
+    assert _confirm_line([0, 1, [], 10], 0) == []  # the last line: done
+    assert _confirm_line([2, 6, [[0, 1]], 60], 0) == [2, 6, [], 60]  # the gap closed
+    assert _confirm_line([0, 2], 0) == [1, 2, []]  # an entry without its estimate keeps none
 
 
 def test_lines_of_an_earlier_day_are_neither_held_nor_copies() -> None:
