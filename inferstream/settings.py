@@ -185,6 +185,11 @@ class Settings:
         "Comma-separated origins (`https://app.example.com`) whose pages may call the API from a browser "
         "(CORS); empty: none.",
     )
+    queue_eta: str = _setting(
+        "on",
+        "`on`: queue position and ETA on waiting requests' documents and events, and 429 `deadline_unreachable` "
+        "(streams/queue_eta.py); `off`: none of it, and no counting or polling for it.",
+    )
     # Batch API (OpenAI-compatible files and batches)
     file_max_bytes: int = _setting(104_857_600, "Largest file `POST /v1/files` accepts, in bytes (413 above).")
     batch_max_lines: int = _setting(50_000, "Most lines (requests) one batch input file may hold (400 above).")

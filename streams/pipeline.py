@@ -41,7 +41,7 @@ from inferstream import logs
 from inferstream.errors import ConfigurationError
 from inferstream.route_watch import RouteWatcher
 from inferstream.settings import Settings
-from streams import commands, quirks
+from streams import commands, queue_eta, quirks
 from streams.admission import AdmissionService
 from streams.agents.dispatched import DispatchedEvents
 from streams.agents.forward import register_forward
@@ -124,6 +124,7 @@ async def _refuse_insecure_bind(app: InferstreamApp, settings: Settings) -> None
 def build_pipeline(settings: Settings) -> InferstreamApp:
     """The app for ``settings.roles``, with its clients, stages, views and commands attached."""
     app = build_app(settings)
+    queue_eta.configure(settings)
     app.preflight.append(lambda: _refuse_insecure_bind(app, settings))
     routes = RouteWatcher(settings)
     app.preflight.append(lambda: _load_routes(routes))

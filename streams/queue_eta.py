@@ -154,6 +154,12 @@ class RouteState:
         return Estimate(ahead, None if not self.rate else BASE_S + ahead / self.rate)
 
 
+def configure(settings: Settings) -> None:
+    """``INFERSTREAM_QUEUE_ETA``: decided once, when the pipeline is built (off costs nothing per request)."""
+    global ENABLED
+    ENABLED = settings.queue_eta.strip().lower() != "off"
+
+
 class QueueEta:
     """The estimator of one worker process: counts its forward batches and polls every route it has seen."""
 
