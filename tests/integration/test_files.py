@@ -10,7 +10,6 @@ from typing import Any
 from unittest.mock import patch
 
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -19,37 +18,21 @@ from bridges.clients.store import Store
 from inferstream.errors import Unauthorized
 from inferstream.ids import batch_line_id, new_batch_id, new_file_id
 from inferstream.settings import Settings
-from schemas.migrate import migrate
 from schemas.plans import DEFAULT_PLAN
 from schemas.records import InferenceRequest, ResultEvent
 from streams.gateway.files import FileViews
 from streams.gateway.http import guarded
 from tables.keys import Principal
+from tests.support.postgres import fresh_store
 
 pytestmark = pytest.mark.integration
-DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 T0 = 1_800_000_000.0
-
-
-async def drop_schema(schema: str) -> None:
-    conn = await asyncpg.connect(DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="module")
 async def store() -> AsyncIterator[Store]:
-    schema = f"t{uuid.uuid4().hex[:8]}"
-    try:
-        await migrate(DSN, schema)
-    except OSError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {DSN}: {exc}")
-    s = Store(Settings(namespace=schema, postgres_dsn=DSN))
-    yield s
-    await s.close()
-    await drop_schema(schema)
+    async with fresh_store() as s:
+        yield s
 
 
 async def collect(chunks: AsyncIterator[bytes]) -> bytes:

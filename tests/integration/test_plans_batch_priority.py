@@ -10,39 +10,21 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from bridges.clients.store import Store
 from inferstream.errors import InvalidRequest
-from inferstream.settings import Settings
-from schemas.migrate import migrate
 from schemas.plans import DEFAULT_PLAN, Plan
+from tests.support.postgres import DSN, drop_schema, fresh_store
 
 pytestmark = pytest.mark.integration
-DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def _drop(schema: str) -> None:
-    conn = await asyncpg.connect(DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
 async def store() -> AsyncIterator[Store]:
-    schema = f"t{uuid.uuid4().hex[:8]}"
-    try:
-        await migrate(DSN, schema)
-    except OSError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {DSN}: {exc}")
-    s = Store(Settings(namespace=schema, postgres_dsn=DSN))
-    yield s
-    await s.close()
-    await _drop(schema)
+    async with fresh_store() as s:
+        yield s
 
 
 def test_the_batch_priority_is_capped_by_the_max_priority() -> None:
@@ -83,7 +65,7 @@ def cli_schema() -> Iterator[str]:
     yield schema
     import asyncio
 
-    asyncio.run(_drop(schema))
+    asyncio.run(drop_schema(schema))
 
 
 def _faust(schema: str, *args: str) -> subprocess.CompletedProcess[str]:

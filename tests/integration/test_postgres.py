@@ -22,33 +22,21 @@ from schemas.documents import request_doc
 from schemas.migrate import migrate, migrations
 from schemas.plans import DEFAULT_PLAN, KeyRecord, Plan
 from schemas.records import InferenceRequest, ResultEvent
+from tests.support.postgres import DSN, drop_schema, fresh_schema
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
-DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 T0 = 1_800_000_000.0
 ALL_VERSIONS = [v for v, _ in migrations()]
 
 
-async def drop_schema(schema: str) -> None:
-    conn = await asyncpg.connect(DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 async def store() -> AsyncIterator[Store]:
-    schema = f"t{uuid.uuid4().hex[:8]}"
-    try:
-        assert await migrate(DSN, schema) == ALL_VERSIONS
-    except OSError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {DSN}: {exc}")
-    s = Store(Settings(namespace=schema, postgres_dsn=DSN))
-    yield s
-    await s.close()
-    await drop_schema(schema)
+    async with fresh_schema() as (settings, applied):
+        assert applied == ALL_VERSIONS
+        s = Store(settings)
+        yield s
+        await s.close()
 
 
 def request(user: str = "alice", dt: float = 0.0, **extra: Any) -> InferenceRequest:

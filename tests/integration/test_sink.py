@@ -18,29 +18,19 @@ from bridges.sink import ResultSink
 from devtools.localbroker import free_port as closed_port
 from inferstream.ids import new_request_id
 from inferstream.settings import Settings
-from schemas.migrate import migrate
 from schemas.records import InferenceRequest, ResultEvent
+from tests.support.postgres import DSN, fresh_schema
 from tests.support.services import pg_ctl, postgres_up
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
-DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 T0 = 1_800_000_000.0
 
 
 @pytest.fixture(scope="module")
 async def settings() -> AsyncIterator[Settings]:
-    schema = f"t{uuid.uuid4().hex[:8]}"
-    try:
-        await migrate(DSN, schema)
-    except OSError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {DSN}: {exc}")
-    yield Settings(namespace=schema, postgres_dsn=DSN)
-    conn = await asyncpg.connect(DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
+    async with fresh_schema() as (fresh, _):
+        yield fresh
 
 
 def lifecycle(n: int, user: str = "alice") -> tuple[list[InferenceRequest], list[ResultEvent]]:
