@@ -15,7 +15,7 @@ an admission still pending when its request is in the log is no orphan
 (:mod:`streams.agents.orphans`). The offsets wait for those writes' acks too, so
 a crash replays a confirmation (idempotent) but never loses one.
 
-The agent reads ahead (:class:`ReadAhead`): while one batch waits for those acks and
+The agent reads ahead (:class:`~streams.agents.readahead.ReadAhead`): while one batch waits for those acks and
 confirms, the next one gathers, and starts as soon as the first is done. Faust's
 ``take_events`` stops reading while its batch is processed, so under load each
 batch held only what arrived in the ``within`` window after the previous one (a
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import faust
 from faust.types import EventT
@@ -42,85 +42,12 @@ from schemas.records import InferenceRequest, ResultEvent
 from streams import queue_eta
 from streams.agents import metrics
 from streams.agents.dispatched import DispatchedEvents
-from streams.agents.guard import until_done
+from streams.agents.readahead import read_ahead
 from streams.topics import Topics, send_events
 from tables.quota import Logged
 from tables.quota_book import QuotaBook
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-class ReadAhead(Generic[T]):
-    """Batches of at most ``max_size`` items, processed one at a time, in order; the next batch
-    gathers while one is processed.
-
-    After an idle spell the first batch waits up to ``within_s`` for more (or until full), as
-    ``take_events`` does; a batch that gathered while another was processed starts as soon as that
-    one is done. ``add`` waits while a full batch waits (back-pressure to the caller). If
-    ``process`` raises, the error is raised by the next ``add`` (and nothing is processed after it).
-    """
-
-    def __init__(
-        self, process: Callable[[list[T]], Awaitable[None]], max_size: int, within_s: float
-    ) -> None:
-        self._process = process
-        self.max_size = max(1, max_size)
-        self.within_s = max(0.0, within_s)
-        self._pending: list[T] = []
-        self._task: asyncio.Task[None] | None = None  # processes batches while any are pending
-        self._full = asyncio.Event()  # a whole batch is pending
-        self._room = asyncio.Event()  # pending is below max_size again (or processing failed)
-        self._room.set()
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    async def add(self, item: T) -> None:
-        self._raise_failed()
-        while len(self._pending) >= self.max_size:
-            self._room.clear()
-            await self._room.wait()
-            self._raise_failed()
-        self._pending.append(item)
-        if len(self._pending) >= self.max_size:
-            self._full.set()
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._run())
-            self._task.add_done_callback(lambda _: self._room.set())
-
-    async def _run(self) -> None:
-        if len(self._pending) < self.max_size and self.within_s > 0:
-            try:
-                await asyncio.wait_for(self._full.wait(), self.within_s)
-            except TimeoutError:
-                pass
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_size], self._pending[self.max_size :]
-            self._full.clear()
-            self._room.set()
-            await self._process(batch)
-        self._task = None  # no await since the check above: an add now starts a new run
-
-    def _raise_failed(self) -> None:
-        task = self._task
-        if task is not None and task.done() and not task.cancelled():
-            failed = task.exception()
-            if failed is not None:
-                raise failed
-
-    async def stop(self) -> None:
-        """Cancel the batch in flight (its items are not processed: a stopping agent's offsets stay unacked)."""
-        task, self._task = self._task, None
-        self._pending = []
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
 
 
 async def publish_confirmed(
@@ -130,7 +57,9 @@ async def publish_confirmed(
         PublishError,
         before_sleep=lambda state: log.warning(
             "publishing %d requests to RabbitMQ failed (attempt %d), retrying: %r",
-            len(batch), state.attempt_number, failure(state),
+            len(batch),
+            state.attempt_number,
+            failure(state),
         ),  # fmt: skip
     ):
         with attempt:
@@ -147,14 +76,21 @@ def logged(event: EventT) -> Logged:
     )  # fmt: skip
 
 
-async def traced_publish(rabbit: RabbitClient, read: Sequence[EventT], routable: Sequence[InferenceRequest]) -> None:
+async def traced_publish(
+    rabbit: RabbitClient, read: Sequence[EventT], routable: Sequence[InferenceRequest]
+) -> None:
     """``publish_confirmed`` with one span per request, under the context its log record carries."""
-    parents = {cast(InferenceRequest, e.value).request_id: tracing.header_context(e.headers) for e in read}
+    parents = {
+        cast(InferenceRequest, e.value).request_id: tracing.header_context(e.headers) for e in read
+    }
     spans = [
         tracing.start(
-            "forward to work queue", parents.get(r.request_id), kind=tracing.SpanKind.PRODUCER,
+            "forward to work queue",
+            parents.get(r.request_id),
+            kind=tracing.SpanKind.PRODUCER,
             attributes={
-                "inferstream.request_id": r.request_id, "messaging.system": "rabbitmq",
+                "inferstream.request_id": r.request_id,
+                "messaging.system": "rabbitmq",
                 "messaging.destination.name": rabbit.work_queue_name(r.task, r.model),
                 "inferstream.batch_size": len(routable),
             },
@@ -183,14 +119,22 @@ def register_forward(
     queue_eta.SHARED.attach(settings, rabbit=rabbit)
 
     async def forward(read: Sequence[EventT]) -> None:
-        routes = rabbit.route_keys()  # the routes served now: a reload may add some, and retires others
-        copies: set[str] = set()  # batch lines written twice (after a crash of their writer): run once
+        routes = (
+            rabbit.route_keys()
+        )  # the routes served now: a reload may add some, and retires others
+        copies: set[str] = (
+            set()
+        )  # batch lines written twice (after a crash of their writer): run once
         confirmed = await book.confirm_requests([logged(e) for e in read], copies)
         batch = [r for e in read if (r := cast(InferenceRequest, e.value)).request_id not in copies]
         at = clock.now()
-        stopped = [r for r in batch if r.batch_id is not None and batch_cancelled(r.user_id, r.batch_id)]
+        stopped = [
+            r for r in batch if r.batch_id is not None and batch_cancelled(r.user_id, r.batch_id)
+        ]
         if stopped:
-            batch = [r for r in batch if r.batch_id is None or not batch_cancelled(r.user_id, r.batch_id)]
+            batch = [
+                r for r in batch if r.batch_id is None or not batch_cancelled(r.user_id, r.batch_id)
+            ]
         # The work message says when it was handed off; every later event of the request repeats it.
         routable = [r.derive(dispatched_at=at) for r in batch if (r.task, r.model) in routes]
         if routable and tracing.ENABLED:
@@ -206,7 +150,9 @@ def register_forward(
         # than drop it. A route removed by a reload of this worker is retired, not unroutable.
         unroutable = [
             ResultEvent.for_request(
-                r, "failed", at=at,
+                r,
+                "failed",
+                at=at,
                 error={"type": "unroutable", "message": f"no work queue for {r.task}/{r.model}"},
             )
             for r in batch
@@ -214,7 +160,10 @@ def register_forward(
         ]
         unroutable += [
             ResultEvent.for_request(
-                r, "cancelled", at=at, error={"type": "cancelled", "message": f"batch {r.batch_id} was cancelled"}
+                r,
+                "cancelled",
+                at=at,
+                error={"type": "cancelled", "message": f"batch {r.batch_id} was cancelled"},
             )
             for r in stopped
         ]
@@ -224,20 +173,10 @@ def register_forward(
 
     @app.agent(topics.requests, name="forward-requests", concurrency=1)
     async def forward_requests(stream: faust.StreamT[InferenceRequest]) -> None:
-        # ack and enable_acks are on the Stream class, not on StreamT.
-        events_of = cast(faust.Stream, stream)
-        # Acked here, once the batch is published and confirmed, in log order: Faust commits an
-        # offset only when every event before it is acked, so what is read ahead stays uncommitted.
-        events_of.enable_acks = False
-
-        async def forwarded(events: list[EventT]) -> None:
-            await until_done("forward-requests", lambda: forward(events))
-            for event in events:
-                await events_of.ack(event)
-
-        batches = ReadAhead(forwarded, settings.sink_batch_size, settings.sink_batch_wait_ms / 1000)
-        try:
-            async for event in events_of.events():
-                await batches.add(event)
-        finally:
-            await batches.stop()
+        await read_ahead(
+            stream,
+            "forward-requests",
+            forward,
+            settings.sink_batch_size,
+            settings.sink_batch_wait_ms / 1000,
+        )

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from streams.agents.forward import ReadAhead
+from streams.agents.readahead import ReadAhead
 from tests.support.wait import wait_for
 
 
