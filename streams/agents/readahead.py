@@ -31,14 +31,21 @@ class ReadAhead(Generic[T]):
 
     After an idle spell the first batch waits up to ``within_s`` for more (or until full), as
     ``take_events`` does; a batch that gathered while another was processed starts as soon as that
-    one is done. ``add`` waits while a full batch waits (back-pressure to the caller). If
-    ``process`` raises, the error is raised by the next ``add`` (and nothing is processed after it).
+    one is done, or, with ``wait_each``, after up to ``within_s`` more (for work so quick that the
+    next batch would otherwise hold only what arrived during it: the sinks' upserts). ``add`` waits
+    while a full batch waits (back-pressure to the caller). If ``process`` raises, the error is
+    raised by the next ``add`` (and nothing is processed after it).
     """
 
     def __init__(
-        self, process: Callable[[list[T]], Awaitable[None]], max_size: int, within_s: float
+        self,
+        process: Callable[[list[T]], Awaitable[None]],
+        max_size: int,
+        within_s: float,
+        wait_each: bool = False,
     ) -> None:
         self._process = process
+        self.wait_each = wait_each
         self.max_size = max(1, max_size)
         self.within_s = max(0.0, within_s)
         self._pending: list[T] = []
@@ -64,17 +71,22 @@ class ReadAhead(Generic[T]):
             self._task = asyncio.ensure_future(self._run())
             self._task.add_done_callback(lambda _: self._room.set())
 
-    async def _run(self) -> None:
+    async def _gather(self) -> None:
         if len(self._pending) < self.max_size and self.within_s > 0:
             try:
                 await asyncio.wait_for(self._full.wait(), self.within_s)
             except TimeoutError:
                 pass
+
+    async def _run(self) -> None:
+        await self._gather()
         while self._pending:
             batch, self._pending = self._pending[: self.max_size], self._pending[self.max_size :]
             self._full.clear()
             self._room.set()
             await self._process(batch)
+            if self.wait_each and self._pending:
+                await self._gather()
         self._task = None  # no await since the check above: an add now starts a new run
 
     def _raise_failed(self) -> None:
@@ -102,6 +114,7 @@ async def read_ahead(
     work: Callable[[list[EventT]], Awaitable[None]],
     max_size: int,
     within_s: float,
+    wait_each: bool = False,
 ) -> None:
     """An agent's body: the stream's events in read-ahead batches, each ``work``-ed until it succeeds
     (:func:`streams.agents.guard.until_done`: a failing batch keeps its offsets), then acked, in order."""
@@ -114,7 +127,7 @@ async def read_ahead(
         for event in events:
             await events_of.ack(event)
 
-    batches: ReadAhead[EventT] = ReadAhead(done, max_size, within_s)
+    batches: ReadAhead[EventT] = ReadAhead(done, max_size, within_s, wait_each)
     try:
         async for event in events_of.events():
             await batches.add(event)

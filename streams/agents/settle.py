@@ -4,6 +4,10 @@ The results topic is keyed by ``user_id`` with the quota changelog's partition
 count, so this agent runs on the worker that owns the user's quota state. Each
 result carries its offset into the settlement, so a batch replayed after a crash
 is recognised and not applied twice (:meth:`tables.quota_book.QuotaBook.settle_results`).
+
+The agent reads ahead (:func:`streams.agents.readahead.read_ahead`): the next batch gathers
+while one waits for its settlements' acks, and offsets are acked only after the batch settled
+and ``on_terminal`` returned, in log order.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from inferstream.settings import Settings
 from schemas.records import ResultEvent
 from streams.agents import metrics
 from streams.agents.dispatched import DispatchedEvents
-from streams.agents.guard import until_done
+from streams.agents.readahead import read_ahead
 from streams.topics import Topics
 from tables.quota import Settlement
 from tables.quota_book import QuotaBook
@@ -39,7 +43,15 @@ def settlements(events: Sequence[EventT]) -> list[Settlement]:
     for event in events:
         value = event.value
         if isinstance(value, ResultEvent) and value.is_terminal:
-            found.append((value.user_id, value.request_id, value.status, used_tokens(value), event.message.offset))
+            found.append(
+                (
+                    value.user_id,
+                    value.request_id,
+                    value.status,
+                    used_tokens(value),
+                    event.message.offset,
+                )
+            )
     return found
 
 
@@ -47,8 +59,13 @@ def settle_spans(events: Sequence[EventT]) -> list[tracing.Span]:
     """A ``settle quota`` span per terminal result, under the context its record's header names."""
     return [
         tracing.start(
-            "settle quota", tracing.header_context(e.headers), kind=tracing.SpanKind.CONSUMER,
-            attributes={"inferstream.request_id": e.value.request_id, "inferstream.status": str(e.value.status)},
+            "settle quota",
+            tracing.header_context(e.headers),
+            kind=tracing.SpanKind.CONSUMER,
+            attributes={
+                "inferstream.request_id": e.value.request_id,
+                "inferstream.status": str(e.value.status),
+            },
         )
         for e in events
         if isinstance(e.value, ResultEvent) and e.value.is_terminal
@@ -93,6 +110,10 @@ def register_settle(
 
     @app.agent(topics.results, name="settle-quota", concurrency=1)
     async def settle_quota(stream: faust.StreamT[ResultEvent]) -> None:
-        # take_events (values with their offsets) is on the Stream class, not on StreamT.
-        async for events in cast(faust.Stream, stream).take_events(settings.sink_batch_size, within=settings.sink_batch_wait_ms / 1000):
-            await until_done("settle-quota", lambda: settle(events))  # noqa: B023 - awaited at once
+        await read_ahead(
+            stream,
+            "settle-quota",
+            settle,
+            settings.sink_batch_size,
+            settings.sink_batch_wait_ms / 1000,
+        )

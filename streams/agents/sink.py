@@ -1,11 +1,13 @@
 """Agents: requests and results topics -> PostgreSQL rows, then the Redis cache, notifications, webhooks.
 
 Each batch is upserted in one round trip (idempotent, rank-guarded) and the
-sink retries while PostgreSQL is down; Faust acks the batch's offsets only
-after the write returns, so nothing is lost and memory stays bounded. With
-tracing on, the agents read events (values with their headers) and write each
-batch inside one ``sink`` span per record, under the context its header names;
-with it off they read values only, as before.
+sink retries while PostgreSQL is down; the batch's offsets are acked only
+after the write returns (and its cache writes and notifications), so nothing
+is lost and memory stays bounded. The agents read ahead
+(:func:`streams.agents.readahead.read_ahead`): the next batch gathers while one
+is written, instead of only what arrives in the ``within`` window after it.
+With tracing on, each batch is written inside one ``sink`` span per record,
+under the context its header names.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from bridges.clients.store.rows import Event
 from bridges.sink import ResultSink
 from inferstream import tracing
 from inferstream.settings import Settings
-from streams.agents.guard import until_done
+from streams.agents.readahead import read_ahead
 from streams.topics import Topics
 
 
@@ -29,10 +31,14 @@ async def traced_write(sink: ResultSink, topic: str, events: Sequence[EventT]) -
     values = [cast(Event, e.value) for e in events]
     spans = {
         v.request_id: tracing.start(
-            "sink", tracing.header_context(e.headers), kind=tracing.SpanKind.CONSUMER,
+            "sink",
+            tracing.header_context(e.headers),
+            kind=tracing.SpanKind.CONSUMER,
             attributes={
-                "inferstream.request_id": v.request_id, "messaging.system": "kafka",
-                "messaging.destination.name": topic, "db.system.name": "postgresql",
+                "inferstream.request_id": v.request_id,
+                "messaging.system": "kafka",
+                "messaging.destination.name": topic,
+                "db.system.name": "postgresql",
                 "inferstream.batch_size": len(events),
             },
         )  # fmt: skip
@@ -54,15 +60,15 @@ def register_sinks(app: faust.App, settings: Settings, topics: Topics, sink: Res
     traced = tracing.ENABLED  # decided once, when the pipeline is built
 
     def agent(topic: faust.TopicT, name: str) -> None:
+        async def write(events: list[EventT]) -> None:
+            if traced:
+                await traced_write(sink, topic.get_topic_name(), events)
+            else:
+                await sink.write([cast(Event, e.value) for e in events])
+
         @app.agent(topic, name=name, concurrency=1)
         async def write_rows(stream: faust.StreamT) -> None:
-            if traced:
-                # take_events (values with their headers) is on the Stream class, not on StreamT.
-                async for events in cast(faust.Stream, stream).take_events(settings.sink_batch_size, within=within):
-                    await until_done(name, lambda: traced_write(sink, topic.get_topic_name(), events))  # noqa: B023
-                return
-            async for batch in stream.take(settings.sink_batch_size, within=within):
-                await until_done(name, lambda: sink.write(batch))  # noqa: B023 - awaited at once
+            await read_ahead(stream, name, write, settings.sink_batch_size, within, wait_each=True)
 
     agent(topics.requests, "sink-requests")
     agent(topics.results, "sink-results")

@@ -12,7 +12,7 @@ from typing import cast
 import faust
 from faust.types import EventT
 
-from streams.agents.readahead import read_ahead
+from streams.agents.readahead import ReadAhead, read_ahead
 from tests.support.wait import wait_for
 
 
@@ -120,3 +120,51 @@ async def test_a_stopping_agent_leaves_the_batch_in_flight_unacked() -> None:
     stream.end()
     await asyncio.wait_for(agent, 5)
     assert stream.acked == []
+
+
+class Held:
+    """A ``ReadAhead`` callback that records its batches and can be held until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def __call__(self, batch: list[int]) -> None:
+        self.batches.append(batch)
+        self.entered.set()
+        await self.release.wait()
+
+
+async def test_wait_each_lets_the_next_batch_gather_for_the_window_after_quick_work() -> None:
+    seen = Held()
+    # The sinks' write is quick: without the window each batch would hold only what arrived during it.
+    ahead = ReadAhead(seen, max_size=3, within_s=60, wait_each=True)
+    for i in range(3):  # a full batch starts at once
+        await ahead.add(i)
+    await asyncio.wait_for(seen.entered.wait(), 5)
+    await ahead.add(3)  # read ahead while the first batch is processed
+    seen.release.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert (
+        seen.batches == [[0, 1, 2]] and ahead.pending == 1
+    )  # [3] waits for the window or a full batch
+    await ahead.add(4)
+    await ahead.add(5)
+    await wait_for(lambda: len(seen.batches) == 2, timeout=5, what="the full second batch")
+    assert seen.batches == [[0, 1, 2], [3, 4, 5]]
+    await ahead.stop()
+
+
+async def test_without_wait_each_the_next_batch_starts_as_soon_as_one_is_done() -> None:
+    seen = Held()
+    ahead = ReadAhead(seen, max_size=3, within_s=60)
+    for i in range(3):
+        await ahead.add(i)
+    await asyncio.wait_for(seen.entered.wait(), 5)
+    await ahead.add(3)
+    seen.release.set()
+    await wait_for(lambda: len(seen.batches) == 2, timeout=5, what="the read-ahead batch")
+    assert seen.batches == [[0, 1, 2], [3]]
+    await ahead.stop()
