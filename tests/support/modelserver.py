@@ -10,7 +10,8 @@ Typical use::
     finally:
         stop_modelserver(proc)
 
-or ``async with running_modelserver("--no-embeddings") as url: ...``.
+or ``async with running_modelserver("--no-embeddings") as url: ...``; for unit tests of the wire
+format, ``async with in_process_generator() as srv: ... base_url(srv)`` runs it in this process.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp.test_utils import TestServer
 
 from devtools.localbroker import free_port
 
@@ -128,7 +130,9 @@ async def running_modelserver(*args: str, startup_timeout: float = 90.0) -> Asyn
 
 
 @asynccontextmanager
-async def model_faults(http: aiohttp.ClientSession, model_base_url: str, **faults: Any) -> AsyncIterator[None]:
+async def model_faults(
+    http: aiohttp.ClientSession, model_base_url: str, **faults: Any
+) -> AsyncIterator[None]:
     """Change the shared model server's faults (``POST /admin/faults``) for a block; always put them back."""
     url = model_base_url + "/admin/faults"
     async with http.get(url) as r:
@@ -140,3 +144,22 @@ async def model_faults(http: aiohttp.ClientSession, model_base_url: str, **fault
     finally:
         async with http.post(url, json={**saved, "fail_next": 0}) as r:
             assert r.status == 200
+
+
+@asynccontextmanager
+async def in_process_generator() -> AsyncIterator[TestServer]:
+    """The reference model server in this process (aiohttp's TestServer), without the embedding model."""
+    from modelserver.app import build_app
+    from modelserver.config import ServerConfig
+
+    srv = TestServer(build_app(ServerConfig(embeddings=False)), host=HOST)
+    await srv.start_server()
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+def base_url(srv: TestServer) -> str:
+    """Its OpenAI base URL (``.../v1``)."""
+    return f"http://{HOST}:{srv.port}/v1"

@@ -19,10 +19,10 @@ from bridges.clients.model import ModelClient, generation_call, is_chat
 from inferstream.errors import FatalModelError, RetryableModelError
 from inferstream.routes import parse_routes
 from inferstream.settings import Settings
-from modelserver.app import SERVER_KEY, build_app
-from modelserver.config import ServerConfig
+from modelserver.app import SERVER_KEY
 from modelserver.generator import complete, complete_chat
 from schemas.records import InferenceRequest
+from tests.support.modelserver import base_url, in_process_generator
 from workers.endpoint import Endpoint
 from workers.job import _operation
 from workers.worker import _cancel_ids
@@ -36,21 +36,13 @@ PAIRS = [(m["role"], m["content"]) for m in MESSAGES]
 
 @pytest.fixture
 async def server() -> AsyncIterator[TestServer]:
-    srv = TestServer(build_app(ServerConfig(embeddings=False)), host="127.0.0.1")
-    await srv.start_server()
-    try:
+    async with in_process_generator() as srv:
         yield srv
-    finally:
-        await srv.close()
-
-
-def _base(srv: TestServer) -> str:
-    return f"http://127.0.0.1:{srv.port}/v1"
 
 
 @pytest.fixture
 async def client(server: TestServer) -> AsyncIterator[ModelClient]:
-    c = ModelClient(Settings(), base_url=_base(server))
+    c = ModelClient(Settings(), base_url=base_url(server))
     try:
         yield c
     finally:
@@ -120,7 +112,7 @@ async def test_the_latency_knob_applies_to_chat(server: TestServer, client: Mode
 async def _chat_frames(srv: TestServer, body: dict[str, Any]) -> list[dict[str, Any]]:
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{_base(srv)}/chat/completions", json=body) as resp,
+        session.post(f"{base_url(srv)}/chat/completions", json=body) as resp,
     ):
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
@@ -180,7 +172,7 @@ async def test_the_endpoint_sends_messages_to_chat_with_the_default_max_tokens(
     server: TestServer,
 ) -> None:
     settings = Settings(namespace="tchat", default_max_tokens=6)
-    endpoint = _endpoint(_base(server), settings)
+    endpoint = _endpoint(base_url(server), settings)
     rendered = ["system: You answer briefly.", "user: What is a stream?"]
     try:
         result, usage, backend = await endpoint.infer(rendered, {"messages": MESSAGES})

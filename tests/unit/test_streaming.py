@@ -15,8 +15,7 @@ from bridges.clients.model import ModelClient
 from bridges.clients.redis import CacheUnavailable
 from inferstream.errors import FatalModelError, RetryableModelError
 from inferstream.settings import Settings
-from modelserver.app import SERVER_KEY, build_app
-from modelserver.config import ServerConfig
+from modelserver.app import SERVER_KEY
 from modelserver.generator import complete
 from modelserver.streaming import pieces
 from streams.gateway.sse import (
@@ -25,6 +24,7 @@ from streams.gateway.sse import (
     parse_cursor,
     streams_output,
 )
+from tests.support.modelserver import base_url, in_process_generator
 from tests.support.wait import wait_for
 from workers.streaming import OutputStream, wants_stream
 
@@ -33,22 +33,14 @@ PROMPT = "tell me about streams"
 
 @pytest.fixture
 async def server() -> AsyncIterator[TestServer]:
-    srv = TestServer(build_app(ServerConfig(embeddings=False)), host="127.0.0.1")
-    await srv.start_server()
-    try:
+    async with in_process_generator() as srv:
         yield srv
-    finally:
-        await srv.close()
-
-
-def _base(srv: TestServer) -> str:
-    return f"http://127.0.0.1:{srv.port}/v1"
 
 
 async def _raw_stream(srv: TestServer, body: dict[str, Any]) -> list[bytes]:
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{_base(srv)}/completions", json=body) as resp,
+        session.post(f"{base_url(srv)}/completions", json=body) as resp,
     ):
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
@@ -94,7 +86,7 @@ def test_pieces_concatenate_to_the_text() -> None:
 async def test_the_client_hands_over_each_delta_and_returns_text_and_usage(
     server: TestServer,
 ) -> None:
-    client = ModelClient(Settings(), base_url=_base(server))
+    client = ModelClient(Settings(), base_url=base_url(server))
     deltas: list[str] = []
 
     async def on_delta(text: str) -> None:
@@ -112,7 +104,7 @@ async def test_the_client_hands_over_each_delta_and_returns_text_and_usage(
 
 
 async def test_the_client_maps_stream_errors(server: TestServer) -> None:
-    client = ModelClient(Settings(), base_url=_base(server))
+    client = ModelClient(Settings(), base_url=base_url(server))
 
     async def ignore(text: str) -> None:
         pass
@@ -130,7 +122,7 @@ async def test_the_client_maps_stream_errors(server: TestServer) -> None:
 async def test_a_client_that_goes_away_stops_the_generation(server: TestServer) -> None:
     model = server.app[SERVER_KEY]
     model.faults.update({"token_latency_ms": 50})
-    client = ModelClient(Settings(), base_url=_base(server))
+    client = ModelClient(Settings(), base_url=base_url(server))
     first = asyncio.Event()
 
     async def on_delta(text: str) -> None:
