@@ -45,11 +45,15 @@ CallbackUrl = Annotated[
 ]
 
 
+MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)]
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+
+
 class Params(Struct):
     """Model parameters; fields other than these are passed to the model service as they are."""
 
-    max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
-    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
     stream: bool | None = None  # generate: stream the text as it is made (`output` events)
 
 

@@ -26,7 +26,7 @@ from msgspec import Meta, Struct
 
 from inferstream.errors import InvalidRequest
 from inferstream.tokens import estimate_tokens
-from schemas.api import MAX_INPUTS, MAX_TOKENS_LIMIT, _nul_at
+from schemas.api import MAX_INPUTS, MAX_TOKENS_LIMIT, MaxTokens, Temperature, Text, _nul_at
 from schemas.records import Task
 
 ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions")
@@ -38,11 +38,7 @@ TASK_OF: dict[str, str] = {
 MAX_LISTED = 100  # problems listed in a 400; the message gives the count of all of them
 MAX_STOP = 4
 
-_NOT_BLANK = r"\S"
-Text = Annotated[str, Meta(pattern=_NOT_BLANK)]
 Model = Annotated[str, Meta(min_length=1)]
-MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)]
-Temperature = Annotated[float, Meta(ge=0, le=2)]
 TopP = Annotated[float, Meta(ge=0, le=1)]
 Stop = Annotated[str, Meta(min_length=1)] | Annotated[list[str], Meta(max_length=MAX_STOP)]
 One = Literal[1]
