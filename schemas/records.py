@@ -132,6 +132,7 @@ class ResultEvent(
     backend: str | None = None
     webhook_events: list[str] | None = None  # the request's, repeated like callback_url
     batch_id: str | None = None  # the request's, repeated: settlement counts the batch's progress by it
+    batch_line: int | None = None  # the request's, repeated: the line whose progress bit it sets
 
     @property
     def is_terminal(self) -> bool:
@@ -161,5 +162,6 @@ class ResultEvent(
             webhook_events=req.webhook_events,
             dispatched_at=req.dispatched_at,
             batch_id=req.batch_id,
+            batch_line=req.batch_line,
             **extra,
         )

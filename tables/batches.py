@@ -30,7 +30,6 @@ from typing import Any
 from faust.types import EventT
 
 from inferstream import clock
-from inferstream.ids import batch_line_id
 from schemas.records import ResultEvent
 from tables.acked import changelog_written
 from tables.reservations import SEP, user_of
@@ -136,11 +135,6 @@ def with_status(entry: Entry, status: str, now: float) -> Entry:
     return new
 
 
-def line_index(batch_id: str, lines: int) -> dict[str, int]:
-    """Request id -> line of every line of a batch (the ids are hashes: computed once, ~10 ms per 10,000)."""
-    return {batch_line_id(batch_id, i): i for i in range(lines)}
-
-
 def apply_results(entry: Entry, results: Iterable[tuple[int, str, int]]) -> Entry | None:
     """``entry`` after terminal results ``(line, status, offset)`` in log order; None if nothing changed.
 
@@ -221,7 +215,6 @@ class BatchBook:
     ) -> None:
         self.table = table
         self.now = now
-        self._index: dict[str, dict[str, int]] = {}  # batch id -> request id -> line (memory only)
         self._cancelled: set[str] = set()  # keys known cancelled (a cancel never goes back)
         self._not_cancelled: dict[str, float] = {}  # key -> when read as not cancelled
         # Batches whose creation is between its first write and its answer: the runner leaves them alone
@@ -247,7 +240,6 @@ class BatchBook:
         key = batch_key(batch_id, user_id)
         if key in self.table:
             del self.table[key]
-        self._index.pop(batch_id, None)
 
     def started(self, user_id: str, batch_id: str) -> Entry | None:
         """``validating`` -> ``in_progress``: recorded in PostgreSQL, the writer may write its lines."""
@@ -322,28 +314,20 @@ class BatchBook:
             {**entry, "output_file_id": output_file_id, "error_file_id": error_file_id, "errors": errors},
             status, self.now(),
         )  # fmt: skip
-        self._index.pop(batch_id, None)
         return self._put(batch_key(batch_id, user_id), new)
 
-    def _lines_of(self, batch_id: str, lines: int) -> dict[str, int]:
-        index = self._index.get(batch_id)
-        if index is None:
-            index = self._index[batch_id] = line_index(batch_id, lines)
-        return index
-
-    def apply(self, found: Iterable[tuple[str, str, str, str, int]]) -> list[str]:
-        """Terminal results ``(user_id, batch_id, request_id, status, offset)`` in log order applied to
+    def apply(self, found: Iterable[tuple[str, str, int, str, int]]) -> list[str]:
+        """Terminal results ``(user_id, batch_id, line, status, offset)`` in log order applied to
         their entries (synchronously); the keys written."""
-        per_key: dict[str, list[tuple[str, str, int]]] = {}
-        for user, batch_id, request_id, status, offset in found:
-            per_key.setdefault(batch_key(batch_id, user), []).append((request_id, status, offset))
+        per_key: dict[str, list[tuple[int, str, int]]] = {}
+        for user, batch_id, line, status, offset in found:
+            per_key.setdefault(batch_key(batch_id, user), []).append((line, status, offset))
         changed: list[str] = []
         for key, results in per_key.items():
             entry = self.table.get(key)
             if entry is None or entry["status"] in FINAL:
                 continue  # another worker's batch, or one already final (a late copy changes nothing)
-            index = self._lines_of(batch_of(key), int(entry["lines"]))
-            new = apply_results(entry, ((index.get(rid, -1), st, off) for rid, st, off in results))
+            new = apply_results(entry, results)
             if new is not None:
                 self._put(key, new)
                 changed.append(key)
@@ -362,7 +346,7 @@ class BatchBook:
                     (
                         value.user_id,
                         value.batch_id,
-                        value.request_id,
+                        -1 if value.batch_line is None else value.batch_line,
                         str(value.status),
                         event.message.offset,
                     )

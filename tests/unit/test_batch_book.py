@@ -47,7 +47,7 @@ def entry(lines: int = 10, batch_id: str | None = None, user: str = "u/1") -> di
 def event(e: dict[str, Any], line: int, status: str, offset: int) -> Any:
     value = ResultEvent(
         request_id=batch_line_id(e["batch_id"], line), user_id=e["user_id"], status=status, at=NOW,
-        batch_id=e["batch_id"],
+        batch_id=e["batch_id"], batch_line=line,
     )  # fmt: skip
     return SimpleNamespace(value=value, message=SimpleNamespace(offset=offset))
 
