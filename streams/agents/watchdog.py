@@ -64,6 +64,8 @@ def request_of_row(row: Mapping[str, Any]) -> InferenceRequest:
         callback_url=row.get("callback_url"),
         # Not stored; only changes how a one-text embed answer is shaped.
         input_is_list=len(inputs) != 1,
+        batch_id=row.get("batch_id"),
+        batch_line=row.get("batch_line"),
     )
 
 

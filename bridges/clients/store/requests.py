@@ -52,9 +52,10 @@ class Requests(Aggregate):
         return await self.pool.read(sql, *args)
 
     async def stalled_queued(self, older_than_s: float, limit: int = 500) -> list[dict[str, Any]]:
-        """Rows still ``queued`` ``older_than_s`` after their last change, oldest first (the watchdog's)."""
+        """Rows still ``queued`` ``older_than_s`` after their last change, oldest first (the watchdog's),
+        with their batch and line (a batch line dispatched again must still count for its batch)."""
         return await self.pool.read(
-            f"SELECT {_ROW} FROM requests WHERE status = 'queued'"
+            f"SELECT {_ROW}, batch_id, batch_line FROM requests WHERE status = 'queued'"
             " AND updated_at < now() - make_interval(secs => $2) ORDER BY updated_at LIMIT $1",
             limit_of(limit),
             float(older_than_s),
