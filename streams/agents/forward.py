@@ -119,22 +119,19 @@ def register_forward(
     queue_eta.SHARED.attach(settings, rabbit=rabbit)
 
     async def forward(read: Sequence[EventT]) -> None:
-        routes = (
-            rabbit.route_keys()
-        )  # the routes served now: a reload may add some, and retires others
-        copies: set[str] = (
-            set()
-        )  # batch lines written twice (after a crash of their writer): run once
+        # The routes served now: a reload may add some, and retires others.
+        routes = rabbit.route_keys()
+        copies: set[str] = set()  # batch lines written twice (after a crash of their writer): run once
         confirmed = await book.confirm_requests([logged(e) for e in read], copies)
-        batch = [r for e in read if (r := cast(InferenceRequest, e.value)).request_id not in copies]
         at = clock.now()
-        stopped = [
-            r for r in batch if r.batch_id is not None and batch_cancelled(r.user_id, r.batch_id)
-        ]
-        if stopped:
-            batch = [
-                r for r in batch if r.batch_id is None or not batch_cancelled(r.user_id, r.batch_id)
-            ]
+        batch: list[InferenceRequest] = []
+        stopped: list[InferenceRequest] = []  # lines of cancelled batches: answered, not published
+        for e in read:
+            r = cast(InferenceRequest, e.value)
+            if r.request_id in copies:
+                continue
+            cancelled = r.batch_id is not None and batch_cancelled(r.user_id, r.batch_id)
+            (stopped if cancelled else batch).append(r)
         # The work message says when it was handed off; every later event of the request repeats it.
         routable = [r.derive(dispatched_at=at) for r in batch if (r.task, r.model) in routes]
         if routable and tracing.ENABLED:
