@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import faust
+from faust.types import ProducerT
 
 from inferstream import tracing
 from inferstream.settings import Settings
@@ -19,6 +20,11 @@ class InferstreamApp(faust.App):
         # Run once, before the producer, the consumer or any service starts: a
         # worker that must refuse to run (wrong partition counts) stops here.
         self.preflight: list[Callable[[], Awaitable[object]]] = []
+
+    async def maybe_start_producer(self) -> ProducerT:
+        # Faust's version yields to the event loop on every send (streams.quirks.started_producer).
+        producer = quirks.started_producer(self)
+        return producer if producer is not None else await super().maybe_start_producer()
 
     async def on_first_start(self) -> None:
         await super().on_first_start()
