@@ -7,9 +7,18 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aio_pika
 import pytest
 
-from bridges.clients.rabbitmq import PublishError, RabbitClient, UnknownRoute
+from bridges.clients.rabbitmq import (
+    PERSISTENT,
+    Outgoing,
+    Properties,
+    PublishError,
+    RabbitClient,
+    UnknownRoute,
+    publish_batch,
+)
 from bridges.results_bridge import ResultsBridge
 from devtools.localbroker import free_port
 from inferstream.settings import Settings
@@ -68,6 +77,62 @@ async def test_unknown_route_and_unreachable_broker(rabbit: RabbitClient, settin
     with pytest.raises(PublishError) as info:
         await down.publish_requests([make_req()])
     assert len(info.value.request_ids) == 1
+
+
+def _outgoing(exchange: str, key: str, n: int) -> list[Outgoing]:
+    return [
+        Outgoing(exchange, key, b"x" * i, Properties(delivery_mode=PERSISTENT, message_id=f"m{i}"))
+        for i in range(n)
+    ]
+
+
+async def test_one_write_batch_keeps_aiormqs_confirm_bookkeeping(rabbit: RabbitClient) -> None:
+    """publish_batch registers its messages in aiormq's own confirm state: an unroutable one is
+    returned (and only it fails), aio-pika's own publishes on the same channel stay in step, and
+    nothing is left behind in the channel's bookkeeping."""
+    channel = await rabbit.connect()
+    raw = await channel.get_underlay_channel()
+    queue = rabbit.results_queue_name
+    good = _outgoing("", queue, 5)
+    lost = Outgoing(rabbit.work_exchange_name, "no.such-route", b"{}", Properties(message_id="lost"))
+    outcomes = await publish_batch(channel, [*good[:2], lost, *good[2:]], timeout=10)
+    assert outcomes[:2] == [None, None] and outcomes[3:] == [None, None, None]
+    assert isinstance(outcomes[2], aio_pika.exceptions.PublishError)
+    # aio-pika's per-message path on the same channel right after: its delivery tags follow ours.
+    await channel.default_exchange.publish(aio_pika.Message(b"after", message_id="after"), routing_key=queue)
+    assert await publish_batch(channel, _outgoing("", queue, 3), timeout=10) == [None] * 3
+    assert await publish_batch(channel, [], timeout=10) == []
+    # A body larger than a frame is split into body frames.
+    big = Outgoing("", queue, b"y" * (raw.max_content_size * 2 + 7), Properties(message_id="big"))
+    assert await publish_batch(channel, [big], timeout=10) == [None]
+    bodies = []
+    while (msg := await rabbit.get(queue)) is not None:
+        bodies.append(msg.body)
+    assert bodies == [*(b"x" * i for i in range(5)), b"after", b"", b"x", b"xx", big.body]
+    assert not raw.confirmations and not raw.message_id_delivery_tag
+
+
+async def test_a_batch_whose_channel_is_closed_fails_whole_and_the_channel_comes_back(
+    rabbit: RabbitClient,
+) -> None:
+    """The broker closes the channel (a publish to a missing exchange): every message of the
+    batch gets the channel's error (nothing waits for its timeout), and publish_requests
+    succeeds again once the robust channel has reopened."""
+    channel = await rabbit.connect()
+    missing = [Outgoing("no-such-exchange", "k", b"x", Properties(message_id=f"m{i}")) for i in range(3)]
+    started = time.monotonic()
+    outcomes = await publish_batch(channel, missing, timeout=10)
+    assert all(isinstance(o, aio_pika.exceptions.ChannelNotFoundEntity) for o in outcomes)
+    assert time.monotonic() - started < 5
+
+    async def published() -> bool:
+        try:
+            await rabbit.publish_requests([make_req()])
+        except PublishError:
+            return False
+        return True
+
+    await wait_for(published, timeout=10, what="a publish after the channel reopened")
 
 
 async def test_results_and_dead_letters(rabbit: RabbitClient) -> None:
