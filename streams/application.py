@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import faust
 from faust.types import ProducerT
@@ -30,6 +31,20 @@ class InferstreamApp(faust.App):
         await super().on_first_start()
         for check in self.preflight:
             await check()
+
+
+def lean_consumer_path() -> dict[str, Any]:
+    """Cut Faust's per-message and per-event costs on the consumer path (streams.quirks: deliver_eagerly,
+    yield_every, LeanMonitor, cython_optimizations); returns the app settings it needs."""
+    quirks.deliver_eagerly()
+    quirks.yield_every()
+    return {
+        # Decode a record once for all the agents reading its topic, and take queued events without a
+        # wait: Faust's repaired Cython fast paths, opt-in in 0.15.3.
+        "cython_optimizations": True,
+        # Only the statistics Faust itself reads, not per-event ones for its disabled stats pages.
+        "Monitor": quirks.LeanMonitor,
+    }
 
 
 def build_app(cfg: Settings) -> InferstreamApp:
@@ -66,4 +81,5 @@ def build_app(cfg: Settings) -> InferstreamApp:
         web_cors_options=None,
         # Standbys shorten fail-over: the survivor already holds the quota state.
         table_standby_replicas=1,
+        **lean_consumer_path(),
     )

@@ -44,16 +44,69 @@ requests for 20,001 records in a micro-benchmark): 90-95 us of CPU per record
 against 26-29 us without the trip, and as many requests for the broker to
 answer. :class:`streams.application.InferstreamApp` returns the started
 producer directly and leaves the stampede to the first start.
+
+``deliver_eagerly``: Faust's consumer hands each fetched message to the
+conductor through mode's ``Service.wait_first(callback(message),
+suspend_flow.wait())``, which wraps the callback, the suspend event and the
+consumer's stopped and crashed events in four new tasks, waits for the first,
+and cancels the other three: about 15 event-loop callbacks per message, while
+the callback almost always finishes without suspending (it decodes the record
+and puts the event in each agent's queue; 94% of 20,000 messages in the
+micro-benchmark). The consumer's ``wait_first`` now steps the callback once by
+hand; if it finishes, that is the answer (no task, no loop trip); if it
+suspends (a full agent queue, flow control during a rebalance), the rest of it
+runs in a task raced against the same events by mode's own ``wait_first``, as
+before.
+
+``yield_every``: Faust's Cython stream iterator (``faust/_cython/streams.pyx``,
+``StreamIterator.next``) begins every event with ``await sleep(0)``, a trip
+through the event loop per event per agent, even when the agent's queue holds
+more events. The name ``sleep`` in that module now resolves to one that yields
+once every ``STREAM_YIELD_EVERY`` (64) calls: an agent still lets the loop run
+at least every 64 events, and whenever its queue is empty it waits on the
+queue as before (Faust's own drain loop yields every 100 messages).
+
+``LeanMonitor``: Faust's default ``Monitor`` sensor records stats on every
+message in and out, every stream event in and out (two dictionaries, a counter
+keyed by the stream's and the task's ``str``, two clock reads, a state dict),
+every send and every table read or write; only Faust's web stats pages read
+them, and those are off. The lean monitor keeps what Faust itself reads (the
+per-partition inbound time its stall detector checks, commit and end offsets)
+and skips the rest.
+
+``cython_optimizations=True`` (a Faust setting, not a patch; see
+:func:`streams.application.build_app`): faust-streaming 0.15.3 ships two
+repaired Cython fast paths behind it, off by default: the conductor decodes a
+record once for every agent reading its topic with the same key and value
+types (the pure-Python conductor always did; the Cython one decoded it again
+per agent: the forward and sink-requests agents read the requests topic,
+settle and sink-results the results topic), and the stream iterator takes an
+event already in its queue without awaiting the queue. Our agents never
+modify an event's value (they derive copies), so sharing it is safe.
+
+Measured with ``python -m bench.faust_events`` (20,000 records read from a
+backlog by two read-ahead agents, uvloop, one process): 126, 136 and 79 us of
+CPU per consumed event with none of the four (``--variant before``), 49, 41
+and 40 us with all four, alternated. One at a time, against 106 and 84 us
+without (earlier experimental versions, noisy): deliver_eagerly 72 and 66,
+cython_optimizations 68, dropping the Monitor sensor 92 and 93, yielding
+every 100 events 100; the four together 40.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable
+import types
+from collections.abc import Coroutine, Generator, Iterable
+from time import monotonic
 from typing import Any, cast
 
 import faust
+from faust.sensors import Monitor
+from faust.types import TP, EventT, StreamT
 from mode import ServiceT
+from mode.services import WaitResults
 
 from streams import logread
 
@@ -74,6 +127,107 @@ def set_fetch_max_wait(fetch_max_wait_ms: int) -> None:
 
     create_consumer.__wrapped__ = original  # type: ignore[attr-defined]
     thread._create_consumer = create_consumer  # type: ignore[method-assign]
+
+
+@types.coroutine
+def _resumed(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """The rest of ``coro``, which was stepped once by hand and yielded ``yielded`` (a future it waits on,
+    or None for a bare yield): the awaiting task first waits on that, then ``coro`` continues as if it
+    had been a task's from the start (a cancellation is thrown into it)."""
+    try:
+        yield yielded
+    except BaseException as exc:
+        try:
+            again = coro.throw(exc)
+        except StopIteration as done:
+            return done.value
+        return (yield from _resumed(coro, again))
+    return (yield from coro)
+
+
+async def _continued(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    return await _resumed(coro, yielded)
+
+
+def deliver_eagerly() -> None:
+    """Make Faust's consumer run each message's conductor callback directly when it does not suspend,
+    instead of in a task raced against three others (``Consumer.wait_first``, called per message by
+    ``Consumer._drain_messages``)."""
+    from faust.transport.consumer import Consumer
+
+    original = getattr(Consumer.wait_first, "__wrapped__", Consumer.wait_first)
+
+    async def wait_first(self: Any, *coros: Any, timeout: Any = None) -> WaitResults:
+        first = coros[0] if coros else None
+        if not asyncio.iscoroutine(first) or self._stopped.is_set() or self._crashed.is_set():
+            return await original(self, *coros, timeout=timeout)
+        try:
+            yielded = first.send(None)
+        except StopIteration as done:
+            for other in coros[1:]:
+                if asyncio.iscoroutine(other):
+                    other.close()  # never started: closing it only avoids "never awaited"
+            return WaitResults([first], [done.value], False)
+        return await original(self, _continued(first, yielded), *coros[1:], timeout=timeout)
+
+    wait_first.__wrapped__ = original  # type: ignore[attr-defined]
+    Consumer.wait_first = wait_first  # type: ignore[method-assign]
+
+
+STREAM_YIELD_EVERY = 64
+
+
+def yield_every(n: int = STREAM_YIELD_EVERY) -> None:
+    """Make Faust's Cython stream iterator yield to the event loop once every ``n`` events, not before each."""
+    from faust._cython import streams as cstreams
+
+    original = getattr(cstreams.sleep, "__wrapped__", cstreams.sleep)
+    calls = 0
+
+    async def sleep(delay: float, result: Any = None) -> Any:
+        nonlocal calls
+        calls += 1
+        if delay or calls >= n:
+            calls = 0
+            return await original(delay, result)
+        return result
+
+    sleep.__wrapped__ = original  # type: ignore[attr-defined]
+    cstreams.sleep = sleep
+
+
+class LeanMonitor(Monitor):
+    """Faust's Monitor without the per-message and per-event statistics nothing here reads; it keeps
+    ``stream_inbound_time``, which Faust's stall detector (``verify_event_path``) checks."""
+
+    def on_message_in(self, tp: TP, offset: int, message: Any) -> None:
+        pass
+
+    def on_stream_event_in(
+        self, tp: TP, offset: int, stream: StreamT, event: EventT
+    ) -> dict[str, Any] | None:
+        self.stream_inbound_time[tp] = monotonic()
+        return None  # no state: on_stream_event_out has nothing to time
+
+    def on_message_out(self, tp: TP, offset: int, message: Any) -> None:
+        pass
+
+    def on_send_initiated(
+        self, producer: Any, topic: str, message: Any, keysize: int, valsize: int
+    ) -> Any:
+        return None
+
+    def on_send_completed(self, producer: Any, state: Any, metadata: Any) -> None:
+        pass
+
+    def on_table_get(self, table: Any, key: Any) -> None:
+        pass
+
+    def on_table_set(self, table: Any, key: Any, value: Any) -> None:
+        pass
+
+    def on_table_del(self, table: Any, key: Any) -> None:
+        pass
 
 
 def started_producer(app: faust.App) -> Any | None:
