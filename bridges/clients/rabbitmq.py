@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import aio_pika
 import aiormq
@@ -76,8 +76,9 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
     RuntimeError,
     asyncio.TimeoutError,
 )
-# A coroutine function runs as a task per delivery; a plain function is called (aio-pika's create_task).
-MessageCallback = Callable[[AbstractIncomingMessage], Awaitable[None] | None]
+# A coroutine function: aio-pika 10 wraps a plain one in a coroutine that warns on every call, formatting
+# the callback's repr (for a bound Queue.put_nowait, every message waiting in the queue: measured, reverted).
+MessageCallback = Callable[[AbstractIncomingMessage], Awaitable[None]]
 # Several result events in one message: one JSON object a line (orjson never writes a raw newline).
 RESULTS_BATCH_TYPE = "application/x-ndjson"
 # W3C trace context (inferstream.tracing): one value on a work or single-result message, a list in line order on a batch.
@@ -251,9 +252,7 @@ class Consumer:
 
     async def resume(self) -> None:
         if self._tag is None:
-            # aio-pika's annotation says coroutine function; its create_task also calls a plain one.
-            callback = cast("Callable[[AbstractIncomingMessage], Awaitable[Any]]", self._callback)
-            self._tag = await self.queue.consume(callback, no_ack=False)
+            self._tag = await self.queue.consume(self._callback, no_ack=False)
 
     async def pause(self) -> None:
         """Stop deliveries; messages already delivered stay unacked and can still be acked."""
@@ -612,11 +611,7 @@ class InboxConsumer(Service):
         self._consumer: Consumer | None = None
 
     async def on_start(self) -> None:
-        # put_nowait (the inbox is unbounded; prefetch bounds it): a plain callback, so aio-pika
-        # calls it from a callback instead of starting a task per delivery for Queue.put.
-        self._consumer = await self.rabbit.consumer(
-            self.queue_name, self._inbox.put_nowait, prefetch=self.prefetch
-        )
+        self._consumer = await self.rabbit.consumer(self.queue_name, self._inbox.put, prefetch=self.prefetch)
 
     async def on_stop(self) -> None:
         consumer, self._consumer = self._consumer, None
