@@ -53,18 +53,38 @@ CANCEL_TTL_S = 86_400
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 TERMINAL_RANK = max(STATUS_RANK.values())
+_ARGS_PER_DOC = 5
 _HISTORY_FIELDS = [f"e{rank}" for rank in range(1, TERMINAL_RANK)]
-# Keeps the cache monotonic when events arrive out of order or two sinks race; records the
-# first document of every non-terminal rank, even a late one (the terminal one is ``v``).
-_SET_IF_NOT_OLDER = f"""
-local rank = tonumber(ARGV[1])
-if rank >= 1 and rank < {TERMINAL_RANK} then redis.call('HSETNX', KEYS[1], 'e' .. ARGV[1], ARGV[4]) end
-local cur = redis.call('HGET', KEYS[1], 'r')
-if cur and tonumber(cur) > rank then return 0 end
-redis.call('HSET', KEYS[1], 'r', ARGV[1], 'v', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
+# A whole batch of docs in ONE script call: per doc, ARGV carries rank, value, step, channel and
+# message (after ARGV[1..3]: TTL, cache?, publish?), KEYS its cache key. Caching keeps the entry
+# monotonic when events arrive out of order or two sinks race, and records the first document of
+# every non-terminal rank, even a late one (the terminal one is ``v``); each doc is published
+# after it is cached, whether or not it was newer (a listener drops what it already has).
+# One call instead of two commands per doc: redis-py reads each reply of a pipeline under its own
+# asyncio timeout, and that per-reply work was most of what a sink batch cost here in Redis calls.
+_WRITE = f"""
+local ttl, cache, publish = ARGV[1], ARGV[2] == '1', ARGV[3] == '1'
+for i, key in ipairs(KEYS) do
+  local at = 3 + (i - 1) * {_ARGS_PER_DOC}
+  if cache then
+    local rank = tonumber(ARGV[at + 1])
+    if rank >= 1 and rank < {TERMINAL_RANK} then redis.call('HSETNX', key, 'e' .. ARGV[at + 1], ARGV[at + 3]) end
+    local cur = redis.call('HGET', key, 'r')
+    if not (cur and tonumber(cur) > rank) then
+      redis.call('HSET', key, 'r', ARGV[at + 1], 'v', ARGV[at + 2])
+      redis.call('EXPIRE', key, ttl)
+    end
+  end
+  if publish then redis.call('PUBLISH', ARGV[at + 4], ARGV[at + 5]) end
+end
+return #KEYS
 """
+_APPEND_OUTPUT = """
+redis.call('APPEND', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return redis.call('PUBLISH', ARGV[3], ARGV[4])
+"""
+_WRITE_CHUNK = 200  # docs per script call: a call holds Redis for its whole length (tens of us per doc at most)
 
 
 class CacheUnavailable(InferstreamError):
@@ -147,17 +167,17 @@ class RedisClient(Service):
 
     # ---- streamed output ---------------------------------------------------
     async def publish_output(self, request_id: str, delta: str, offset: int) -> None:
-        """Append ``delta`` to the text so far and publish it, atomically (MULTI/EXEC): a reader
+        """Append ``delta`` to the text so far and publish it, atomically (one script): a reader
         that subscribed before reading the text sees every delta either in it or after it."""
         redis = await self._client()
         message = orjson.dumps({"request_id": request_id, "output": {"delta": delta, "offset": offset}})
         key = self.output_key(request_id)
         with _guard("publish_output"):
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.append(key, delta.encode())
-                pipe.expire(key, self.settings.result_ttl_s)
-                pipe.publish(self.channel(request_id), message)
-                await pipe.execute()
+            # One script call is as atomic as MULTI/APPEND/EXPIRE/PUBLISH/EXEC and has one reply, not five.
+            await redis.eval(
+                _APPEND_OUTPUT, 1, key, delta.encode(), self.settings.result_ttl_s,
+                self.channel(request_id), message,
+            )  # fmt: skip
 
     async def output_so_far(self, request_id: str) -> str:
         """The text a streamed generation has produced so far ("" when none, or no longer kept)."""
@@ -185,21 +205,35 @@ class RedisClient(Service):
         if not docs:
             return
         redis = await self._client()
-        ttl = self.settings.result_ttl_s
+        head: list[Any] = [self.settings.result_ttl_s, 1 if cache else 0, 1 if publish else 0]
+        calls = []
+        for start in range(0, len(docs), _WRITE_CHUNK):
+            keys: list[str] = []
+            args = list(head)
+            for user_id, doc in docs[start : start + _WRITE_CHUNK]:
+                request_id = doc["request_id"]
+                message = orjson.dumps(doc)
+                keys.append(self.doc_key(request_id))
+                if cache:
+                    rank = STATUS_RANK.get(doc["status"], 0)
+                    step = orjson.dumps(step_of(doc)) if rank < TERMINAL_RANK else b""
+                    # {"user_id", "doc"} around the doc's JSON, without encoding the doc again.
+                    value = b'{"user_id":%s,"doc":%s}' % (orjson.dumps(user_id), message)
+                    args += (rank, value, step)
+                else:
+                    args += (0, b"", b"")
+                args += (self.channel(request_id), message if publish else b"")
+            calls.append((keys, args))
         with _guard("write"):
+            if len(calls) == 1:
+                keys, args = calls[0]
+                # EVAL, not EVALSHA: redis-py's Script would add a SCRIPT EXISTS round trip; the
+                # script is sent once per batch, not per doc.
+                await redis.eval(_WRITE, len(keys), *keys, *args)
+                return
             async with redis.pipeline(transaction=False) as pipe:
-                for user_id, doc in docs:
-                    request_id = doc["request_id"]
-                    if cache:
-                        value = orjson.dumps({"user_id": user_id, "doc": doc})
-                        rank = STATUS_RANK.get(doc["status"], 0)
-                        # EVAL, not EVALSHA: redis-py would add a SCRIPT EXISTS round trip per pipeline.
-                        step = orjson.dumps(step_of(doc)) if rank < TERMINAL_RANK else b""
-                        pipe.eval(
-                            _SET_IF_NOT_OLDER, 1, self.doc_key(request_id), rank, value, ttl, step
-                        )
-                    if publish:
-                        pipe.publish(self.channel(request_id), orjson.dumps(doc))
+                for keys, args in calls:
+                    pipe.eval(_WRITE, len(keys), *keys, *args)
                 await pipe.execute()
 
     async def get_doc(self, request_id: str) -> tuple[str, dict[str, Any]] | None:
