@@ -113,6 +113,7 @@ class AdmissionService:
         # One Redis round trip for all the admissions of a tick.
         self._cache_new: Coalesced[OwnedDoc, None] = Coalesced(redis.cache_docs)
         self._timers: dict[str, Any] = {}
+        self._admitted = metrics.ADMISSIONS.labels("admitted")  # a label lookup costs more than inc()
         self.eta = queue_eta.SHARED
         self.eta.attach(settings, redis=redis)
 
@@ -238,7 +239,11 @@ class AdmissionService:
             charged.append(self.idempotency.written(user))
         # ---- awaits from here on ------------------------------------------------
         try:
-            await asyncio.wait_for(self._charge_then_enqueue(req, charged), self.settings.admission_timeout_s)
+            # wait_for, not asyncio.timeout: on Python 3.11 with uvloop the pure-Python Timeout
+            # costs more than wait_for's task (micro-benchmark: ~7 against ~5 us per call).
+            await asyncio.wait_for(
+                self._charge_then_enqueue(req, charged), self.settings.admission_timeout_s
+            )
         except (TimeoutError, KafkaError) as exc:
             # Not in the log, so never processed: give the allowance back.
             log.warning("request %s not written to the log, released: %r", request_id, exc)
@@ -248,7 +253,7 @@ class AdmissionService:
             metrics.ADMISSIONS.labels("unavailable").inc()
             raise Unavailable("the request log is unavailable", retry_after=2) from exc
         self.quota.logged(request_id)
-        metrics.ADMISSIONS.labels("admitted").inc()
+        self._admitted.inc()
         return Admitted(202, answer, headers)
 
     async def _charge_then_enqueue(self, req: InferenceRequest, charged: list[Awaitable[Any]]) -> None:
@@ -258,12 +263,12 @@ class AdmissionService:
         acknowledged can be lost in a kill -9 and the allowance granted again.
         """
         if not tracing.ENABLED:
-            await asyncio.gather(*charged)
+            await _all(charged)
             await self._write_request(req)
             return
         attributes = {"inferstream.request_id": req.request_id}
         with tracing.use(tracing.start("changelog write", attributes=attributes)):
-            await asyncio.gather(*charged)
+            await _all(charged)
         span = tracing.start(
             f"{self.settings.requests_topic} publish", kind=tracing.SpanKind.PRODUCER,
             attributes={**attributes, "messaging.system": "kafka", "messaging.destination.name": self.settings.requests_topic},
@@ -282,8 +287,27 @@ class AdmissionService:
 
     async def _cache_queued(self, req: InferenceRequest) -> None:
         # Read-your-writes for GET right after the 202 (the cache never goes back to an earlier status).
-        row = {**req.asdict(), "status": "queued", "updated_at": req.created_at}
+        # Only the fields request_doc reads (a Record's asdict() copies all twenty).
+        row = {
+            "request_id": req.request_id,
+            "status": "queued",
+            "task": req.task,
+            "model": req.model,
+            "priority": req.priority,
+            "created_at": req.created_at,
+            "updated_at": req.created_at,
+            "estimated_tokens": req.estimated_tokens,
+            "metadata": req.metadata,
+        }
         try:
             await self._cache_new((req.user_id, request_doc(row)))
         except CacheUnavailable as exc:
             log.debug("queued doc of %s not cached: %r", req.request_id, exc)
+
+
+async def _all(acks: list[Awaitable[Any]]) -> None:
+    """Await every ack; the usual single one without ``gather``'s future and callbacks."""
+    if len(acks) == 1:
+        await acks[0]
+    else:
+        await asyncio.gather(*acks)

@@ -43,8 +43,12 @@ def api_key(request: web.Request) -> str | None:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The body, or 413 as soon as it is known to exceed ``limit`` (without reading it all)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"body is larger than {limit} bytes", limit=limit)
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(f"body is larger than {limit} bytes", limit=limit)
+        # aiohttp's parser stops the payload at Content-Length: one read, no chunk loop.
+        return await request.content.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_chunked(65_536):
