@@ -1,0 +1,131 @@
+"""Sink CPU per request with small batches: this process and its PostgreSQL backend, split or merged.
+
+``bench/sink.py`` measures rows/s with large batches; under ``bench.cpu`` the sink agents
+write a few events per batch, so what counts there is the CPU of each small upsert. This
+writes ``--requests`` requests through :class:`bridges.sink.ResultSink` (no ``on_applied``
+work) in groups of ``--batch``: with ``--mode split`` each group is two writes, as the two
+sink agents do (the queued events; then the dispatched and completed ones), with ``merged``
+one write of all three (what one agent reading both topics could write). It prints CPU ms per
+request of this process and of the pool's one PostgreSQL backend (``/proc/PID/stat``; needs
+PostgreSQL on this machine), and wall time. The schema is fresh, so the table grows from
+empty, as in ``bench.cpu``; the upsert's plan, and so its cost, depends on that size.
+
+    .venv/bin/python bench/sink_cpu.py [--requests 3000] [--batch 4] [--mode split|merged]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bridges.clients.store import Store
+from bridges.clients.store.rows import Event
+from bridges.sink import ResultSink
+from inferstream.ids import new_request_id
+from inferstream.settings import Settings
+from schemas.migrate import migrate
+from schemas.records import InferenceRequest, ResultEvent
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def requests_from(n: int, t0: float) -> list[InferenceRequest]:
+    return [
+        InferenceRequest(
+            request_id=new_request_id(t0 + i / 1e4),
+            user_id=f"user{i % 50}",
+            task="generate",
+            model="sim-gpt",
+            input=[f"prompt number {i} with a few words in it"],
+            estimated_tokens=270,
+            created_at=t0 + i / 1e4,
+            quota_day="2027-01-15",
+            params={"max_tokens": 256},
+            metadata={"n": i},
+        )
+        for i in range(n)
+    ]
+
+
+async def nothing(rows: list[dict[str, Any]]) -> None:
+    return None
+
+
+async def run(sink: ResultSink, n: int, batch: int, merged: bool, t0: float) -> None:
+    reqs = requests_from(n, t0)
+    for i in range(0, n, batch):
+        queued: list[Event] = list(reqs[i : i + batch])
+        results: list[Event] = []
+        for r in reqs[i : i + batch]:
+            results.append(ResultEvent.for_request(r, "dispatched", r.created_at + 0.01))
+        for r in reqs[i : i + batch]:
+            results.append(
+                ResultEvent.for_request(
+                    r,
+                    "completed",
+                    r.created_at + 0.02,
+                    result={"text": "lorem ipsum " * 20},
+                    usage={"total_tokens": 250},
+                    attempts=1,
+                    started_at=r.created_at + 0.015,
+                )  # fmt: skip
+            )
+        if merged:
+            await sink.write(queued + results)
+        else:
+            await sink.write(queued)
+            await sink.write(results)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", default=Settings().postgres_dsn)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=4, help="requests per group")
+    parser.add_argument("--mode", choices=("split", "merged"), default="split")
+    args = parser.parse_args()
+
+    schema = f"bench{uuid.uuid4().hex[:8]}"
+    await migrate(args.dsn, schema)
+    store = Store(Settings(namespace=schema, postgres_dsn=args.dsn), min_size=1, max_size=1)
+    sink = ResultSink(Settings(), store.requests, nothing)
+    merged = args.mode == "merged"
+    try:
+        pool = await store.connect()
+        backend = int(await pool.fetchval("SELECT pg_backend_pid()"))
+        await run(sink, 300, args.batch, merged, time.time() - 10_000)  # warm up
+        writes = sink.batches_written
+        c0, p0, w0 = time.process_time(), cpu_s(backend), time.perf_counter()
+        await run(sink, args.requests, args.batch, merged, time.time())
+        c1, p1, w1 = time.process_time(), cpu_s(backend), time.perf_counter()
+    finally:
+        await store.close()
+        conn = await asyncpg.connect(args.dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        finally:
+            await conn.close()
+    n = args.requests
+    print(
+        f"{args.mode}, {args.batch} requests per group, {n} requests, "
+        f"{sink.batches_written - writes} writes: this process {1000 * (c1 - c0) / n:.3f} ms/request, "
+        f"PostgreSQL backend {1000 * (p1 - p0) / n:.3f} ms/request, wall {1000 * (w1 - w0) / n:.3f} ms/request"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
