@@ -87,10 +87,10 @@ modify an event's value (they derive copies), so sharing it is safe.
 Measured with ``python -m bench.faust_events`` (20,000 records read from a
 backlog by two read-ahead agents, uvloop, one process): 126, 136 and 79 us of
 CPU per consumed event with none of the four (``--variant before``), 49, 41
-and 40 us with all four, alternated. One at a time, against 106 and 84 us
-without (earlier experimental versions, noisy): deliver_eagerly 72 and 66,
-cython_optimizations 68, dropping the Monitor sensor 92 and 93, yielding
-every 100 events 100; the four together 40. ``bench.cpu --topology split``,
+and 40 us with all four, alternated. One at a time (one run each, in a row,
+under the benchmark lock): none 80.1 us, deliver_eagerly 65.2,
+yield_every 74.8, LeanMonitor 77.0, cython_optimizations 63.2, all four 28.8
+(each small one weighs more once the large ones are gone). ``bench.cpu --topology split``,
 alternated in clean clones (a, b, a, b): pipeline worker 4.43 and 5.05 ms per
 request before, 3.16 and 3.02 after; all processes 9.08 and 10.56 ms before,
 6.70 and 6.34 after (PostgreSQL and Tansu less too: the agents keep up, so
