@@ -57,6 +57,7 @@ class OwnerRouter(Service):
         self.table = table
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._own: tuple[str, int] | None = None  # this worker's (host, port): canonical_url is fixed at start
 
     def _ident(self, url: URL) -> tuple[str, int]:
         return (url.host or "", int(url.port or 80))
@@ -72,7 +73,9 @@ class OwnerRouter(Service):
             url = app.router.key_store(self.table.name, user_id)
         except (KeyError, IndexError):
             raise Unavailable("no worker owns this user's partition yet", retry_after=1) from None
-        if self._ident(url) != self._ident(URL(app.conf.canonical_url)):
+        if self._own is None:
+            self._own = self._ident(URL(app.conf.canonical_url))
+        if self._ident(url) != self._own:
             return url
         if not app.assignor.is_active(changelog_partition(self.table, user_id)):
             raise Unavailable("this worker is taking over the user's partition", retry_after=1)
