@@ -31,9 +31,9 @@ from schemas.records import InferenceRequest, ResultEvent
 STAGES = ("queued", "dispatched", "running", "completed")
 
 
-def make_stages(n: int, t0: float) -> list[list[Event]]:
-    """Four lists of n events: every request's queued, then dispatched, running, completed events."""
-    reqs = [
+def sample_requests(n: int, t0: float) -> list[InferenceRequest]:
+    """``n`` generate requests of 50 users, admitted 0.1 ms apart from ``t0`` (also bench/sink_cpu.py's)."""
+    return [
         InferenceRequest(
             request_id=new_request_id(t0 + i / 1e4),
             user_id=f"user{i % 50}",
@@ -48,6 +48,11 @@ def make_stages(n: int, t0: float) -> list[list[Event]]:
         )
         for i in range(n)
     ]
+
+
+def make_stages(n: int, t0: float) -> list[list[Event]]:
+    """Four lists of n events: every request's queued, then dispatched, running, completed events."""
+    reqs = sample_requests(n, t0)
     stages: list[list[Event]] = [list(reqs)]
     for k, status in enumerate(STAGES[1:], start=1):
         extra = (

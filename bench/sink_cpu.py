@@ -28,13 +28,13 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.sink import sample_requests
 from bridges.clients.store import Store
 from bridges.clients.store.rows import Event
 from bridges.sink import ResultSink
-from inferstream.ids import new_request_id
 from inferstream.settings import Settings
 from schemas.migrate import migrate
-from schemas.records import InferenceRequest, ResultEvent
+from schemas.records import ResultEvent
 
 
 def cpu_s(pid: int) -> float:
@@ -43,30 +43,12 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def requests_from(n: int, t0: float) -> list[InferenceRequest]:
-    return [
-        InferenceRequest(
-            request_id=new_request_id(t0 + i / 1e4),
-            user_id=f"user{i % 50}",
-            task="generate",
-            model="sim-gpt",
-            input=[f"prompt number {i} with a few words in it"],
-            estimated_tokens=270,
-            created_at=t0 + i / 1e4,
-            quota_day="2027-01-15",
-            params={"max_tokens": 256},
-            metadata={"n": i},
-        )
-        for i in range(n)
-    ]
-
-
 async def nothing(rows: list[dict[str, Any]]) -> None:
     return None
 
 
 async def run(sink: ResultSink, n: int, batch: int, merged: bool, t0: float) -> None:
-    reqs = requests_from(n, t0)
+    reqs = sample_requests(n, t0)
     for i in range(0, n, batch):
         queued: list[Event] = list(reqs[i : i + batch])
         results: list[Event] = []
