@@ -15,6 +15,8 @@ import asyncio
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -29,6 +31,21 @@ from schemas.migrate import migrate
 from schemas.records import InferenceRequest, ResultEvent
 
 STAGES = ("queued", "dispatched", "running", "completed")
+
+
+@asynccontextmanager
+async def scratch_schema(dsn: str) -> AsyncIterator[str]:
+    """A new schema with every migration applied for the block, dropped afterwards (also bench/sink_cpu.py's)."""
+    schema = f"bench{uuid.uuid4().hex[:8]}"
+    await migrate(dsn, schema)
+    try:
+        yield schema
+    finally:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        finally:
+            await conn.close()
 
 
 def sample_requests(n: int, t0: float) -> list[InferenceRequest]:
@@ -85,20 +102,16 @@ async def main() -> None:
     )
     args = parser.parse_args()
 
-    schema = f"bench{uuid.uuid4().hex[:8]}"
-    await migrate(args.dsn, schema)
-    store = Store(Settings(namespace=schema, postgres_dsn=args.dsn))
-    try:
-        await run(store, make_stages(200, time.time() - 10_000), 100)  # warm the pool and plans
-        batched, changed_b = await run(store, make_stages(args.rows, time.time()), args.batch)
-        single, changed_s = await run(store, make_stages(args.single_rows, time.time() + 1000), 1)
-    finally:
-        await store.close()
-        conn = await asyncpg.connect(args.dsn)
+    async with scratch_schema(args.dsn) as schema:
+        store = Store(Settings(namespace=schema, postgres_dsn=args.dsn))
         try:
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            await run(store, make_stages(200, time.time() - 10_000), 100)  # warm the pool and plans
+            batched, changed_b = await run(store, make_stages(args.rows, time.time()), args.batch)
+            single, changed_s = await run(
+                store, make_stages(args.single_rows, time.time() + 1000), 1
+            )
         finally:
-            await conn.close()
+            await store.close()
     assert changed_b == 4 * args.rows and changed_s == 4 * args.single_rows, (
         "every event is a transition"
     )

@@ -17,30 +17,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sink import sample_requests
+from bench.cpu import cpu_ms
+from bench.sink import sample_requests, scratch_schema
 from bridges.clients.store import Store
 from bridges.clients.store.rows import Event
 from bridges.sink import ResultSink
 from inferstream.settings import Settings
-from schemas.migrate import migrate
 from schemas.records import ResultEvent
-
-
-def cpu_s(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def nothing(rows: list[dict[str, Any]]) -> None:
@@ -81,26 +71,20 @@ async def main() -> None:
     parser.add_argument("--mode", choices=("split", "merged"), default="split")
     args = parser.parse_args()
 
-    schema = f"bench{uuid.uuid4().hex[:8]}"
-    await migrate(args.dsn, schema)
-    store = Store(Settings(namespace=schema, postgres_dsn=args.dsn), min_size=1, max_size=1)
-    sink = ResultSink(Settings(), store.requests, nothing)
     merged = args.mode == "merged"
-    try:
-        pool = await store.connect()
-        backend = int(await pool.fetchval("SELECT pg_backend_pid()"))
-        await run(sink, 300, args.batch, merged, time.time() - 10_000)  # warm up
-        writes = sink.batches_written
-        c0, p0, w0 = time.process_time(), cpu_s(backend), time.perf_counter()
-        await run(sink, args.requests, args.batch, merged, time.time())
-        c1, p1, w1 = time.process_time(), cpu_s(backend), time.perf_counter()
-    finally:
-        await store.close()
-        conn = await asyncpg.connect(args.dsn)
+    async with scratch_schema(args.dsn) as schema:
+        store = Store(Settings(namespace=schema, postgres_dsn=args.dsn), min_size=1, max_size=1)
+        sink = ResultSink(Settings(), store.requests, nothing)
         try:
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            pool = await store.connect()
+            backend = int(await pool.fetchval("SELECT pg_backend_pid()"))
+            await run(sink, 300, args.batch, merged, time.time() - 10_000)  # warm up
+            writes = sink.batches_written
+            c0, p0, w0 = time.process_time(), cpu_ms(backend) / 1000, time.perf_counter()
+            await run(sink, args.requests, args.batch, merged, time.time())
+            c1, p1, w1 = time.process_time(), cpu_ms(backend) / 1000, time.perf_counter()
         finally:
-            await conn.close()
+            await store.close()
     n = args.requests
     print(
         f"{args.mode}, {args.batch} requests per group, {n} requests, "
