@@ -452,7 +452,7 @@ class RabbitClient(Service):
         normal = PRIORITY_LEVEL["normal"]
         outcomes = await self._publish_all([
             Outgoing(
-                exchange, f"{req.task}.{req.model}", req.to_bytes(),
+                exchange, self.routing_key(req.task, req.model), req.to_bytes(),
                 Properties(
                     delivery_mode=PERSISTENT, message_id=req.request_id,
                     priority=PRIORITY_LEVEL.get(req.priority, normal), content_type="application/json",
@@ -497,10 +497,7 @@ class RabbitClient(Service):
             ])  # fmt: skip
         except AMQP_ERRORS as exc:
             raise PublishError(f"not confirmed: {exc!r}", request_ids=[rid]) from exc
-        if outcome is not None:
-            if not isinstance(outcome, AMQP_ERRORS):
-                raise outcome
-            raise PublishError(f"not confirmed: {outcome!r}", request_ids=[rid]) from outcome
+        self._raise_unconfirmed([rid], [outcome])
 
     async def publish_result(self, event: ResultEvent, trace: str | None = None) -> None:
         """Publish one status change to the results queue; returns once confirmed."""
