@@ -287,18 +287,7 @@ class AdmissionService:
 
     async def _cache_queued(self, req: InferenceRequest) -> None:
         # Read-your-writes for GET right after the 202 (the cache never goes back to an earlier status).
-        # Only the fields request_doc reads (a Record's asdict() copies all twenty).
-        row = {
-            "request_id": req.request_id,
-            "status": "queued",
-            "task": req.task,
-            "model": req.model,
-            "priority": req.priority,
-            "created_at": req.created_at,
-            "updated_at": req.created_at,
-            "estimated_tokens": req.estimated_tokens,
-            "metadata": req.metadata,
-        }
+        row = {**req.asdict(), "status": "queued", "updated_at": req.created_at}
         try:
             await self._cache_new((req.user_id, request_doc(row)))
         except CacheUnavailable as exc:
