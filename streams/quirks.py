@@ -167,11 +167,13 @@ def deliver_eagerly() -> None:
             return await original(self, *coros, timeout=timeout)
         try:
             yielded = first.send(None)
-        except StopIteration as done:
+        except BaseException as ended:  # finished (StopIteration) or raised: the others never start
             for other in coros[1:]:
                 if asyncio.iscoroutine(other):
                     other.close()  # never started: closing it only avoids "never awaited"
-            return WaitResults([first], [done.value], False)
+            if isinstance(ended, StopIteration):
+                return WaitResults([first], [ended.value], False)
+            raise
         return await original(self, _continued(first, yielded), *coros[1:], timeout=timeout)
 
     wait_first.__wrapped__ = original  # type: ignore[attr-defined]
